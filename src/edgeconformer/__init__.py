@@ -1,0 +1,3 @@
+"""edgeconformer: reproducible on-device Conformer ASR research pipeline."""
+
+__version__ = "0.1.0"
