@@ -1,0 +1,116 @@
+"""FLOP accounting by counting, not by formula: the model runs once under torch's FlopCounterMode, which
+records the FLOPs of every matmul/convolution/attention op together with the module that issued it.
+
+What is counted: matrix multiplications, convolutions (depthwise included, groups are honoured) and their
+fused variants, 2 FLOPs per multiply-accumulate. Elementwise ops, norms, softmax and activations are not
+counted; they are a small, memory-bound fraction on every accelerator and the convention of the papers
+being reproduced. Those ops issued outside any counted part land in "other".
+"""
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+AGGREGATES = ("subsampling", "ffn", "mhsa", "conv", "ctc_head", "attention_decoder", "other")
+
+# Per-block module names (ConformerBlock attributes) -> part they are accounted to.
+BLOCK_PARTS = {"ffn1": "ffn", "ffn2": "ffn", "norm_mhsa": "mhsa", "mhsa": "mhsa", "conv": "conv"}
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def counted_flops(module, *args, **kwargs):
+    # Runs module(*args, **kwargs) once; returns (total FLOPs, {submodule path relative to module: FLOPs}),
+    # e.g. "encoder.blocks.0.mhsa". A path's count includes its submodules, as FlopCounterMode reports them.
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*args, **kwargs)
+    per_module = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name == "Global":
+            continue
+        path = name.split(".", 1)[1] if "." in name else ""  # the tracker prefixes paths with the class name
+        per_module[path] = per_module.get(path, 0) + sum(ops.values())
+    return counter.get_total_flops(), per_module
+
+
+class Utterance(nn.Module):
+    """Everything one utterance goes through, as one module call so all parts get paths below `asr.`."""
+
+    def __init__(self, asr):
+        super().__init__()
+        self.asr = asr
+
+    def forward(self, feats, lengths, ys_in):
+        encoder_out, encoder_lengths = self.asr.encode(feats, lengths)
+        self.asr.ctc_log_probs(encoder_out)
+        if self.asr.decoder is not None:
+            ys_lengths = torch.full_like(encoder_lengths, ys_in.size(1))
+            self.asr.decoder(encoder_out, encoder_lengths, ys_in, ys_lengths)
+
+
+def count_flops(model, seconds, frame_shift_s=0.01, idim=80, decoder_tokens=None, tokens_per_second=3.0):
+    """FLOPs of one utterance of `seconds` audio through encoder, CTC head and (if present) the attention
+    decoder run teacher-forced on `decoder_tokens` tokens (<sos> included; default tokens_per_second * seconds,
+    about right for LibriSpeech with a few-hundred-piece BPE vocabulary). Model in eval mode, batch 1.
+
+    Returns total_flops, gflops_per_audio_second, flops/shares per aggregate part (shares sum to 1) and
+    block_flops/block_shares per "block{i}.ffn|mhsa|conv" (shares of the same total)."""
+    device = next(model.parameters()).device
+    frames = int(round(seconds / frame_shift_s))
+    if decoder_tokens is None:
+        decoder_tokens = max(1, int(round(tokens_per_second * seconds)))
+    feats = torch.randn(1, frames, idim, device=device)
+    lengths = torch.tensor([frames], device=device)
+    ys_in = torch.randint(0, model.vocab_size, (1, decoder_tokens), device=device)
+    ys_in[:, 0] = model.sos_eos
+
+    was_training = model.training
+    model.eval()
+    try:
+        total, per_module = counted_flops(Utterance(model), feats, lengths, ys_in)
+    finally:
+        model.train(was_training)
+
+    flops = dict.fromkeys(AGGREGATES, 0)
+    flops["subsampling"] = per_module.get("asr.encoder.subsampling", 0)
+    flops["ctc_head"] = per_module.get("asr.ctc", 0)
+    flops["attention_decoder"] = per_module.get("asr.decoder", 0)
+    block_flops = {}
+    for i in range(len(model.encoder.blocks)):
+        for attr, part in BLOCK_PARTS.items():
+            n = per_module.get(f"asr.encoder.blocks.{i}.{attr}", 0)
+            block_flops[f"block{i}.{part}"] = block_flops.get(f"block{i}.{part}", 0) + n
+            flops[part] += n
+    flops["other"] = total - sum(flops.values())  # whatever no part claims (none of the counted ops today)
+
+    return dict(
+        seconds=seconds,
+        frames=frames,
+        encoder_frames=int(model.encoder.subsampling.subsample_lengths(frames)),
+        decoder_tokens=decoder_tokens if model.decoder is not None else 0,
+        params=count_params(model),
+        total_flops=total,
+        gflops_per_audio_second=total / 1e9 / seconds,
+        flops=flops,
+        shares={k: v / total for k, v in flops.items()},
+        block_flops=block_flops,
+        block_shares={k: v / total for k, v in block_flops.items()},
+    )
+
+
+def format_table(result, per_block=False):
+    lines = [
+        f"audio {result['seconds']:g} s ({result['frames']} frames -> {result['encoder_frames']} encoder frames, "
+        f"{result['decoder_tokens']} decoder tokens), {result['params'] / 1e6:.2f} M params",
+        f"{'part':<20}{'GFLOPs':>12}{'share':>10}",
+    ]
+    rows = list(result["flops"].items())
+    if per_block:
+        rows += list(result["block_flops"].items())
+    for part, n in rows:
+        lines.append(f"{part:<20}{n / 1e9:>12.3f}{n / result['total_flops']:>10.1%}")
+    lines.append(f"{'total':<20}{result['total_flops'] / 1e9:>12.3f}{1:>10.1%}")
+    lines.append(f"{'GFLOPs / audio s':<20}{result['gflops_per_audio_second']:>12.3f}")
+    return "\n".join(lines)
