@@ -232,8 +232,8 @@ VOCAB = 12  # 0 blank, 1 unk, 2 sos/eos, 3.. tokens
 
 def tiny_asr(ctc_weight=0.3, with_decoder=True, lsm_weight=0.1):
     enc = tiny_encoder()
-    dec = TransformerDecoder(VOCAB, d_model=64, n_heads=4, ff_dim=128, n_layers=2, dropout=0.0) if with_decoder else None
-    return DualDecoderASR(enc, VOCAB, dec, ctc_weight=ctc_weight, lsm_weight=lsm_weight)
+    dec = TransformerDecoder(VOCAB, d_model=64, n_heads=4, ff_dim=128, n_layers=2, dropout=0.0)
+    return DualDecoderASR(enc, VOCAB, dec if with_decoder else None, ctc_weight=ctc_weight, lsm_weight=lsm_weight)
 
 
 def padded_tokens(seqs, ignore_id=-1):
@@ -332,4 +332,4 @@ def test_tiny_model_overfits_a_few_utterances():
             if hyps == targets:
                 break
     assert hyps == targets, f"not overfit after {step + 1} steps: {hyps}"
-    assert math.isfinite(float(loss))
+    assert math.isfinite(loss.item())

@@ -7,6 +7,7 @@ no input sampling or shuffling, so the same transcripts give byte-identical mode
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -52,16 +53,31 @@ def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 128
         raise UserError(f"data.tokenizer.type={model_type!r}: choose unigram, bpe, char or word")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        corpus = Path(tmp) / "train.txt"
-        corpus.write_text("\n".join(t.lower() for t in texts) + "\n", encoding="utf-8")
-        prefix = Path(tmp) / "tokenizer"
+    # In-memory input and output: file-based training records the temp paths in the model, which would make
+    # two trainings on the same text differ byte-wise.
+    model = io.BytesIO()
+    try:
         spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
-            character_coverage=character_coverage, pad_id=BLANK_ID, pad_piece="<blank>", unk_id=UNK_ID,
-            bos_id=-1, eos_id=-1, control_symbols=["<sos/eos>"], num_threads=1, shuffle_input_sentence=False,
-            input_sentence_size=0, minloglevel=2, hard_vocab_limit=model_type not in ("char",),
+            sentence_iterator=iter([t.lower() for t in texts]), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=character_coverage, pad_id=BLANK_ID, pad_piece="<blank>",
+            unk_id=UNK_ID, bos_id=-1, eos_id=-1, control_symbols=["<sos/eos>"], num_threads=1,
+            shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2,
+            hard_vocab_limit=model_type not in ("char",),
         )
-        for suffix in (".model", ".vocab"):
-            os.replace(f"{prefix}{suffix}", out_dir / f"tokenizer{suffix}")
+    except RuntimeError as e:
+        if "Vocabulary size" in str(e):
+            raise UserError(f"data.tokenizer.vocab_size={vocab_size} is too large for these transcripts: "
+                            f"{str(e).split('] ')[-1]}") from e
+        raise
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size()))
+    _write_atomic(out_dir / "tokenizer.model", model.getvalue())
+    _write_atomic(out_dir / "tokenizer.vocab", vocab.encode("utf-8"))
     return out_dir / "tokenizer.model"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -101,16 +101,20 @@ def count_flops(model, seconds, frame_shift_s=0.01, idim=80, decoder_tokens=None
 
 
 def format_table(result, per_block=False):
+    total = result["total_flops"]
+
+    def row(name, n):
+        return f"{name:<20}{n / 1e9:>12.3f}{n / total:>10.1%}"
+
     lines = [
         f"audio {result['seconds']:g} s ({result['frames']} frames -> {result['encoder_frames']} encoder frames, "
         f"{result['decoder_tokens']} decoder tokens), {result['params'] / 1e6:.2f} M params",
         f"{'part':<20}{'GFLOPs':>12}{'share':>10}",
     ]
-    rows = list(result["flops"].items())
     if per_block:
-        rows += list(result["block_flops"].items())
-    for part, n in rows:
-        lines.append(f"{part:<20}{n / 1e9:>12.3f}{n / result['total_flops']:>10.1%}")
-    lines.append(f"{'total':<20}{result['total_flops'] / 1e9:>12.3f}{1:>10.1%}")
+        lines += [row(name, n) for name, n in result["block_flops"].items()]
+        lines.append("-" * 42)
+    lines += [row(name, n) for name, n in result["flops"].items()]
+    lines.append(row("total", total))
     lines.append(f"{'GFLOPs / audio s':<20}{result['gflops_per_audio_second']:>12.3f}")
     return "\n".join(lines)

@@ -18,7 +18,9 @@ def label_smoothing_loss(log_probs, targets, smoothing, ignore_id):
 
 
 class DualDecoderASR(nn.Module):
-    def __init__(self, encoder, vocab_size, decoder=None, ctc_weight=0.3, lsm_weight=0.1, blank=0, sos_eos=2, ignore_id=-1):
+    def __init__(
+        self, encoder, vocab_size, decoder=None, ctc_weight=0.3, lsm_weight=0.1, blank=0, sos_eos=2, ignore_id=-1
+    ):
         super().__init__()
         if not 0.0 <= ctc_weight <= 1.0:
             raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
@@ -81,7 +83,9 @@ class DualDecoderASR(nn.Module):
             loss = loss_att
         else:
             loss = self.ctc_weight * loss_ctc + (1 - self.ctc_weight) * loss_att
-        return dict(loss=loss, loss_ctc=loss_ctc, loss_att=loss_att, encoder_out=encoder_out, encoder_lengths=encoder_lengths)
+        return dict(
+            loss=loss, loss_ctc=loss_ctc, loss_att=loss_att, encoder_out=encoder_out, encoder_lengths=encoder_lengths
+        )
 
     def _memory(self, encoder_out_one, length):
         # Drop the padded tail once, so the decoder needs no memory mask afterwards.
@@ -95,10 +99,10 @@ class DualDecoderASR(nn.Module):
 
         def step(prefixes):
             lengths = torch.tensor([len(p) for p in prefixes], device=memory.device)
-            padded = torch.full((len(prefixes), int(lengths.max())), self.sos_eos, dtype=torch.long, device=memory.device)
+            padded = torch.full((len(prefixes), int(lengths.max())), self.sos_eos, dtype=torch.long)
             for i, p in enumerate(prefixes):
                 padded[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-            return self.decoder.step(memory, padded, lengths)
+            return self.decoder.step(memory, padded.to(memory.device), lengths)
 
         return step
 

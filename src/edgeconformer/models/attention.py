@@ -120,7 +120,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, query, key, value, mask, pos_emb=None):
         # query: (B, Tq, D), key/value: (B, Tk, D); pos_emb is ignored (absolute positions are in x)
-        q, k, v = self.split_heads(self.query(query)), self.split_heads(self.key(key)), self.split_heads(self.value(value))
+        q = self.split_heads(self.query(query))  # (B, H, Tq, d)
+        k, v = self.split_heads(self.key(key)), self.split_heads(self.value(value))  # (B, H, Tk, d)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # (B, H, Tq, Tk)
         return self.attend(scores, v, mask)
 

@@ -135,7 +135,9 @@ class ConformerEncoder(nn.Module):
         self.max_dynamic_chunk = max_dynamic_chunk
 
         self.subsampling = Conv2dSubsampling(idim, d_model, factor=subsampling_factor, dws=dws_subsampling)
-        self.pos_enc = RelPositionalEncoding(d_model, dropout) if pos == "rel" else AbsolutePositionalEncoding(d_model, dropout)
+        # Relative positions enter every attention layer; absolute ones are added to x once, here.
+        positional_encoding = RelPositionalEncoding if pos == "rel" else AbsolutePositionalEncoding
+        self.pos_enc = positional_encoding(d_model, dropout)
         self.blocks = nn.ModuleList(
             ConformerBlock(d_model, n_heads, ff_dim, kernel_size, dropout, pos=pos, causal=causal, norm=norm)
             for _ in range(n_layers)
@@ -144,7 +146,8 @@ class ConformerEncoder(nn.Module):
     def sample_chunking(self, T):
         # WeNet's dynamic chunk training: per batch, full attention half of the time, otherwise a chunk of
         # 1..max_dynamic_chunk frames with unlimited left context, so one model serves every latency.
-        # Drawn from torch's RNG so seeding makes runs reproducible.
+        # Drawn from torch's RNG so seeding makes runs reproducible. Pair it with causal=True: a centred
+        # depthwise kernel would still read (kernel_size - 1) / 2 future frames per block.
         if torch.rand(()) < 0.5:
             return 0, -1
         return int(torch.randint(1, self.max_dynamic_chunk + 1, ())), -1
