@@ -37,6 +37,7 @@ def prepare(cfg: DictConfig) -> dict:
     built = time.perf_counter()
     checks = Checks(**OmegaConf.to_container(data.validate, resolve=True))
     out = Path(data.out_dir)
+    (out / "converted").mkdir(parents=True, exist_ok=True)  # resampled/downmixed copies (a declared output)
     summary: dict[str, dict] = {}
     for split in data.splits:
         split_dir = root / split

@@ -238,6 +238,7 @@ def check_engines() -> None:
 def config_hash(cfg: SynthConfig) -> str:
     payload = {k: v for k, v in asdict(cfg).items() if k != "jobs"}
     payload["pool"] = hashlib.sha256(pool_path().read_bytes()).hexdigest()
+    payload["generator"] = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # code changes rebuild
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
