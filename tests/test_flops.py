@@ -94,3 +94,20 @@ def test_count_params():
     assert count_params(linear) == 33
     m = build(*CONFORMER["M"], dws=False, device="meta")
     assert 25e6 < count_params(m.encoder) < 35e6  # Conformer-M is ~30 M parameters
+
+
+def test_dws_cuts_subsampling_flops_4x_at_every_paper_size():
+    from omegaconf import OmegaConf
+
+    from edgeconformer.config import compose
+    from edgeconformer.evaluate.flops import count_flops
+    from edgeconformer.models.lightning import build_model
+
+    for name in ("conformer_s", "conformer_m", "conformer_l", "paper"):
+        sub = {}
+        for variant in ("vanilla", "dws"):
+            cfg = compose([f"model={name}", f"model.subsampling={variant}"])
+            with torch.device("meta"):
+                model = build_model(OmegaConf.to_container(cfg.model, resolve=True), 256).eval()
+            sub[variant] = count_flops(model, 10.0)["flops"]["subsampling"]
+        assert sub["vanilla"] >= 4 * sub["dws"], name

@@ -217,12 +217,16 @@ def synthesize(u: Utterance, root: Path) -> tuple[str, float]:
 
 def engine_versions() -> dict[str, str]:
     versions = {}
-    for engine, args in {"espeak-ng": ["--version"], "flite": ["--version"]}.items():
+    for engine in ("espeak-ng", "flite"):
         try:
-            out = subprocess.run([engine, *args], capture_output=True, text=True).stdout.strip()
-            versions[engine] = out.splitlines()[0] if out else "unknown"
+            out = subprocess.run([engine, "--version"], capture_output=True, text=True).stdout
         except FileNotFoundError:
             versions[engine] = "missing"
+            continue
+        lines = [l.strip() for l in out.splitlines() if l.strip()]
+        # espeak-ng: "eSpeak NG text-to-speech: 1.51  Data at: ..."; flite: "... version: flite-2.2-current ..."
+        line = next((l for l in lines if "version" in l.lower() or "text-to-speech" in l), lines[0] if lines else "")
+        versions[engine] = line.split("  Data at")[0].replace("version: ", "") or "unknown"
     return versions
 
 

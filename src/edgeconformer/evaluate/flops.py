@@ -118,3 +118,62 @@ def format_table(result, per_block=False):
     lines.append(row("total", total))
     lines.append(f"{'GFLOPs / audio s':<20}{result['gflops_per_audio_second']:>12.3f}")
     return "\n".join(lines)
+
+
+def flops_report(cfg) -> dict:
+    """Stage function behind `python pipelines/flops.py model=... model.subsampling=...`: counts the configured
+    model (built on the meta device, so paper sizes cost nothing) and prints the table then one JSON line."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from edgeconformer.models.lightning import build_model
+
+    f = cfg.eval.flops
+    with torch.device("meta"):
+        model = build_model(OmegaConf.to_container(cfg.model, resolve=True), f.vocab_size).eval()
+    result = count_flops(model, f.seconds, idim=cfg.model.n_mels, tokens_per_second=f.tokens_per_second)
+    summary = {"model": cfg.model.name, "subsampling": cfg.model.subsampling, "seconds": f.seconds,
+               "params_millions": round(count_params(model) / 1e6, 3),
+               "gflops_per_audio_second": result["gflops_per_audio_second"],
+               "shares": {k: round(v, 6) for k, v in result["shares"].items()}}
+    print(f"{cfg.model.name} ({cfg.model.subsampling} subsampling), {f.seconds:g} s of audio, "
+          f"{summary['params_millions']} M parameters")
+    print(format_table(result))
+    print(json.dumps(summary))
+    return summary
+
+
+PAPER_SHARES = {"vanilla": 0.328, "dws": 0.040}  # Xu et al. 2023: subsampling share of total compute
+
+
+def comparison_table(models=("small", "conformer_s", "conformer_m", "conformer_l", "paper"), seconds=10.0,
+                     vocab_size=256) -> str:
+    """Markdown table: counted subsampling FLOPs and shares, vanilla vs DWS, per model config."""
+    from omegaconf import OmegaConf
+
+    from edgeconformer.config import compose
+    from edgeconformer.models.lightning import build_model
+
+    lines = ["| model | params (M) | vanilla subsampling GFLOPs | vanilla share | DWS subsampling GFLOPs | DWS share "
+             "| subsampling cut | total GFLOPs/audio s vanilla -> DWS |", "|---|---|---|---|---|---|---|---|"]
+    for name in models:
+        row = {}
+        for variant in ("vanilla", "dws"):
+            cfg = compose([f"model={name}", f"model.subsampling={variant}"])
+            with torch.device("meta"):
+                model = build_model(OmegaConf.to_container(cfg.model, resolve=True), vocab_size).eval()
+            row[variant] = count_flops(model, seconds, idim=cfg.model.n_mels)
+        v, d = row["vanilla"], row["dws"]
+        lines.append(
+            f"| {name} | {v['params'] / 1e6:.1f} | {v['flops']['subsampling'] / 1e9:.2f} | {v['shares']['subsampling']:.1%} "
+            f"| {d['flops']['subsampling'] / 1e9:.2f} | {d['shares']['subsampling']:.1%} "
+            f"| {v['flops']['subsampling'] / d['flops']['subsampling']:.2f}x "
+            f"| {v['gflops_per_audio_second']:.3f} -> {d['gflops_per_audio_second']:.3f} |")
+    lines.append(f"| Xu et al. 2023 (paper) | n/a | n/a | {PAPER_SHARES['vanilla']:.1%} | n/a | "
+                 f"{PAPER_SHARES['dws']:.1%} | n/a | n/a |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(comparison_table())

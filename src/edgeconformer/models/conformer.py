@@ -124,6 +124,7 @@ class ConformerEncoder(nn.Module):
         dynamic_chunk=False,
         norm="layer",
         max_dynamic_chunk=25,
+        subsampling_channels=None,
     ):
         super().__init__()
         if pos not in ("rel", "abs"):
@@ -134,7 +135,8 @@ class ConformerEncoder(nn.Module):
         self.dynamic_chunk = dynamic_chunk
         self.max_dynamic_chunk = max_dynamic_chunk
 
-        self.subsampling = Conv2dSubsampling(idim, d_model, factor=subsampling_factor, dws=dws_subsampling)
+        self.subsampling = Conv2dSubsampling(idim, d_model, channels=subsampling_channels, factor=subsampling_factor,
+                                             dws=dws_subsampling)
         # Relative positions enter every attention layer; absolute ones are added to x once, here.
         positional_encoding = RelPositionalEncoding if pos == "rel" else AbsolutePositionalEncoding
         self.pos_enc = positional_encoding(d_model, dropout)

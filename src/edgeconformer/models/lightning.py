@@ -1,0 +1,178 @@
+"""The one LightningModule: wires front end, model, loss, optimiser, decoding and WER.
+
+The plain modules (features, encoder, decoders) take tensors and lengths; only this file and `build_model` read
+configs. Determinism: the global RNG (dropout) is re-seeded from (seed, epoch) at every epoch start and
+SpecAugment draws from a generator seeded by (seed, global step), so resuming from an epoch-end checkpoint
+replays exactly what an uninterrupted run would do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jiwer
+import lightning as L
+import torch
+
+from edgeconformer.data.features import GlobalCMVN, LogMelFilterbank, SpecAugment
+from edgeconformer.data.tokenizer import BLANK_ID, SOS_EOS_ID
+from edgeconformer.decoding import decode
+from edgeconformer.models.asr import DualDecoderASR
+from edgeconformer.models.conformer import ConformerEncoder
+from edgeconformer.models.decoder import TransformerDecoder
+
+SUBSAMPLING = ("vanilla", "dws")
+
+
+def build_model(m: Mapping, vocab_size: int) -> DualDecoderASR:
+    """Model config (conf/model/*.yaml) -> DualDecoderASR."""
+    if m["subsampling"] not in SUBSAMPLING:
+        from edgeconformer.errors import ConfigError
+
+        raise ConfigError(f"model.subsampling={m['subsampling']!r}: choose one of {SUBSAMPLING}")
+    e = m["encoder"]
+    encoder = ConformerEncoder(
+        idim=m["n_mels"], d_model=e["d_model"], n_layers=e["n_layers"], n_heads=e["n_heads"], ff_dim=e["ff_dim"],
+        kernel_size=e["kernel_size"], dropout=e["dropout"], subsampling_factor=m["subsampling_factor"],
+        dws_subsampling=m["subsampling"] == "dws", pos=e["pos"], causal=e["causal"], chunk_size=e["chunk_size"],
+        left_chunks=e["left_chunks"], dynamic_chunk=e["dynamic_chunk"], norm=e["norm"],
+        subsampling_channels=m.get("subsampling_channels"),
+    )
+    decoder = None
+    if m["ctc_weight"] < 1:
+        d = m["decoder"]
+        decoder = TransformerDecoder(vocab_size, e["d_model"], d["n_heads"], d["ff_dim"], d["n_layers"], d["dropout"])
+    return DualDecoderASR(encoder, vocab_size, decoder, ctc_weight=m["ctc_weight"], lsm_weight=m["lsm_weight"],
+                          blank=BLANK_ID, sos_eos=SOS_EOS_ID)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to the peak, then inverse square root (Noam), cosine to min_ratio, or constant."""
+    warmup = max(1, warmup)
+
+    def f(step: int) -> float:
+        s = step + 1
+        if s <= warmup:
+            return s / warmup
+        if schedule == "inverse_sqrt":
+            return math.sqrt(warmup / s)
+        if schedule == "cosine":
+            progress = min(1.0, (s - warmup) / max(1, total - warmup))
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f
+
+
+def word_error_rate(refs: list[str], hyps: list[str]) -> tuple[float, float]:
+    """(WER %, CER %) over a corpus; references are never empty (prepare rejects empty transcripts)."""
+    if not refs:
+        return float("nan"), float("nan")
+    return 100 * jiwer.wer(refs, hyps), 100 * jiwer.cer(refs, hyps)
+
+
+class ASRModule(L.LightningModule):
+    def __init__(self, model: dict, optim: dict, vocab_size: int, seed: int = 0, decode: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.fbank = LogMelFilterbank(n_mels=model["n_mels"])
+        self.cmvn = GlobalCMVN(model["n_mels"])
+        self.specaug = SpecAugment(**model["specaug"])
+        self.model = build_model(model, vocab_size)
+        self.tokenizer = None  # set by the caller; needed for WER and transcripts, not for the loss
+        self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
+        self._val: list[tuple[str, str]] = []
+        self.audio_seconds_seen = 0.0  # throughput of this process (not checkpointed)
+
+    # ---------------------------------------------------------------------------------------- features
+    def features(self, audio: torch.Tensor, audio_lengths: torch.Tensor):
+        """(B, N) waveforms -> normalised (B, T, n_mels) features and (B,) frame lengths."""
+        feats, lengths = self.fbank(audio, audio_lengths)
+        return self.cmvn(feats, lengths), lengths
+
+    def _batch_features(self, batch):
+        # Batches carry precomputed log-mels ("feats") in training, raw audio at inference.
+        if "feats" in batch:
+            return self.cmvn(batch["feats"], batch["feat_lengths"]), batch["feat_lengths"]
+        return self.features(batch["audio"], batch["audio_lengths"])
+
+    # ---------------------------------------------------------------------------------------- training
+    def on_train_epoch_start(self):
+        torch.manual_seed(self.hparams.seed * 1000 + self.current_epoch)
+
+    def training_step(self, batch, batch_idx):
+        feats, lengths = self._batch_features(batch)
+        gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        feats = self.specaug(feats, lengths, generator=gen)
+        out = self.model(feats, lengths, batch["tokens"], batch["token_lengths"])
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            # Skip the update (returning None makes Lightning skip backward and the optimiser step), count it.
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", self.skipped_batches.float(), on_step=True, batch_size=feats.size(0))
+            return None
+        bs = feats.size(0)
+        self.audio_seconds_seen += float(lengths.sum()) * self.fbank.hop_length / self.fbank.sample_rate
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        for name in ("loss_ctc", "loss_att"):
+            if out[name] is not None:
+                self.log(f"train/{name}", out[name], on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=bs)
+        self.log("train/skipped_batches", self.skipped_batches.float(), on_step=True, batch_size=bs)
+        return loss
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            # No weight decay on biases, norms and the attention position biases (standard practice).
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=o["lr"], betas=tuple(o["betas"]))
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(o["schedule"], o["warmup_steps"], total, o["min_lr_ratio"]))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch, batch_idx):
+        feats, lengths = self._batch_features(batch)
+        out = self.model(feats, lengths, batch["tokens"], batch["token_lengths"])
+        self.log("val/loss", out["loss"], on_epoch=True, prog_bar=True, batch_size=feats.size(0))
+        hyps = self.decode_encoder_output(out["encoder_out"], out["encoder_lengths"], method="ctc_greedy")
+        self._val += list(zip(batch["texts"], hyps))
+
+    def on_validation_epoch_end(self):
+        refs, hyps = zip(*self._val) if self._val else ((), ())
+        wer, cer = word_error_rate(list(refs), list(hyps))
+        self.log("val/wer", wer, prog_bar=True)
+        self.log("val/cer", cer)
+        self._val = []
+
+    # ---------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def decode_encoder_output(self, encoder_out, encoder_lengths, method="ctc_greedy", beam=8,
+                              ctc_weight=0.3) -> list[str]:
+        """(B, T', D) encoder output -> B transcripts (upper case) with one of decoding.METHODS."""
+        log_probs = self.model.ctc_log_probs(encoder_out)  # (B, T', V)
+        texts = []
+        for i in range(encoder_out.size(0)):
+            T = int(encoder_lengths[i])
+            kwargs = {}
+            if method in ("attention", "joint"):
+                kwargs["step_fn"] = self.model.attention_step_fn(encoder_out[i:i + 1], T)
+            if method == "rescoring":
+                kwargs["score_fn"] = self.model.sequence_score_fn(encoder_out[i:i + 1], T)
+            ids = decode(method, log_probs[i, :T], sos_eos=SOS_EOS_ID, beam=beam, ctc_weight=ctc_weight,
+                         blank=BLANK_ID, max_len=T, **kwargs)
+            texts.append(self.tokenizer.decode(ids))
+        return texts
+
+    @torch.no_grad()
+    def transcribe(self, audio: torch.Tensor, audio_lengths: torch.Tensor, method="ctc_greedy", beam=8,
+                   ctc_weight=0.3) -> list[str]:
+        feats, lengths = self.features(audio, audio_lengths)
+        encoder_out, encoder_lengths = self.model.encode(feats, lengths)
+        return self.decode_encoder_output(encoder_out, encoder_lengths, method, beam, ctc_weight)
+

@@ -1,0 +1,238 @@
+"""Stage function `train(cfg) -> metrics`: manifests + tokenizer -> models/<variant>/.
+
+Writes into `out_dir`: `last.ckpt` (every epoch; resumable), `best.ckpt` (lowest `val/wer`), `tokenizer.model`,
+`config.yaml` (the composed config), `csv/metrics.csv` (learning curves) and `train_metrics.json` (summary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from edgeconformer.data.dataset import TOKEN_PAD, DurationBucketSampler, filter_by_duration, load_audio
+from edgeconformer.data.features import LogMelFilterbank
+from edgeconformer.data.manifest import read_jsonl, write_json_atomic
+from edgeconformer.data.tokenizer import Tokenizer
+from edgeconformer.errors import UserError
+
+
+class FeatureDataset(Dataset):
+    """Log-mel features computed once up front: 2.5 h of audio is ~300 MB of float32 features, and recomputing
+    them every epoch would cost a large share of a CPU training budget. SpecAugment is applied per batch."""
+
+    def __init__(self, rows: list[dict], tokenizer: Tokenizer, fbank: LogMelFilterbank, manifest: str):
+        self.rows = rows
+        self.durations = [float(r["duration"]) for r in rows]
+        self.tokens = [torch.tensor(tokenizer.encode(r["text"]), dtype=torch.long) for r in rows]
+        self.feats = []
+        with torch.no_grad():
+            for r in rows:
+                audio = load_audio(r["audio_filepath"], uid=r["id"], manifest=manifest)  # (N,) float32 tensor
+                feats, _ = fbank(audio[None], torch.tensor([audio.numel()]))
+                self.feats.append(feats[0])  # (T, n_mels)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"id": self.rows[i]["id"], "feats": self.feats[i], "tokens": self.tokens[i],
+                "text": self.rows[i]["text"]}
+
+
+def collate_features(batch: list[dict]) -> dict:
+    """Pads feats with 0 -> (B, Tmax, F), tokens with -1 -> (B, Umax)."""
+    t = [b["feats"].size(0) for b in batch]
+    u = [b["tokens"].numel() for b in batch]
+    feats = torch.zeros(len(batch), max(t), batch[0]["feats"].size(1))
+    tokens = torch.full((len(batch), max(u, default=1)), TOKEN_PAD, dtype=torch.long)
+    for i, b in enumerate(batch):
+        feats[i, : t[i]] = b["feats"]
+        tokens[i, : u[i]] = b["tokens"]
+    return {"ids": [b["id"] for b in batch], "feats": feats, "feat_lengths": torch.tensor(t),
+            "tokens": tokens, "token_lengths": torch.tensor(u), "texts": [b["text"] for b in batch]}
+
+
+def load_split(data: DictConfig, split: str, t: DictConfig | None = None) -> list[dict]:
+    path = Path(data.out_dir) / "manifests" / f"{split}.jsonl"
+    if not path.exists():
+        raise UserError(f"{path}: manifest not found; run `dvc repro prepare` (or python pipelines/prepare.py)")
+    rows = read_jsonl(path)
+    if t is not None:
+        rows, dropped = filter_by_duration(rows, t.min_duration, t.max_duration)
+        if dropped:
+            print(f"{path}: {len(dropped)} utterances outside train.min_duration/max_duration not used for "
+                  f"training: {', '.join(r['id'] for r in dropped[:10])}{' ...' if len(dropped) > 10 else ''}")
+    return rows
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    if cfg.get("out_dir"):
+        return Path(cfg.out_dir)
+    try:  # under Hydra multirun each job writes into its own job folder
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path("models") / cfg.model.subsampling
+
+
+def make_loggers(cfg: DictConfig, out: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(save_dir=str(out), name="", version="csv")]
+    lg = cfg.logger
+    if lg.get("wandb"):
+        os.environ.setdefault("WANDB_MODE", lg.get("wandb_mode", "offline"))
+        os.environ.setdefault("WANDB_SILENT", "true")
+        from lightning.pytorch.loggers import WandbLogger
+
+        name = f"{cfg.model.name}-{cfg.model.subsampling}"
+        loggers.append(WandbLogger(project=lg.project, entity=lg.entity, group=lg.group or name, name=name,
+                                   tags=list(lg.tags), save_dir=".", config=OmegaConf.to_container(cfg,
+                                                                                                   resolve=True)))
+    return loggers
+
+
+def train(cfg: DictConfig) -> dict:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from edgeconformer.models.lightning import ASRModule, word_error_rate
+
+    t, tr = cfg.train, cfg.trainer
+    torch.set_num_threads(tr.num_threads)
+    L.seed_everything(t.seed, workers=True)
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_path = Path(cfg.data.out_dir) / "tokenizer" / "tokenizer.model"
+    tokenizer = Tokenizer(tok_path)
+    saved_config = OmegaConf.load(out / "config.yaml") if (out / "config.yaml").exists() else None
+    shutil.copyfile(tok_path, out / "tokenizer.model")
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+
+    started = time.perf_counter()
+    module = ASRModule(OmegaConf.to_container(cfg.model, resolve=True),
+                       OmegaConf.to_container(t, resolve=True), tokenizer.vocab_size, seed=t.seed,
+                       decode=OmegaConf.to_container(t.decode, resolve=True))
+    module.tokenizer = tokenizer
+    fbank = module.fbank
+    train_rows = [r for s in cfg.data.train_splits for r in load_split(cfg.data, s, t)]
+    dev_rows = load_split(cfg.data, cfg.data.dev_split)
+    train_set = FeatureDataset(train_rows, tokenizer, fbank, "train")
+    dev_set = FeatureDataset(dev_rows, tokenizer, fbank, cfg.data.dev_split)
+    mean, std = feature_stats(train_set.feats)
+    module.cmvn.set_stats(mean, std)
+    features_s = time.perf_counter() - started
+
+    train_loader = DataLoader(train_set, collate_fn=collate_features, num_workers=t.num_workers,
+                              batch_sampler=DurationBucketSampler(train_set.durations, t.max_batch_seconds,
+                                                                  max_batch_size=t.max_batch_size, shuffle=True,
+                                                                  seed=t.seed))
+    dev_loader = DataLoader(dev_set, collate_fn=collate_features, num_workers=0,
+                            batch_sampler=DurationBucketSampler(dev_set.durations, t.val_max_batch_seconds,
+                                                                shuffle=False))
+    best = ModelCheckpoint(dirpath=out, filename="best", monitor="val/wer", mode="min", save_top_k=1,
+                           save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
+    trainer = L.Trainer(
+        accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
+        precision=tr.precision, deterministic=tr.deterministic, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        max_time=t.max_time, gradient_clip_val=t.grad_clip, check_val_every_n_epoch=t.val_every_n_epochs,
+        log_every_n_steps=tr.log_every_n_steps, logger=make_loggers(cfg, out), callbacks=[best],
+        enable_progress_bar=bool(tr.get("progress_bar", True)), use_distributed_sampler=False,
+        default_root_dir=str(out), num_sanity_val_steps=0,
+    )
+    ckpt_path = resumable_checkpoint(out, cfg, saved_config)
+    fit_started = time.perf_counter()
+    trainer.fit(module, train_loader, dev_loader, ckpt_path=ckpt_path)
+    fit_s = time.perf_counter() - fit_started
+
+    metrics = {"variant": cfg.model.subsampling, "model": cfg.model.name, "epochs": trainer.current_epoch,
+               "steps": trainer.global_step, "skipped_batches": int(module.skipped_batches),
+               "features_seconds": round(features_s, 1), "fit_seconds": round(fit_s, 1),
+               "train_hours": round(sum(train_set.durations) / 3600, 3),
+               "best_val_wer": float(best.best_model_score) if best.best_model_score is not None else None,
+               "resumed_from": ckpt_path}
+    metrics["audio_seconds_per_second"] = round(module.audio_seconds_seen / max(fit_s, 1e-9), 1)
+    if best.best_model_path and t.get("test_after_fit", True):
+        best_module = ASRModule.load_from_checkpoint(best.best_model_path, map_location="cpu")
+        best_module.tokenizer = tokenizer
+        best_module.eval()
+        test_rows = load_split(cfg.data, cfg.data.test_split)
+        test_set = FeatureDataset(test_rows, tokenizer, fbank, cfg.data.test_split)
+        refs, hyps = decode_dataset(best_module, test_set, "ctc_greedy")
+        metrics["test_wer_ctc_greedy"], metrics["test_cer_ctc_greedy"] = word_error_rate(refs, hyps)
+    if trainer.is_global_zero:
+        write_json_atomic(out / "train_metrics.json", metrics)
+    _finish_wandb()
+    print(json.dumps(metrics))
+    return metrics
+
+
+# Keys that may change between an interrupted run and its resumption (they only say how long to train).
+RESUME_FREE_KEYS = {"max_epochs", "max_steps", "max_time", "resume", "test_after_fit", "num_workers"}
+
+
+def resumable_checkpoint(out: Path, cfg: DictConfig, saved: DictConfig | None) -> str | None:
+    """<out>/last.ckpt when resuming is on and the run that wrote it had the same model/train/data settings."""
+    last = out / "last.ckpt"
+    if not cfg.train.get("resume", True) or not last.exists():
+        return None
+    if saved is not None:
+        now = OmegaConf.to_container(cfg, resolve=True)
+        before = OmegaConf.to_container(saved, resolve=True)
+        changed = [f"{section}.{k}" for section in ("model", "data", "train")
+                   for k in set(now[section]) | set(before.get(section, {}))
+                   if k not in RESUME_FREE_KEYS and now[section].get(k) != before.get(section, {}).get(k)]
+        if changed:
+            raise UserError(f"{last} was written with different settings ({', '.join(sorted(changed))}); "
+                            "resuming would mix two experiments. Use another out_dir, or train.resume=false to "
+                            "start over (this overwrites the checkpoints there).")
+    print(f"resuming from {last}")
+    return str(last)
+
+
+def feature_stats(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global mean/std over all train frames, accumulated in float64 (CMVN statistics)."""
+    total = torch.zeros(feats[0].size(1), dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    n = 0
+    for f in feats:
+        f = f.double()
+        total += f.sum(0)
+        squares += (f * f).sum(0)
+        n += f.size(0)
+    mean = total / n
+    std = (squares / n - mean * mean).clamp(min=1e-10).sqrt()
+    return mean.float(), std.float()
+
+
+@torch.no_grad()
+def decode_dataset(module, dataset: FeatureDataset, method: str, beam: int = 8, ctc_weight: float = 0.3,
+                   max_batch_seconds: float = 300) -> tuple[list[str], list[str]]:
+    """References and hypotheses over a dataset, batched by duration (outputs are padding-invariant)."""
+    sampler = DurationBucketSampler(dataset.durations, max_batch_seconds, shuffle=False)
+    refs, hyps = [], []
+    for idx in sampler:
+        batch = collate_features([dataset[i] for i in idx])
+        feats, lengths = module.cmvn(batch["feats"], batch["feat_lengths"]), batch["feat_lengths"]
+        enc, enc_len = module.model.encode(feats, lengths)
+        hyps += module.decode_encoder_output(enc, enc_len, method, beam, ctc_weight)
+        refs += batch["texts"]
+    return refs, hyps
+
+
+def _finish_wandb() -> None:
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()  # one run per job: multirun jobs share this process
+    except ImportError:
+        pass

@@ -1,0 +1,130 @@
+"""Training as the train stage runs it, on a tiny synthesized corpus: resume = uninterrupted, skipped non-finite
+batches, the transcribe command, and the config contracts."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, write_flac
+from edgeconformer.config import compose
+from edgeconformer.data.prepare import prepare, tokenize
+
+TINY_DATA = ["data.synth.train_hours=0.01", "data.synth.dev_utterances=4", "data.synth.test_utterances=4",
+             "data.synth.train_espeak_speakers=4", "data.synth.train_flite_speakers=4",
+             "data.synth.heldout_espeak_speakers=1", "data.synth.heldout_flite_speakers=1",
+             "data.tokenizer.vocab_size=40", "data.jobs=2"]
+TINY_MODEL = ["model.encoder.d_model=32", "model.encoder.n_layers=1", "model.encoder.n_heads=2",
+              "model.encoder.ff_dim=64", "model.encoder.kernel_size=7", "model.subsampling_channels=8",
+              "model.decoder.n_layers=1", "model.decoder.n_heads=2", "model.decoder.ff_dim=64",
+              "train.max_batch_seconds=12", "train.warmup_steps=5", "logger=csv", "trainer.progress_bar=false",
+              "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = compose([*TINY_DATA, f"data.root={root / 'raw'}", f"data.out_dir={root / 'prepared'}"])
+    prepare(cfg)
+    tokenize(cfg)
+    return root
+
+
+def tiny_cfg(data_dir: Path, out: Path, *extra: str):
+    return compose([*TINY_DATA, f"data.root={data_dir / 'raw'}", f"data.out_dir={data_dir / 'prepared'}",
+                    *TINY_MODEL, f"out_dir={out}", *extra])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_resume_equals_uninterrupted(data_dir, tmp_path):
+    from edgeconformer.training import train
+
+    full = train(tiny_cfg(data_dir, tmp_path / "full", "train.max_epochs=3", "train.test_after_fit=false"))
+    train(tiny_cfg(data_dir, tmp_path / "split", "train.max_epochs=1", "train.test_after_fit=false"))
+    shutil.copyfile(tmp_path / "split" / "last.ckpt", tmp_path / "split" / "epoch1.ckpt")
+    resumed = train(tiny_cfg(data_dir, tmp_path / "split", "train.max_epochs=3", "train.test_after_fit=false"))
+    assert resumed["resumed_from"].endswith("last.ckpt") and full["resumed_from"] is None
+    assert resumed["steps"] == full["steps"] > 0
+    a, b = _weights(tmp_path / "full" / "last.ckpt"), _weights(tmp_path / "split" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    one_epoch = _weights(tmp_path / "split" / "epoch1.ckpt")
+    assert any(not torch.equal(one_epoch[k], a[k]) for k in a)  # training moved the weights
+
+
+def test_resume_refuses_a_changed_config(data_dir, tmp_path):
+    from edgeconformer.errors import UserError
+    from edgeconformer.training import train
+
+    train(tiny_cfg(data_dir, tmp_path / "run", "train.max_epochs=1", "train.test_after_fit=false"))
+    with pytest.raises(UserError, match="train.lr"):
+        train(tiny_cfg(data_dir, tmp_path / "run", "train.max_epochs=2", "train.lr=0.01"))
+
+
+def test_nonfinite_loss_skips_the_batch_and_counts_it(data_dir, tmp_path, monkeypatch):
+    from edgeconformer.models.asr import DualDecoderASR
+    from edgeconformer.training import train
+
+    forward = DualDecoderASR.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *args):
+        out = forward(self, *args)
+        calls["n"] += 1
+        if self.training and calls["n"] == 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(DualDecoderASR, "forward", sometimes_nan)
+    metrics = train(tiny_cfg(data_dir, tmp_path / "nan", "train.max_epochs=1", "train.test_after_fit=false"))
+    assert metrics["skipped_batches"] == 1
+    weights = _weights(tmp_path / "nan" / "last.ckpt")
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    logged = (tmp_path / "nan" / "csv" / "metrics.csv").read_text()
+    assert "train/skipped_batches" in logged
+
+
+def test_train_writes_the_model_folder_and_transcribe_uses_it(data_dir, tmp_path):
+    from edgeconformer.training import train
+
+    out = tmp_path / "model"
+    metrics = train(tiny_cfg(data_dir, out, "train.max_epochs=2"))
+    for name in ("best.ckpt", "last.ckpt", "tokenizer.model", "config.yaml", "train_metrics.json",
+                 "csv/metrics.csv"):
+        assert (out / name).exists(), name
+    saved = json.loads((out / "train_metrics.json").read_text())
+    assert saved["epochs"] == 2 and 0 <= saved["test_wer_ctc_greedy"] <= 100 and saved == metrics
+    header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss_step", "val/wer", "val/loss", "train/lr"} <= set(header)
+
+    audio = sorted((data_dir / "raw").rglob("*.flac"))[:2]
+    bad = tmp_path / "bad.flac"
+    bad.write_bytes(b"garbage")
+    exe = Path(sys.executable).parent / "edgeconformer"
+    proc = subprocess.run([str(exe), "transcribe", *map(str, audio), str(bad), "--model", str(out),
+                           "--method", "joint"], capture_output=True, text=True)
+    assert proc.returncode == 1  # one file failed, the others were transcribed
+    lines = proc.stdout.splitlines()
+    assert [l.split("\t")[0] for l in lines] == [str(a) for a in audio]
+    assert f"{bad}: cannot read audio" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([str(exe), "transcribe", str(audio[0]), "--model", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "checkpoint not found" in proc.stderr
+
+
+def test_flops_contract_last_line_is_json():
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "flops.py"), "model=conformer_m",
+                           "model.subsampling=dws"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0 < last["shares"]["subsampling"] < 0.15 and last["gflops_per_audio_second"] > 0
+    assert abs(sum(last["shares"].values()) - 1) < 1e-4
+    assert "subsampling" in proc.stdout.splitlines()[2]
