@@ -9,6 +9,7 @@ being reproduced. Those ops issued outside any counted part land in "other".
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 AGGREGATES = ("subsampling", "ffn", "mhsa", "conv", "ctc_head", "attention_decoder", "other")
@@ -24,7 +25,9 @@ def count_params(module):
 def counted_flops(module, *args, **kwargs):
     # Runs module(*args, **kwargs) once; returns (total FLOPs, {submodule path relative to module: FLOPs}),
     # e.g. "encoder.blocks.0.mhsa". A path's count includes its submodules, as FlopCounterMode reports them.
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # The math backend of scaled_dot_product_attention: the fused CPU kernel has no FLOP formula registered and
+    # would count as 0; the math backend issues the same two matmuls on every device (meta included).
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         module(*args, **kwargs)
     per_module = {}
     for name, ops in counter.get_flop_counts().items():
