@@ -52,7 +52,7 @@ def test_dvc_repro_tokenize_builds_corpus_and_is_a_noop_the_second_time(tmp_path
     assert (repo / "data/prepared/tokenizer/tokenizer.model").is_file()
     second = _dvc(repo, "repro", "tokenize")
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
-    status = _dvc(repo, "status")
+    status = _dvc(repo, "status", "tokenize", "--with-deps")
     assert "up to date" in status.stdout.lower(), status.stdout
     # a tokenizer setting re-runs only the tokenizer
     subprocess.run([sys.executable, "-m", "edgeconformer.params", *TINY[:-1], "data.tokenizer.vocab_size=36"],

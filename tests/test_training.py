@@ -101,7 +101,8 @@ def test_train_writes_the_model_folder_and_transcribe_uses_it(data_dir, tmp_path
                  "csv/metrics.csv"):
         assert (out / name).exists(), name
     saved = json.loads((out / "train_metrics.json").read_text())
-    assert saved["epochs"] == 2 and 0 <= saved["test_wer_ctc_greedy"] <= 100 and saved == metrics
+    assert saved["epochs"] == 2 and saved == metrics
+    assert saved["test_wer_ctc_greedy"] >= 0 and saved["test_wer_joint"] >= 0
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/loss_step", "val/wer", "val/loss", "train/lr"} <= set(header)
 
@@ -128,3 +129,23 @@ def test_flops_contract_last_line_is_json():
     assert 0 < last["shares"]["subsampling"] < 0.15 and last["gflops_per_audio_second"] > 0
     assert abs(sum(last["shares"].values()) - 1) < 1e-4
     assert "subsampling" in proc.stdout.splitlines()[2]
+
+
+def test_multirun_gives_one_wandb_run_per_job_in_one_group(data_dir, tmp_path):
+    overrides = [*TINY_DATA, f"data.root={data_dir / 'raw'}", f"data.out_dir={data_dir / 'prepared'}",
+                 *[o for o in TINY_MODEL if not o.startswith("logger=")], "logger=wandb", "train.max_epochs=1",
+                 "train.test_after_fit=false", "hydra.sweep.dir=sweeps/s1"]
+    env = {**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "train.py"), "-m",
+                           "model.subsampling=vanilla,dws", *overrides], cwd=tmp_path, capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    for job in ("0", "1"):
+        assert (tmp_path / "sweeps" / "s1" / job / "last.ckpt").exists()
+    for run in runs:
+        log = next(run.glob("*.wandb")).read_bytes()
+        assert b"sweep-sweeps-s1" in log  # the shared group
+    names = b"".join(next(r.glob("*.wandb")).read_bytes() for r in runs)
+    assert b"small-vanilla" in names and b"small-dws" in names

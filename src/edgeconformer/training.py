@@ -75,12 +75,11 @@ def load_split(data: DictConfig, split: str, t: DictConfig | None = None) -> lis
 def output_dir(cfg: DictConfig) -> Path:
     if cfg.get("out_dir"):
         return Path(cfg.out_dir)
-    try:  # under Hydra multirun each job writes into its own job folder
+    if sweep_group():  # each multirun job writes into its own job folder
         from hydra.core.hydra_config import HydraConfig
 
         return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path("models") / cfg.model.subsampling
+    return Path("models") / cfg.model.subsampling
 
 
 def make_loggers(cfg: DictConfig, out: Path) -> list:
@@ -94,10 +93,25 @@ def make_loggers(cfg: DictConfig, out: Path) -> list:
         from lightning.pytorch.loggers import WandbLogger
 
         name = f"{cfg.model.name}-{cfg.model.subsampling}"
-        loggers.append(WandbLogger(project=lg.project, entity=lg.entity, group=lg.group or name, name=name,
+        loggers.append(WandbLogger(project=lg.project, entity=lg.entity, group=lg.group or sweep_group() or name,
+                                   name=name, job_type="train",
                                    tags=list(lg.tags), save_dir=".", config=OmegaConf.to_container(cfg,
                                                                                                    resolve=True)))
     return loggers
+
+
+def sweep_group() -> str | None:
+    """Under Hydra multirun, all jobs of one sweep share a W&B group named after the sweep folder."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return "sweep-" + "-".join(Path(hc.sweep.dir).parts[-2:])
 
 
 def train(cfg: DictConfig) -> dict:
@@ -139,19 +153,25 @@ def train(cfg: DictConfig) -> dict:
                             batch_sampler=DurationBucketSampler(dev_set.durations, t.val_max_batch_seconds,
                                                                 shuffle=False))
     best = ModelCheckpoint(dirpath=out, filename="best", monitor="val/wer", mode="min", save_top_k=1,
-                           save_last=True, enable_version_counter=False, auto_insert_metric_name=False)
+                           enable_version_counter=False, auto_insert_metric_name=False)
+    # Overwritten after every epoch (monitor=None keeps the latest), the checkpoint to resume from.
+    last = ModelCheckpoint(dirpath=out, filename="last", save_top_k=1, enable_version_counter=False)
     trainer = L.Trainer(
         accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
         precision=tr.precision, deterministic=tr.deterministic, max_epochs=t.max_epochs, max_steps=t.max_steps,
         max_time=t.max_time, gradient_clip_val=t.grad_clip, check_val_every_n_epoch=t.val_every_n_epochs,
-        log_every_n_steps=tr.log_every_n_steps, logger=make_loggers(cfg, out), callbacks=[best],
+        log_every_n_steps=tr.log_every_n_steps, logger=make_loggers(cfg, out), callbacks=[best, last],
         enable_progress_bar=bool(tr.get("progress_bar", True)), use_distributed_sampler=False,
         default_root_dir=str(out), num_sanity_val_steps=0,
     )
     ckpt_path = resumable_checkpoint(out, cfg, saved_config)
+    curves = out / "csv" / "metrics.csv"
+    earlier = read_csv_rows(curves) if ckpt_path and curves.exists() else []  # the CSV logger starts afresh
     fit_started = time.perf_counter()
     trainer.fit(module, train_loader, dev_loader, ckpt_path=ckpt_path)
     fit_s = time.perf_counter() - fit_started
+    if earlier and trainer.is_global_zero:
+        prepend_csv_rows(curves, earlier)
 
     metrics = {"variant": cfg.model.subsampling, "model": cfg.model.name, "epochs": trainer.current_epoch,
                "steps": trainer.global_step, "skipped_batches": int(module.skipped_batches),
@@ -166,8 +186,10 @@ def train(cfg: DictConfig) -> dict:
         best_module.eval()
         test_rows = load_split(cfg.data, cfg.data.test_split)
         test_set = FeatureDataset(test_rows, tokenizer, fbank, cfg.data.test_split)
-        refs, hyps = decode_dataset(best_module, test_set, "ctc_greedy")
-        metrics["test_wer_ctc_greedy"], metrics["test_cer_ctc_greedy"] = word_error_rate(refs, hyps)
+        d = t.decode
+        for method in t.test_methods:
+            refs, hyps = decode_dataset(best_module, test_set, method, d.beam, d.ctc_weight)
+            metrics[f"test_wer_{method}"], metrics[f"test_cer_{method}"] = word_error_rate(refs, hyps)
     if trainer.is_global_zero:
         write_json_atomic(out / "train_metrics.json", metrics)
     _finish_wandb()
@@ -196,6 +218,27 @@ def resumable_checkpoint(out: Path, cfg: DictConfig, saved: DictConfig | None) -
                             "start over (this overwrites the checkpoints there).")
     print(f"resuming from {last}")
     return str(last)
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def prepend_csv_rows(path: Path, earlier: list[dict]) -> None:
+    """Learning curves of a resumed run: the rows logged before the interruption, then the new ones."""
+    import csv
+
+    rows = earlier + (read_csv_rows(path) if path.exists() else [])
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def feature_stats(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,8 @@
 """The one LightningModule: wires front end, model, loss, optimiser, decoding and WER.
 
 The plain modules (features, encoder, decoders) take tensors and lengths; only this file and `build_model` read
-configs. Determinism: the global RNG (dropout) is re-seeded from (seed, epoch) at every epoch start and
-SpecAugment draws from a generator seeded by (seed, global step), so resuming from an epoch-end checkpoint
-replays exactly what an uninterrupted run would do.
+configs. Determinism: every random draw of a training step is seeded by (seed, global step), and the data order by
+(seed, epoch), so resuming from an epoch-end checkpoint replays exactly what an uninterrupted run would do.
 """
 
 from __future__ import annotations
@@ -98,13 +97,13 @@ class ASRModule(L.LightningModule):
         return self.features(batch["audio"], batch["audio_lengths"])
 
     # ---------------------------------------------------------------------------------------- training
-    def on_train_epoch_start(self):
-        torch.manual_seed(self.hparams.seed * 1000 + self.current_epoch)
-
     def training_step(self, batch, batch_idx):
+        # Every random draw of a step (dropout via the global RNG, SpecAugment via its generator) is a function
+        # of (seed, global step), so a resumed run replays exactly what the uninterrupted one would.
+        step_seed = self.hparams.seed * 1_000_003 + self.global_step
+        torch.manual_seed(step_seed)
         feats, lengths = self._batch_features(batch)
-        gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
-        feats = self.specaug(feats, lengths, generator=gen)
+        feats = self.specaug(feats, lengths, generator=torch.Generator().manual_seed(step_seed))
         out = self.model(feats, lengths, batch["tokens"], batch["token_lengths"])
         loss = out["loss"]
         if not torch.isfinite(loss):
