@@ -37,7 +37,7 @@ def test_default_plan_holds_out_speakers_and_sentences():
     test_variants = {u.speaker.variant for u in by_split["test"]}
     assert not (dev_variants & test_variants) - {""}
     words = {w for u in plan for w in u.text.split()}
-    assert len(words) <= 500
+    assert len(words) <= 300
     assert len({u.id for u in plan}) == len(plan)
 
 

@@ -59,7 +59,7 @@ class SynthConfig:
     train_hours: float = 2.5
     dev_utterances: int = 240
     test_utterances: int = 240
-    vocab_words: int = 500
+    vocab_words: int = 300
     train_espeak_speakers: int = 40
     train_flite_speakers: int = 16
     heldout_espeak_speakers: int = 6   # per held-out split
