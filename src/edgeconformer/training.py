@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
@@ -156,15 +157,20 @@ def train(cfg: DictConfig) -> dict:
                            enable_version_counter=False, auto_insert_metric_name=False)
     # Overwritten after every epoch (monitor=None keeps the latest), the checkpoint to resume from.
     last = ModelCheckpoint(dirpath=out, filename="last", save_top_k=1, enable_version_counter=False)
+    callbacks = [best, last]
+    if t.average_last > 1:
+        callbacks.append(KeepEpochWeights(out / "epochs", t.average_last))
     trainer = L.Trainer(
         accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
         precision=tr.precision, deterministic=tr.deterministic, max_epochs=t.max_epochs, max_steps=t.max_steps,
         max_time=t.max_time, gradient_clip_val=t.grad_clip, check_val_every_n_epoch=t.val_every_n_epochs,
-        log_every_n_steps=tr.log_every_n_steps, logger=make_loggers(cfg, out), callbacks=[best, last],
+        log_every_n_steps=tr.log_every_n_steps, logger=make_loggers(cfg, out), callbacks=callbacks,
         enable_progress_bar=bool(tr.get("progress_bar", True)), use_distributed_sampler=False,
         default_root_dir=str(out), num_sanity_val_steps=0,
     )
     ckpt_path = resumable_checkpoint(out, cfg, saved_config)
+    if ckpt_path is None:
+        shutil.rmtree(out / "epochs", ignore_errors=True)  # weights of an earlier run must not be averaged in
     curves = out / "csv" / "metrics.csv"
     earlier = read_csv_rows(curves) if ckpt_path and curves.exists() else []  # the CSV logger starts afresh
     fit_started = time.perf_counter()
@@ -180,6 +186,8 @@ def train(cfg: DictConfig) -> dict:
                "best_val_wer": float(best.best_model_score) if best.best_model_score is not None else None,
                "resumed_from": ckpt_path}
     metrics["audio_seconds_per_second"] = round(module.audio_seconds_seen / max(fit_s, 1e-9), 1)
+    if t.average_last > 1 and best.best_model_path and trainer.is_global_zero:
+        metrics.update(average_into_best(out, Path(best.best_model_path), module, dev_set, metrics["best_val_wer"]))
     if best.best_model_path and t.get("test_after_fit", True):
         best_module = ASRModule.load_from_checkpoint(best.best_model_path, map_location="cpu")
         best_module.tokenizer = tokenizer
@@ -197,8 +205,60 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
+class KeepEpochWeights(Callback):
+    """Keeps the weights of the last `keep` epochs on disk (epochs/epochNNN.pt) for averaging; on disk rather than
+    in memory so that a resumed run averages the same epochs as an uninterrupted one."""
+
+    def __init__(self, folder: Path, keep: int):
+        self.folder, self.keep = folder, keep
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"epoch{trainer.current_epoch:03d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+        for old in sorted(self.folder.glob("epoch*.pt"))[:-self.keep]:
+            old.unlink()
+
+
+def average_state_dicts(states: list[dict]) -> dict:
+    """Element-wise mean of floating-point tensors; integer buffers (counters) are taken from the last state."""
+    out = {}
+    for k, v in states[-1].items():
+        out[k] = torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
+    return out
+
+
+def average_into_best(out: Path, best_path: Path, module, dev_set, best_wer: float | None) -> dict:
+    """Averages the kept epoch weights (a standard ESPnet/WeNet step, typically a few percent relative WER) and
+    makes the average best.ckpt when its dev WER is lower than the best single epoch's."""
+    from edgeconformer.models.lightning import word_error_rate
+
+    paths = sorted((out / "epochs").glob("epoch*.pt"))
+    if len(paths) < 2:
+        return {}
+    averaged = average_state_dicts([torch.load(p, map_location="cpu") for p in paths])
+    module.load_state_dict(averaged)
+    module.eval()
+    refs, hyps = decode_dataset(module, dev_set, "ctc_greedy")
+    wer = word_error_rate(refs, hyps)[0]
+    info = {"averaged_epochs": [int(p.stem[5:]) for p in paths], "averaged_val_wer": wer,
+            "best_is_average": best_wer is None or wer < best_wer}
+    if info["best_is_average"]:
+        ckpt = torch.load(best_path, map_location="cpu", weights_only=False)
+        ckpt["state_dict"] = averaged
+        tmp = best_path.with_suffix(".tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, best_path)
+    return info
+
+
 # Keys that may change between an interrupted run and its resumption (they only say how long to train).
-RESUME_FREE_KEYS = {"max_epochs", "max_steps", "max_time", "resume", "test_after_fit", "num_workers"}
+RESUME_FREE_KEYS = {"max_epochs", "max_steps", "max_time", "resume", "test_after_fit", "test_methods",
+                    "num_workers", "average_last"}
 
 
 def resumable_checkpoint(out: Path, cfg: DictConfig, saved: DictConfig | None) -> str | None:

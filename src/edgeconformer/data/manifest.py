@@ -7,6 +7,7 @@ Every candidate item (an audio file or a transcript line) ends up either kept in
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import tempfile
@@ -185,7 +186,9 @@ def scan_split(split_dir: Path, checks: Checks, converted_dir: Path, jobs: int =
     workers = jobs or os.cpu_count() or 1
     args = (candidates, [checks] * len(candidates), [str(converted_dir)] * len(candidates))
     if workers > 1 and len(candidates) > 64:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # spawn, not fork: forked children of a process already running torch's thread pool can deadlock in
+        # torch calls (resampling); spawned workers start clean.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(check_candidate, *args, chunksize=32))
     else:
         results = list(map(check_candidate, *args))

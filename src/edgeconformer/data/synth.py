@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -281,7 +282,9 @@ def _render(plan: list[Utterance], root: Path, jobs: int, progress: bool) -> dic
 
     workers = jobs or os.cpu_count() or 1
     seconds: dict[str, float] = {}
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawn, not fork: a child forked from a process whose torch/OpenMP thread pool already runs can deadlock in
+    # its first torch call (the resampler); spawned workers start clean.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = pool.map(synthesize, plan, [root] * len(plan), chunksize=16)
         for uid, secs in tqdm(results, total=len(plan), desc="synthesize", unit="utt", disable=not progress,
                               mininterval=2.0):
