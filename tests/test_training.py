@@ -2,6 +2,7 @@
 batches, the transcribe command, and the config contracts."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -136,7 +137,7 @@ def test_multirun_gives_one_wandb_run_per_job_in_one_group(data_dir, tmp_path):
     overrides = [*TINY_DATA, f"data.root={data_dir / 'raw'}", f"data.out_dir={data_dir / 'prepared'}",
                  *[o for o in TINY_MODEL if not o.startswith("logger=")], "logger=wandb", "train.max_epochs=1",
                  "train.test_after_fit=false", "hydra.sweep.dir=sweeps/s1"]
-    env = {**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "train.py"), "-m",
                            "model.subsampling=vanilla,dws", *overrides], cwd=tmp_path, capture_output=True,
                           text=True, env=env)
