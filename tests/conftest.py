@@ -38,3 +38,28 @@ def write_chapter(split_dir: Path, speaker: str, chapter: str, texts: dict[str, 
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+# A tiny offline corpus and model: enough to run every stage in seconds.
+TINY_DATA = ["data.synth.train_hours=0.01", "data.synth.dev_utterances=4", "data.synth.test_utterances=4",
+             "data.synth.train_espeak_speakers=4", "data.synth.train_flite_speakers=4",
+             "data.synth.heldout_espeak_speakers=1", "data.synth.heldout_flite_speakers=1",
+             "data.tokenizer.vocab_size=40", "data.jobs=2"]
+TINY_MODEL = ["model.encoder.d_model=32", "model.encoder.n_layers=1", "model.encoder.n_heads=2",
+              "model.encoder.ff_dim=64", "model.encoder.kernel_size=7", "model.subsampling_channels=8",
+              "model.decoder.n_layers=1", "model.decoder.n_heads=2", "model.decoder.ff_dim=64",
+              "train.max_batch_seconds=12", "train.warmup_steps=5", "logger=csv", "trainer.progress_bar=false",
+              "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A tiny synthesized corpus (prepared + tokenizer), shared by the tests that train."""
+    from edgeconformer.config import compose
+    from edgeconformer.data.prepare import prepare, tokenize
+
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = compose([*TINY_DATA, f"data.root={root / 'raw'}", f"data.out_dir={root / 'prepared'}"])
+    prepare(cfg)
+    tokenize(cfg)
+    return root

@@ -11,29 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, write_flac
+from conftest import REPO, TINY_DATA, TINY_MODEL, write_flac
 from edgeconformer.config import compose
-from edgeconformer.data.prepare import prepare, tokenize
-
-TINY_DATA = ["data.synth.train_hours=0.01", "data.synth.dev_utterances=4", "data.synth.test_utterances=4",
-             "data.synth.train_espeak_speakers=4", "data.synth.train_flite_speakers=4",
-             "data.synth.heldout_espeak_speakers=1", "data.synth.heldout_flite_speakers=1",
-             "data.tokenizer.vocab_size=40", "data.jobs=2"]
-TINY_MODEL = ["model.encoder.d_model=32", "model.encoder.n_layers=1", "model.encoder.n_heads=2",
-              "model.encoder.ff_dim=64", "model.encoder.kernel_size=7", "model.subsampling_channels=8",
-              "model.decoder.n_layers=1", "model.decoder.n_heads=2", "model.decoder.ff_dim=64",
-              "train.max_batch_seconds=12", "train.warmup_steps=5", "logger=csv", "trainer.progress_bar=false",
-              "trainer.log_every_n_steps=1"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = compose([*TINY_DATA, f"data.root={root / 'raw'}", f"data.out_dir={root / 'prepared'}"])
-    prepare(cfg)
-    tokenize(cfg)
-    return root
-
 
 def tiny_cfg(data_dir: Path, out: Path, *extra: str):
     return compose([*TINY_DATA, f"data.root={data_dir / 'raw'}", f"data.out_dir={data_dir / 'prepared'}",

@@ -198,6 +198,13 @@ def train(cfg: DictConfig) -> dict:
         for method in t.test_methods:
             refs, hyps = decode_dataset(best_module, test_set, method, d.beam, d.ctc_weight)
             metrics[f"test_wer_{method}"], metrics[f"test_cer_{method}"] = word_error_rate(refs, hyps)
+        if hasattr(best_module.model, "first_pass_log_probs"):  # cascade: the streaming first pass too
+            from edgeconformer.models.lightning import FIRST_PASS_METHODS
+
+            for method in [m for m in t.test_methods if m in FIRST_PASS_METHODS] or ["ctc_greedy"]:
+                refs, hyps = decode_dataset(best_module, test_set, method, d.beam, first_pass=True)
+                metrics[f"test_wer_first_pass_{method}"], metrics[f"test_cer_first_pass_{method}"] = \
+                    word_error_rate(refs, hyps)
     if trainer.is_global_zero:
         write_json_atomic(out / "train_metrics.json", metrics)
     _finish_wandb()
@@ -318,15 +325,20 @@ def feature_stats(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 
 @torch.no_grad()
 def decode_dataset(module, dataset: FeatureDataset, method: str, beam: int = 8, ctc_weight: float = 0.3,
-                   max_batch_seconds: float = 300) -> tuple[list[str], list[str]]:
-    """References and hypotheses over a dataset, batched by duration (outputs are padding-invariant)."""
+                   max_batch_seconds: float = 300, first_pass: bool = False) -> tuple[list[str], list[str]]:
+    """References and hypotheses over a dataset, batched by duration (outputs are padding-invariant).
+    first_pass=True: a cascaded model's first pass (CTC methods only)."""
     sampler = DurationBucketSampler(dataset.durations, max_batch_seconds, shuffle=False)
     refs, hyps = [], []
     for idx in sampler:
         batch = collate_features([dataset[i] for i in idx])
         feats, lengths = module.cmvn(batch["feats"], batch["feat_lengths"]), batch["feat_lengths"]
-        enc, enc_len = module.model.encode(feats, lengths)
-        hyps += module.decode_encoder_output(enc, enc_len, method, beam, ctc_weight)
+        if first_pass:
+            first, enc_len = module.model.encode_first_pass(feats, lengths)
+            hyps += module.decode_first_pass(first, enc_len, method, beam)
+        else:
+            enc, enc_len = module.model.encode(feats, lengths)
+            hyps += module.decode_encoder_output(enc, enc_len, method, beam, ctc_weight)
         refs += batch["texts"]
     return refs, hyps
 

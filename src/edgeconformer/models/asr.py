@@ -17,6 +17,16 @@ def label_smoothing_loss(log_probs, targets, smoothing, ignore_id):
     return F.kl_div(log_probs, true_dist, reduction="sum") / B
 
 
+def ctc_loss(log_probs, lengths, tokens, token_lengths, blank, ignore_id):
+    # log_probs: (B, T', V), tokens: (B, U) padded with ignore_id. Summed over the batch and divided by B (not by
+    # target length, the ESPnet/WeNet convention); zero_infinity drops utterances too short for their transcript
+    # instead of returning inf.
+    B = log_probs.size(0)
+    targets = tokens.masked_fill(tokens == ignore_id, blank)  # values past the length are unused
+    return F.ctc_loss(log_probs.transpose(0, 1).float(), targets, lengths, token_lengths,  # (T', B, V) as it wants
+                      blank=blank, reduction="sum", zero_infinity=True) / B
+
+
 class DualDecoderASR(nn.Module):
     def __init__(
         self, encoder, vocab_size, decoder=None, ctc_weight=0.3, lsm_weight=0.1, blank=0, sos_eos=2, ignore_id=-1
@@ -58,18 +68,15 @@ class DualDecoderASR(nn.Module):
     def forward(self, feats, feat_lengths, tokens, token_lengths):
         # feats: (B, T, F), tokens: (B, U) padded with ignore_id
         encoder_out, encoder_lengths = self.encode(feats, feat_lengths)
-        B = feats.size(0)
+        losses = self.losses(encoder_out, encoder_lengths, tokens, token_lengths)
+        return dict(**losses, encoder_out=encoder_out, encoder_lengths=encoder_lengths)
 
+    def losses(self, encoder_out, encoder_lengths, tokens, token_lengths):
+        # The hybrid loss of an encoder output: dict(loss, loss_ctc, loss_att), None for a branch not trained.
         loss_ctc = None
         if self.ctc_weight > 0:
-            log_probs = self.ctc_log_probs(encoder_out).transpose(0, 1)  # (T', B, V) as F.ctc_loss wants
-            targets = tokens.masked_fill(tokens == self.ignore_id, self.blank)  # values past the length are unused
-            # Summed over the batch and divided by B (not by target length, the ESPnet/WeNet convention);
-            # zero_infinity drops utterances too short for their transcript instead of returning inf.
-            loss_ctc = F.ctc_loss(
-                log_probs.float(), targets, encoder_lengths, token_lengths,
-                blank=self.blank, reduction="sum", zero_infinity=True,
-            ) / B
+            loss_ctc = ctc_loss(self.ctc_log_probs(encoder_out), encoder_lengths, tokens, token_lengths, self.blank,
+                                self.ignore_id)
 
         loss_att = None
         if self.ctc_weight < 1:
@@ -83,9 +90,7 @@ class DualDecoderASR(nn.Module):
             loss = loss_att
         else:
             loss = self.ctc_weight * loss_ctc + (1 - self.ctc_weight) * loss_att
-        return dict(
-            loss=loss, loss_ctc=loss_ctc, loss_att=loss_att, encoder_out=encoder_out, encoder_lengths=encoder_lengths
-        )
+        return dict(loss=loss, loss_ctc=loss_ctc, loss_att=loss_att)
 
     def _memory(self, encoder_out_one, length):
         # Drop the padded tail once, so the decoder needs no memory mask afterwards.

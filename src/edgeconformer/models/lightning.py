@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import jiwer
 import lightning as L
@@ -18,32 +19,115 @@ from edgeconformer.data.features import GlobalCMVN, LogMelFilterbank, SpecAugmen
 from edgeconformer.data.tokenizer import BLANK_ID, SOS_EOS_ID
 from edgeconformer.decoding import decode
 from edgeconformer.models.asr import DualDecoderASR
-from edgeconformer.models.conformer import ConformerEncoder
+from edgeconformer.models.cascade import CascadedASR
+from edgeconformer.models.conformer import ATTENTION, ConformerEncoder
 from edgeconformer.models.decoder import TransformerDecoder
 
 SUBSAMPLING = ("vanilla", "dws")
+STAGE_KEYS = ("n_layers", "d_model", "n_heads", "ff_dim")
+FIRST_PASS_METHODS = ("ctc_greedy", "ctc_beam")  # the attention decoder reads the second pass
+
+
+def _config_error(message):
+    from edgeconformer.errors import ConfigError
+
+    return ConfigError(message)
+
+
+def stage_dims(e: Mapping) -> list[tuple[int, int, int]] | None:
+    """model.encoder.stages -> per-block (d_model, n_heads, ff_dim), None when unset (uniform blocks). Each stage is
+    {n_layers, d_model, n_heads, ff_dim}; a key left out takes the encoder's value (n_layers: 1)."""
+    stages = e.get("stages")
+    if not stages:
+        return None
+    dims = []
+    for k, s in enumerate(stages):
+        unknown = set(s) - set(STAGE_KEYS)
+        if unknown:
+            raise _config_error(f"model.encoder.stages[{k}] has unknown keys {sorted(unknown)}; use {STAGE_KEYS}")
+        dims += [(s.get("d_model", e["d_model"]), s.get("n_heads", e["n_heads"]), s.get("ff_dim", e["ff_dim"]))] * \
+            s.get("n_layers", 1)
+    if len(dims) != e["n_layers"]:
+        raise _config_error(f"model.encoder.stages cover {len(dims)} blocks but model.encoder.n_layers="
+                            f"{e['n_layers']}; make them agree")
+    for k, (d, h, _) in enumerate(dims):
+        if d % h:
+            raise _config_error(f"model.encoder block {k}: d_model={d} is not divisible by n_heads={h}")
+    return dims
 
 
 def build_model(m: Mapping, vocab_size: int) -> DualDecoderASR:
-    """Model config (conf/model/*.yaml) -> DualDecoderASR."""
+    """Model config (conf/model/*.yaml) -> DualDecoderASR (CascadedASR when model.cascade.enabled). Keys added after
+    the first checkpoints were trained are read with defaults that build exactly the model those checkpoints hold."""
     if m["subsampling"] not in SUBSAMPLING:
-        from edgeconformer.errors import ConfigError
-
-        raise ConfigError(f"model.subsampling={m['subsampling']!r}: choose one of {SUBSAMPLING}")
+        raise _config_error(f"model.subsampling={m['subsampling']!r}: choose one of {SUBSAMPLING}")
     e = m["encoder"]
+    attention = e.get("attention", "softmax")
+    c = m.get("cascade") or {}
+    cascade = bool(c.get("enabled", False))
+    for key, value in (("model.encoder.attention", attention), ("model.cascade.attention",
+                                                                 c.get("attention", "softmax"))):
+        if value not in ATTENTION:
+            raise _config_error(f"{key}={value!r}: choose one of {ATTENTION}")
+    dims = stage_dims(e)
+    n_layers, first_pass_layers = e["n_layers"], 0
+    if cascade:
+        if c.get("n_layers", 0) < 1:
+            raise _config_error("model.cascade.n_layers must be >= 1 (second-pass blocks) when cascade.enabled")
+        first = dims or [(e["d_model"], e["n_heads"], e["ff_dim"])] * e["n_layers"]
+        second = (c.get("d_model") or first[-1][0], c.get("n_heads") or e["n_heads"], c.get("ff_dim") or e["ff_dim"])
+        dims = first + [second] * c["n_layers"]
+        n_layers, first_pass_layers = e["n_layers"] + c["n_layers"], e["n_layers"]
+    conv_only = e.get("conv_only_layers", 0)
+    if not 0 <= conv_only <= e["n_layers"]:
+        raise _config_error(f"model.encoder.conv_only_layers={conv_only} must be in 0..model.encoder.n_layers="
+                            f"{e['n_layers']}")
     encoder = ConformerEncoder(
-        idim=m["n_mels"], d_model=e["d_model"], n_layers=e["n_layers"], n_heads=e["n_heads"], ff_dim=e["ff_dim"],
+        idim=m["n_mels"], d_model=e["d_model"], n_layers=n_layers, n_heads=e["n_heads"], ff_dim=e["ff_dim"],
         kernel_size=e["kernel_size"], dropout=e["dropout"], subsampling_factor=m["subsampling_factor"],
         dws_subsampling=m["subsampling"] == "dws", pos=e["pos"], causal=e["causal"], chunk_size=e["chunk_size"],
         left_chunks=e["left_chunks"], dynamic_chunk=e["dynamic_chunk"], norm=e["norm"],
-        subsampling_channels=m.get("subsampling_channels"),
+        subsampling_channels=m.get("subsampling_channels"), conv_only_layers=conv_only, block_dims=dims,
+        attention=attention, performer_features=e.get("performer_features", 64),
+        performer_seed=e.get("performer_seed", 0), first_pass_layers=first_pass_layers,
+        second_pass_attention=c.get("attention", "softmax"),
     )
     decoder = None
     if m["ctc_weight"] < 1:
         d = m["decoder"]
-        decoder = TransformerDecoder(vocab_size, e["d_model"], d["n_heads"], d["ff_dim"], d["n_layers"], d["dropout"])
+        decoder = TransformerDecoder(vocab_size, encoder.d_model, d["n_heads"], d["ff_dim"], d["n_layers"],
+                                     d["dropout"])
+    if cascade:
+        return CascadedASR(encoder, vocab_size, decoder, ctc_weight=m["ctc_weight"], lsm_weight=m["lsm_weight"],
+                           blank=BLANK_ID, sos_eos=SOS_EOS_ID, first_pass_weight=c.get("first_pass_weight", 0.5))
     return DualDecoderASR(encoder, vocab_size, decoder, ctc_weight=m["ctc_weight"], lsm_weight=m["lsm_weight"],
                           blank=BLANK_ID, sos_eos=SOS_EOS_ID)
+
+
+NOT_INITIALISED = ("skipped_batches",)  # counters of the earlier run, not weights
+
+
+def load_matching_weights(module: torch.nn.Module, path: str | Path) -> dict:
+    """Fine-tuning start (`train.init_from`): copies every tensor of checkpoint `path` (a .ckpt file or a model
+    folder, then its best.ckpt) whose name and shape match into `module`; the others keep their initial values.
+    Returns what happened: counts and the names of missing (not in the checkpoint, or another shape),
+    unexpected (only in the checkpoint) and shape-mismatched tensors. Training counters are not copied."""
+    from edgeconformer.errors import UserError
+
+    path = Path(path)
+    ckpt_path = path / "best.ckpt" if path.is_dir() else path
+    if not ckpt_path.is_file():
+        raise UserError(f"train.init_from={str(path)!r}: no checkpoint there; give a .ckpt file or a trained model "
+                        "folder (models/<variant>) holding best.ckpt")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = {k: v for k, v in ckpt.get("state_dict", ckpt).items() if k not in NOT_INITIALISED}
+    own = module.state_dict()
+    loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    module.load_state_dict(loaded, strict=False)
+    return {"path": str(ckpt_path), "loaded": len(loaded), "total": len(own),
+            "missing": sorted(k for k in own if k not in loaded and k not in NOT_INITIALISED),
+            "unexpected": sorted(k for k in state if k not in own),
+            "shape_mismatch": sorted(k for k in state if k in own and own[k].shape != state[k].shape)}
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
@@ -82,6 +166,8 @@ class ASRModule(L.LightningModule):
         self.tokenizer = None  # set by the caller; needed for WER and transcripts, not for the loss
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
         self._val: list[tuple[str, str]] = []
+        self._val_first: list[tuple[str, str]] = []  # cascade: first-pass transcripts
+        self.init_report: dict | None = None  # what train.init_from loaded
         self.audio_seconds_seen = 0.0  # throughput of this process (not checkpointed)
 
     # ---------------------------------------------------------------------------------------- features
@@ -97,6 +183,21 @@ class ASRModule(L.LightningModule):
         return self.features(batch["audio"], batch["audio_lengths"])
 
     # ---------------------------------------------------------------------------------------- training
+    def setup(self, stage: str):
+        # train.init_from: start from another checkpoint's matching weights (e.g. softmax -> Performer fine-tune).
+        # setup runs before Lightning restores a checkpoint to resume from, so resuming still wins.
+        path = self.hparams.optim.get("init_from")
+        if stage != "fit" or not path:
+            return
+        self.init_report = load_matching_weights(self, path)
+        r = self.init_report
+        print(f"init_from {r['path']}: loaded {r['loaded']} of {r['total']} tensors; missing {r['missing']}; "
+              f"unexpected {r['unexpected']}; shape mismatch {r['shape_mismatch']}")
+        if self.trainer.is_global_zero:
+            from edgeconformer.data.manifest import write_json_atomic
+
+            write_json_atomic(Path(self.trainer.default_root_dir) / "init_from.json", r)
+
     def training_step(self, batch, batch_idx):
         # Every random draw of a step (dropout via the global RNG, SpecAugment via its generator) is a function
         # of (seed, global step), so a resumed run replays exactly what the uninterrupted one would.
@@ -114,8 +215,8 @@ class ASRModule(L.LightningModule):
         bs = feats.size(0)
         self.audio_seconds_seen += float(lengths.sum()) * self.fbank.hop_length / self.fbank.sample_rate
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        for name in ("loss_ctc", "loss_att"):
-            if out[name] is not None:
+        for name in ("loss_ctc", "loss_att", "loss_first_pass", "loss_second_pass"):
+            if out.get(name) is not None:
                 self.log(f"train/{name}", out[name], on_step=True, on_epoch=True, batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=bs)
         self.log("train/skipped_batches", self.skipped_batches.float(), on_step=True, batch_size=bs)
@@ -141,6 +242,10 @@ class ASRModule(L.LightningModule):
         self.log("val/loss", out["loss"], on_epoch=True, prog_bar=True, batch_size=feats.size(0))
         hyps = self.decode_encoder_output(out["encoder_out"], out["encoder_lengths"], method="ctc_greedy")
         self._val += list(zip(batch["texts"], hyps))
+        if "first_pass_out" in out:  # cascade: val/wer is the second pass, val/wer_first_pass the streaming one
+            self.log("val/loss_first_pass", out["loss_first_pass"], on_epoch=True, batch_size=feats.size(0))
+            hyps = self.decode_first_pass(out["first_pass_out"], out["encoder_lengths"])
+            self._val_first += list(zip(batch["texts"], hyps))
 
     def on_validation_epoch_end(self):
         refs, hyps = zip(*self._val) if self._val else ((), ())
@@ -148,6 +253,12 @@ class ASRModule(L.LightningModule):
         self.log("val/wer", wer, prog_bar=True)
         self.log("val/cer", cer)
         self._val = []
+        if self._val_first:
+            refs, hyps = zip(*self._val_first)
+            wer, cer = word_error_rate(list(refs), list(hyps))
+            self.log("val/wer_first_pass", wer, prog_bar=True)
+            self.log("val/cer_first_pass", cer)
+            self._val_first = []
 
     # ---------------------------------------------------------------------------------------- inference
     @torch.no_grad()
@@ -169,9 +280,22 @@ class ASRModule(L.LightningModule):
         return texts
 
     @torch.no_grad()
+    def decode_first_pass(self, first_out, lengths, method="ctc_greedy", beam=8) -> list[str]:
+        """Cascade: (B, T', D1) first-pass output -> B transcripts from the first-pass CTC head."""
+        if method not in FIRST_PASS_METHODS:
+            raise ValueError(f"the first pass has only a CTC head: method must be one of {FIRST_PASS_METHODS}, "
+                             f"got {method!r}")
+        log_probs = self.model.first_pass_log_probs(first_out)  # (B, T', V)
+        return [self.tokenizer.decode(decode(method, log_probs[i, :int(lengths[i])], beam=beam, blank=BLANK_ID))
+                for i in range(first_out.size(0))]
+
+    @torch.no_grad()
     def transcribe(self, audio: torch.Tensor, audio_lengths: torch.Tensor, method="ctc_greedy", beam=8,
-                   ctc_weight=0.3) -> list[str]:
+                   ctc_weight=0.3, first_pass=False) -> list[str]:
         feats, lengths = self.features(audio, audio_lengths)
+        if first_pass:  # cascade: the streaming first pass only (CTC methods)
+            first_out, lengths = self.model.encode_first_pass(feats, lengths)
+            return self.decode_first_pass(first_out, lengths, method, beam)
         encoder_out, encoder_lengths = self.model.encode(feats, lengths)
         return self.decode_encoder_output(encoder_out, encoder_lengths, method, beam, ctc_weight)
 

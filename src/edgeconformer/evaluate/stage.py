@@ -1,0 +1,161 @@
+"""Stage `evaluate@<variant>`: WER per precision (PyTorch FP32, FP16 without and with stabilization, the exported
+Core ML program simulated on Linux or run on macOS), RTF, device estimates, FLOPs -> metrics/<variant>.json.
+
+Per-utterance results (reference, hypothesis and errors of every mode) go to reports/<variant>/utterances.jsonl.
+WER is in percent (0-100). What cannot be measured on this machine is null, never a guess: wer_coreml and
+rtf_coreml need macOS; rtf_device_estimate is labelled an estimate by construction (evaluate/device.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from edgeconformer.data.manifest import write_json_atomic, write_jsonl_atomic
+from edgeconformer.evaluate.utterances import greedy_text, load_utterances, variant_paths
+from edgeconformer.evaluate.wer import score
+
+
+def coreml_sim(package, utterances, tokenizer, reference: dict[str, torch.Tensor]) -> dict:
+    """The exported program run by the MIL executor in its declared precision: WER rows and parity (max |diff|
+    of log-probs, identical transcripts) against the PyTorch FP16 stabilized graph's log-probs `reference`."""
+    from edgeconformer.export.milsim import MILExecutor, load_program
+
+    executor = MILExecutor(load_program(package))
+    hyps, worst, same, started = [], 0.0, 0, time.perf_counter()
+    for u in utterances:
+        out = executor.run({"feats": u.feats.numpy()})["log_probs"]
+        log_probs = torch.from_numpy(np.asarray(out, dtype=np.float32))[0]  # (T', V)
+        hyps.append(greedy_text(log_probs, tokenizer))
+        ref = reference[u.id]
+        finite = torch.isfinite(log_probs) & torch.isfinite(ref)
+        worst = max(worst, float((log_probs - ref)[finite].abs().max()) if finite.any() else float("inf"))
+        same += hyps[-1] == greedy_text(ref, tokenizer)
+    s = score([u.text for u in utterances], hyps, [u.id for u in utterances])
+    return {"wer": s["wer"], "cer": s["cer"], "rows": s["utterances"], "max_abs_diff_vs_pytorch_fp16": worst,
+            "identical_transcripts": same, "utterances": len(utterances),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def coreml_on_device(package, utterances, tokenizer, subsampled, warmup: int) -> dict | None:
+    """macOS only: WER and RTF per compute-unit setting; None elsewhere (the reason is printed)."""
+    from edgeconformer.evaluate import coreml_device
+
+    ok, why = coreml_device.available()
+    if not ok:
+        print(f"Core ML on device: skipped ({why})")
+        return None
+    results = coreml_device.evaluate_compute_units(
+        str(package), [(u.feats.numpy(), u.seconds) for u in utterances], warmup=warmup, out_frames=subsampled)
+    refs, ids = [u.text for u in utterances], [u.id for u in utterances]
+    out = {}
+    for unit, r in results.items():
+        hyps = [greedy_text(torch.from_numpy(y), tokenizer) for y in r.pop("log_probs")]
+        out[unit] = dict(r, wer=score(refs, hyps, ids)["wer"])
+    return out
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    from edgeconformer.data.dataset import load_audio
+    from edgeconformer.data.manifest import read_jsonl
+    from edgeconformer.evaluate.device import estimate_all
+    from edgeconformer.evaluate.flops import count_flops, count_params
+    from edgeconformer.evaluate.rtf import measure_rtf, pick_by_duration, recognizer_fn
+    from edgeconformer.export.stage import PACKAGE
+    from edgeconformer.stabilize.precision import MODES, precision_model
+    from edgeconformer.stabilize.stage import load_stabilized, transcribe_modes
+
+    e = cfg.eval
+    torch.set_num_threads(cfg.trainer.num_threads)
+    paths = variant_paths(cfg)
+    package = paths.model_dir / PACKAGE
+    module, _, options = load_stabilized(paths.model_dir)
+    tokenizer = module.tokenizer
+    utts = load_utterances(cfg, module.fbank, limit=e.max_utterances)
+
+    models = {mode: precision_model(module.model, mode, module.cmvn, **options,
+                                    accumulate=cfg.stabilize.accumulate) for mode in MODES}
+    modes = transcribe_modes(models, utts, tokenizer)
+    with torch.no_grad():
+        fp16_log_probs = {u.id: models["fp16"](u.feats)[0] for u in utts}
+    sim_utts = utts[: e.coreml_sim_utterances] if e.coreml_sim_utterances else utts
+    sim = coreml_sim(package, sim_utts, tokenizer, fp16_log_probs)
+    device = coreml_on_device(package, utts, tokenizer, module.model.encoder.subsampling.subsample_lengths,
+                              e.rtf.warmup)
+
+    manifest = f"{cfg.data.out_dir}/manifests/{cfg.data.test_split}.jsonl"
+    timed = pick_by_duration(read_jsonl(manifest), e.rtf.utterances)
+    rtf = measure_rtf(recognizer_fn(module), [(load_audio(r["audio_filepath"], uid=r["id"], manifest=manifest),
+                                               float(r["duration"])) for r in timed],
+                      warmup=e.rtf.warmup, repeats=e.rtf.repeats, threads=e.rtf.threads)
+    d = e.device_estimate
+    estimates = estimate_all(module.model, d.seconds, list(d.profiles), d.precision)
+    flops = count_flops(module.model, e.flops.seconds, idim=module.fbank.n_mels,
+                        tokens_per_second=e.flops.tokens_per_second)
+
+    metrics = {
+        "variant": paths.variant,
+        "model": cfg.model.name,
+        "wer_fp32": modes["fp32"]["wer"],
+        "wer_fp16": modes["fp16"]["wer"],
+        "wer_fp16_unstabilized": modes["fp16_unstabilized"]["wer"],
+        "wer_coreml_sim": sim["wer"],
+        "wer_coreml": device["ALL"]["wer"] if device else None,
+        "cer_fp32": modes["fp32"]["cer"],
+        "cer_fp16": modes["fp16"]["cer"],
+        "rtf_cpu": rtf["rtf_median"],
+        "rtf_cpu_p90": rtf["rtf_p90"],
+        "rtf_coreml": device["ALL"]["rtf_median"] if device else None,
+        "rtf_device_estimate": estimates[d.device]["rtf"],
+        "device": d.device,
+        "rtf_device_estimates": {name: est["rtf"] for name, est in estimates.items()},
+        "flops_subsampling_share": flops["shares"]["subsampling"],
+        "flops_shares": flops["shares"],
+        "gflops_per_audio_second": flops["gflops_per_audio_second"],
+        "params_millions": count_params(module.model) / 1e6,
+        "n_utterances": len(utts),
+        "audio_hours": sum(u.seconds for u in utts) / 3600,
+        "split": cfg.data.test_split,
+        "stabilization": options,
+        "nonfinite_utterances": {mode: m["nonfinite_utterances"] for mode, m in modes.items()},
+        "coreml_sim": {k: v for k, v in sim.items() if k != "rows"},
+        "coreml_device": device,
+        "rtf_protocol": {k: v for k, v in rtf.items() if k != "utterances"},
+        "device_estimates": estimates,
+        "machine": rtf["machine"],
+    }
+    rows = []
+    for i, u in enumerate(utts):
+        row = {"id": u.id, "reference": u.text, "seconds": round(u.seconds, 3)}
+        for mode, m in modes.items():
+            row[mode] = {k: m["rows"][i][k] for k in ("hypothesis", "errors", "ref_words")}
+        if i < len(sim["rows"]):
+            row["coreml_sim"] = {k: sim["rows"][i][k] for k in ("hypothesis", "errors", "ref_words")}
+        rows.append(row)
+    paths.report_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(paths.report_dir / "utterances.jsonl", rows)
+    paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(paths.metrics, metrics)
+    print(format_metrics(metrics))
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
+    return metrics
+
+
+def format_metrics(m: dict) -> str:
+    def pct(v):
+        return "n/a" if v is None else f"{v:.2f}"
+
+    return "\n".join([
+        f"evaluate@{m['variant']}: {m['n_utterances']} utterances ({m['audio_hours'] * 60:.1f} min) of {m['split']}",
+        f"  WER %  fp32 {pct(m['wer_fp32'])}  fp16 {pct(m['wer_fp16'])}  fp16 unstabilized "
+        f"{pct(m['wer_fp16_unstabilized'])}  Core ML (simulated) {pct(m['wer_coreml_sim'])}  Core ML "
+        f"{pct(m['wer_coreml'])}",
+        f"  RTF    cpu {m['rtf_cpu']:.4f} ({m['machine'].get('cpu_model', '?')}, {m['rtf_protocol']['threads']} "
+        f"thread(s))  Core ML {pct(m['rtf_coreml'])}  {m['device']} (estimate) {m['rtf_device_estimate']:.4f}",
+        f"  FLOPs  {m['gflops_per_audio_second']:.3f} GFLOPs per audio second, subsampling share "
+        f"{m['flops_subsampling_share']:.1%}; {m['params_millions']:.2f} M parameters",
+    ])

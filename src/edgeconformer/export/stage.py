@@ -1,0 +1,35 @@
+"""Stage `export@<variant>`: the stabilized ANE-layout graph -> models/<variant>/model.mlpackage + conversion report.
+
+The package is built from the same weights and options that stabilize checked (models/<variant>/stabilized.pt), so
+what is exported is exactly the graph whose FP32 equivalence and FP16 behaviour were verified.
+"""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+from edgeconformer.evaluate.utterances import variant_paths
+
+PACKAGE = "model.mlpackage"
+
+
+def export(cfg: DictConfig) -> dict:
+    from edgeconformer.export.coreml import export_trained, write_report
+    from edgeconformer.stabilize.stage import load_stabilized
+
+    paths = variant_paths(cfg)
+    module, _, options = load_stabilized(paths.model_dir)
+    export_cfg = OmegaConf.to_container(cfg.export, resolve=True)
+    report = export_trained(module, paths.model_dir / PACKAGE, export_cfg, stabilize=options,
+                            tokenizer_model=paths.model_dir / "tokenizer.model")
+    report["variant"] = paths.variant
+    paths.report_dir.mkdir(parents=True, exist_ok=True)
+    write_report(report, paths.report_dir / "conversion.json")
+    flagged = len(report["ane_fallback"]["ops"]) + len(report["ane_fallback"]["inputs"])
+    print(f"export@{paths.variant}: {paths.model_dir / PACKAGE} ({report['precision']}, {report['n_ops']} ops, "
+          f"{report['weight_bytes'] / 1e6:.2f} MB of weights, {flagged} ops/inputs flagged as possible ANE "
+          f"fallbacks, converted in {report['conversion_seconds']} s)")
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}))
+    return report

@@ -1,0 +1,540 @@
+"""Human-readable results: reports/summary.md and PNG plots from metrics/<variant>.json and the FP16 audits.
+
+Inputs (docs/evaluation.md has the schema): metrics/<variant>.json, one per evaluated variant, and optionally
+reports/<variant>/fp16_audit.json (per-module records; read defensively: a missing or odd audit costs its section,
+not the report). Outputs, all written atomically: the summary and, next to it in plots/, flop_shares.png,
+wer_vs_flops.png, rtf.png and fp16_audit.png (a plot without data is skipped and the summary says so).
+Missing or null values print as "n/a".
+
+    python -m edgeconformer.report [metrics_dir] [reports_dir]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from edgeconformer.errors import UserError
+
+FP16_MAX = 65504.0
+PAPER = {"vanilla_share": 0.328, "dws_share": 0.040, "watch_rtf": 0.19}  # Xu et al. 2023
+ORDER = ("vanilla", "dws")  # shown first, the rest alphabetically
+
+# Metrics schema: key -> nullable. Non-nullable keys are measurable on every machine; Core ML figures need a Mac
+# (wer_coreml, rtf_coreml) or a successful export (wer_coreml_sim); the device estimate can be switched off.
+SCHEMA = {
+    "variant": False, "wer_fp32": False, "wer_fp16": False, "wer_fp16_unstabilized": False, "wer_coreml_sim": True,
+    "wer_coreml": True, "cer_fp32": False, "rtf_cpu": False, "rtf_coreml": True, "rtf_device_estimate": True,
+    "device": True, "rtf_device_estimates": True, "flops_subsampling_share": False, "flops_shares": False,
+    "gflops_per_audio_second": False, "params_millions": False, "n_utterances": False, "audio_hours": False,
+    "machine": False,
+}
+PERCENT = ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim", "wer_coreml", "cer_fp32")
+POSITIVE = ("rtf_cpu", "rtf_coreml", "rtf_device_estimate", "gflops_per_audio_second", "params_millions",
+            "audio_hours")
+MACHINE_KEYS = ("platform", "cpu_model", "torch_version", "torch_threads", "python_version")
+
+
+# ------------------------------------------------------------------------------------------------ schema
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_metrics(d) -> list[str]:
+    """Problems of one metrics dict against the schema (empty list: valid). Checks presence, types, ranges and
+    the consistency between related keys; extra keys are allowed."""
+    if not isinstance(d, dict):
+        return [f"metrics must be a JSON object, got {type(d).__name__}"]
+    problems = []
+    for key, nullable in SCHEMA.items():
+        if key not in d:
+            problems.append(f"missing key {key!r}")
+        elif d[key] is None and not nullable:
+            problems.append(f"{key} is null but must be measured on every machine")
+    present = {k: v for k, v in d.items() if k in SCHEMA and v is not None}
+
+    if "variant" in present and not (isinstance(present["variant"], str) and present["variant"]):
+        problems.append(f"variant must be a non-empty string, got {present['variant']!r}")
+    for key in PERCENT:
+        if key in present and not (_is_number(present[key]) and present[key] >= 0):
+            problems.append(f"{key} must be a WER/CER in percent (a finite number >= 0), got {present[key]!r}")
+    for key in POSITIVE:
+        if key in present and not (_is_number(present[key]) and present[key] > 0):
+            problems.append(f"{key} must be a finite number > 0, got {present[key]!r}")
+    if "n_utterances" in present and not (isinstance(present["n_utterances"], int)
+                                          and not isinstance(present["n_utterances"], bool)
+                                          and present["n_utterances"] >= 1):
+        problems.append(f"n_utterances must be an integer >= 1, got {present['n_utterances']!r}")
+    if "device" in present and not isinstance(present["device"], str):
+        problems.append(f"device must be a profile name (string), got {present['device']!r}")
+
+    share = present.get("flops_subsampling_share")
+    if share is not None and not (_is_number(share) and 0 <= share <= 1):
+        problems.append(f"flops_subsampling_share must be a fraction in [0, 1], got {share!r}")
+    shares = present.get("flops_shares")
+    if shares is not None:
+        if not isinstance(shares, dict) or not shares:
+            problems.append("flops_shares must be a non-empty object {part: fraction}")
+        elif not all(_is_number(v) and 0 <= v <= 1 for v in shares.values()):
+            problems.append(f"flops_shares values must be fractions in [0, 1], got {shares}")
+        else:
+            if abs(sum(shares.values()) - 1) > 1e-3:
+                problems.append(f"flops_shares must sum to 1 (+-1e-3), they sum to {sum(shares.values()):.6f}")
+            if "subsampling" not in shares:
+                problems.append("flops_shares has no 'subsampling' part")
+            elif _is_number(share) and abs(shares["subsampling"] - share) > 1e-6:
+                problems.append(f"flops_subsampling_share {share} differs from flops_shares['subsampling'] "
+                                f"{shares['subsampling']}")
+
+    estimates = present.get("rtf_device_estimates")
+    if estimates is not None and not (isinstance(estimates, dict)
+                                      and all(isinstance(k, str) and _is_number(v) and v > 0
+                                              for k, v in estimates.items())):
+        problems.append(f"rtf_device_estimates must be an object {{device: RTF > 0}}, got {estimates!r}")
+    elif "rtf_device_estimate" in present:
+        device = present.get("device")
+        if device is None:
+            problems.append("rtf_device_estimate is set but device (the profile it was estimated for) is null")
+        elif estimates is not None and device in estimates and not math.isclose(
+                estimates[device], present["rtf_device_estimate"], rel_tol=1e-9):
+            problems.append(f"rtf_device_estimate {present['rtf_device_estimate']} differs from "
+                            f"rtf_device_estimates[{device!r}] {estimates[device]}")
+
+    machine = present.get("machine")
+    if machine is not None:
+        if not isinstance(machine, dict):
+            problems.append(f"machine must be an object of machine facts, got {machine!r}")
+        else:
+            missing = [k for k in MACHINE_KEYS if k not in machine]
+            if missing:
+                problems.append(f"machine lacks {missing} (use evaluate.rtf.machine_info())")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _order(variant: str):
+    return (ORDER.index(variant), "") if variant in ORDER else (len(ORDER), variant)
+
+
+def load_metrics(metrics_dir: str | Path) -> list[dict]:
+    """Every metrics/<variant>.json, vanilla and dws first; a file without "variant" is named by its stem.
+    Adds "_problems" (validate_metrics) and "_path" to each dict."""
+    metrics_dir = Path(metrics_dir)
+    paths = sorted(metrics_dir.glob("*.json"))
+    if not paths:
+        raise UserError(f"{metrics_dir}: no metrics files (<variant>.json); run `dvc repro evaluate` first")
+    out = []
+    for path in paths:
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: not readable JSON ({e}); re-run the evaluate stage for this variant") from e
+        if not isinstance(d, dict):
+            raise UserError(f"{path}: expected a JSON object of metrics, got {type(d).__name__}")
+        d = dict(d)
+        d.setdefault("variant", path.stem)
+        d["_problems"] = validate_metrics(d)
+        d["_path"] = str(path)
+        out.append(d)
+    return sorted(out, key=lambda d: _order(str(d["variant"])))
+
+
+def _record_values(name: str, rec: dict) -> dict | None:
+    # One audit record -> {name, max_abs, sumsq_peak | None}; None when it has no usable peak.
+    if not isinstance(rec, dict):
+        return None
+    peaks = [rec.get(k) for k in ("max_abs", "out_max_abs", "in_max_abs")]
+    peaks = [v for v in peaks if _is_number(v)]
+    if not peaks:
+        return None
+    sumsq = rec.get("sumsq_peak", rec.get("ln_sumsq_peak"))
+    return {"name": str(rec.get("name", rec.get("module", name))), "max_abs": max(peaks),
+            "sumsq_peak": sumsq if _is_number(sumsq) else None}
+
+
+def _records(obj) -> list[dict] | None:
+    # A container of records: {"modules": ...}, {name: record} or [record, ...]; None when obj is none of these.
+    if isinstance(obj, dict) and isinstance(obj.get("modules"), (dict, list)):
+        obj = obj["modules"]
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    recs = [r for r in (_record_values(str(k), v) for k, v in items) if r is not None]
+    return recs or None
+
+
+def read_audit(path: str | Path) -> tuple[dict[str, list[dict]], str | None]:
+    """An fp16_audit.json -> ({stage: [records]}, problem or None). A single audit is stage ""; an object of
+    audits (e.g. {"unstabilized": ..., "stabilized": ...}) gives one stage per key. Parent modules repeat their
+    last child's output, so only leaf modules are kept."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, json.JSONDecodeError) as e:
+        return {}, f"{path}: unreadable ({e})"
+    single = _records(obj)
+    if single is not None:
+        stages = {"": single}
+    elif isinstance(obj, dict):
+        stages = {str(k): r for k, r in ((k, _records(v)) for k, v in obj.items()) if r is not None}
+    else:
+        stages = {}
+    if not stages:
+        return {}, f"{path}: no per-module records with a max_abs peak"
+    for stage, recs in stages.items():
+        names = [r["name"] for r in recs]
+        stages[stage] = [r for r in recs if not any(n.startswith(r["name"] + ".") for n in names)
+                         and r["name"] not in ("", "<root>")]
+    return stages, None
+
+
+def load_audits(reports_dir: str | Path, variants: list[str]) -> tuple[dict, list[str]]:
+    """{variant: {stage: [records]}} for the variants that have reports/<variant>/fp16_audit.json, and problems."""
+    audits, problems = {}, []
+    for v in variants:
+        stages, problem = read_audit(Path(reports_dir) / v / "fp16_audit.json")
+        if problem:
+            problems.append(problem)
+        if stages:
+            audits[v] = stages
+    return audits, problems
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def fmt(value, kind: str = "num") -> str:
+    """A cell: "n/a" for missing/null/non-finite, else by kind (wer, rtf, share, gflops, params, num)."""
+    if not _is_number(value):
+        return "n/a"
+    if kind == "wer":
+        return f"{value:.2f}"
+    if kind == "rtf":
+        return f"{value:.3g}"
+    if kind == "share":
+        return f"{100 * value:.1f}%"
+    if kind == "delta":
+        return f"{value:+.2f}"
+    if kind == "gflops":
+        return f"{value:.3f}"
+    if kind == "params":
+        return f"{value:.2f}"
+    return f"{value:g}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def ablation_table(metrics: list[dict]) -> str:
+    """Markdown: one row per variant, WER per precision, RTFs, FLOPs, params."""
+    header = ["variant", "WER fp32 %", "WER fp16 %", "WER fp16 unstab. %", "WER Core ML-sim %", "WER Core ML %",
+              "CER fp32 %", "RTF cpu", "RTF Core ML", "RTF device (est.)", "subsampling FLOP share",
+              "GFLOPs / audio s", "params (M)"]
+    rows = []
+    for m in metrics:
+        device = f" ({m['device']})" if m.get("device") and _is_number(m.get("rtf_device_estimate")) else ""
+        rows.append([str(m["variant"]), fmt(m.get("wer_fp32"), "wer"), fmt(m.get("wer_fp16"), "wer"),
+                     fmt(m.get("wer_fp16_unstabilized"), "wer"), fmt(m.get("wer_coreml_sim"), "wer"),
+                     fmt(m.get("wer_coreml"), "wer"), fmt(m.get("cer_fp32"), "wer"), fmt(m.get("rtf_cpu"), "rtf"),
+                     fmt(m.get("rtf_coreml"), "rtf"), fmt(m.get("rtf_device_estimate"), "rtf") + device,
+                     fmt(m.get("flops_subsampling_share"), "share"),
+                     fmt(m.get("gflops_per_audio_second"), "gflops"), fmt(m.get("params_millions"), "params")])
+    return markdown_table(header, rows)
+
+
+def device_table(metrics: list[dict]) -> str | None:
+    """Markdown: variant x device estimated RTF, or None when no variant has estimates."""
+    estimates = {str(m["variant"]): m["rtf_device_estimates"] for m in metrics
+                 if isinstance(m.get("rtf_device_estimates"), dict)}
+    devices = []
+    for per_device in estimates.values():
+        devices += [d for d in per_device if d not in devices]
+    if not devices:
+        return None
+    rows = [[v] + [fmt(per_device.get(d), "rtf") for d in devices] for v, per_device in estimates.items()]
+    return markdown_table(["variant"] + devices, rows)
+
+
+def _diff(a, b):
+    return a - b if _is_number(a) and _is_number(b) else None
+
+
+def claims(metrics: list[dict]) -> list[str]:
+    """Bullet lines comparing the measured figures with what Xu et al. 2023 report."""
+    by = {m["variant"]: m for m in metrics}
+    lines = []
+    v, d = by.get("vanilla", {}), by.get("dws", {})
+    lines.append(f"- Subsampling share of FLOPs: vanilla {fmt(v.get('flops_subsampling_share'), 'share')} "
+                 f"(paper {PAPER['vanilla_share']:.1%}), DWS {fmt(d.get('flops_subsampling_share'), 'share')} "
+                 f"(paper {PAPER['dws_share']:.1%}).")
+    if v and d:
+        lines.append(f"- DWS - vanilla WER (fp32): {fmt(_diff(d.get('wer_fp32'), v.get('wer_fp32')), 'delta')} "
+                     "points (paper: accuracy unchanged).")
+    for m in metrics:
+        base = m.get("wer_fp32")
+        lines.append(f"- {m['variant']}: FP16 - FP32 WER {fmt(_diff(m.get('wer_fp16'), base), 'delta')} points, "
+                     f"unstabilized FP16 - FP32 {fmt(_diff(m.get('wer_fp16_unstabilized'), base), 'delta')} "
+                     f"points, Core ML-sim - FP32 {fmt(_diff(m.get('wer_coreml_sim'), base), 'delta')} points.")
+    watch = [(m["variant"], (m.get("rtf_device_estimates") or {}).get("apple-watch-s7")) for m in metrics
+             if isinstance(m.get("rtf_device_estimates"), dict)]
+    watch = [(name, r) for name, r in watch if _is_number(r)]
+    if watch:
+        lines.append("- Apple Watch Series 7 RTF: paper measured {}; our estimate {} (an idealised lower bound for "
+                     "the counted graph, see docs/evaluation.md).".format(
+                         PAPER["watch_rtf"], ", ".join(f"{n} {fmt(r, 'rtf')}" for n, r in watch)))
+    return lines
+
+
+def audit_table(audits: dict) -> str | None:
+    rows = []
+    for variant, stages in audits.items():
+        for stage, recs in stages.items():
+            norms = [r["sumsq_peak"] for r in recs if r["sumsq_peak"] is not None]
+            worst = max(recs, key=lambda r: r["max_abs"])
+            rows.append([variant, stage or "-", str(len(recs)), f"{worst['max_abs']:.4g} ({worst['name']})",
+                         str(sum(r["max_abs"] > FP16_MAX for r in recs)),
+                         f"{max(norms):.4g}" if norms else "n/a",
+                         str(sum(s > FP16_MAX for s in norms)) if norms else "n/a"])
+    if not rows:
+        return None
+    return markdown_table(["variant", "stage", "modules", "max abs (module)", "modules > 65504",
+                   "max LayerNorm sum of squares", "LayerNorms > 65504"], rows)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _figure(width=7.0, height=4.0):
+    # A bare Figure (no pyplot): no global state, rendered by the Agg canvas whatever the backend.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110)
+
+
+def fig_flop_shares(metrics: list[dict]):
+    """Grouped bars: FLOP share per module group, one bar per variant. None without flops_shares."""
+    have = [m for m in metrics if isinstance(m.get("flops_shares"), dict) and m["flops_shares"]]
+    if not have:
+        return None
+    parts = []
+    for m in have:
+        parts += [p for p in m["flops_shares"] if p not in parts]
+    fig = _figure(8, 4)
+    ax = fig.subplots()
+    width = 0.8 / len(have)
+    for i, m in enumerate(have):
+        ys = [100 * m["flops_shares"].get(p, 0.0) if _is_number(m["flops_shares"].get(p)) else 0.0 for p in parts]
+        ax.bar([j + i * width for j in range(len(parts))], ys, width, label=str(m["variant"]))
+    ax.set_xticks([j + width * (len(have) - 1) / 2 for j in range(len(parts))])
+    ax.set_xticklabels(parts, rotation=30, ha="right")
+    ax.set_ylabel("share of FLOPs (%)")
+    ax.set_title("FLOP share by module group")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def fig_wer_vs_flops(metrics: list[dict]):
+    """Scatter: WER (fp32 and fp16) against GFLOPs per audio second, one point per variant."""
+    pts = [m for m in metrics if _is_number(m.get("gflops_per_audio_second"))
+           and (_is_number(m.get("wer_fp32")) or _is_number(m.get("wer_fp16")))]
+    if not pts:
+        return None
+    fig = _figure()
+    ax = fig.subplots()
+    for key, marker in (("wer_fp32", "o"), ("wer_fp16", "x")):
+        xs = [m["gflops_per_audio_second"] for m in pts if _is_number(m.get(key))]
+        ys = [m[key] for m in pts if _is_number(m.get(key))]
+        if xs:
+            ax.scatter(xs, ys, marker=marker, label=key.replace("wer_", "WER "))
+    for m in pts:
+        y = m.get("wer_fp32") if _is_number(m.get("wer_fp32")) else m.get("wer_fp16")
+        ax.annotate(str(m["variant"]), (m["gflops_per_audio_second"], y), textcoords="offset points", xytext=(5, 5))
+    ax.margins(x=0.2, y=0.15)  # room for the variant labels
+    ax.set_xlabel("GFLOPs per audio second")
+    ax.set_ylabel("WER (%)")
+    ax.set_title("WER vs compute")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def fig_rtf(metrics: list[dict]):
+    """Grouped bars (log scale): measured CPU RTF, Core ML RTF and the device estimate per variant."""
+    keys = [("rtf_cpu", "CPU (measured)"), ("rtf_coreml", "Core ML (measured)"),
+            ("rtf_device_estimate", "device (estimate)")]
+    keys = [(k, label) for k, label in keys if any(_is_number(m.get(k)) for m in metrics)]
+    if not keys:
+        return None
+    fig = _figure()
+    ax = fig.subplots()
+    width = 0.8 / len(keys)
+    for i, (k, label) in enumerate(keys):
+        xs = [j + i * width for j, m in enumerate(metrics) if _is_number(m.get(k))]
+        ys = [m[k] for m in metrics if _is_number(m.get(k))]
+        ax.bar(xs, ys, width, label=label)
+    ax.axhline(1.0, color="red", linestyle="--", label="real time (RTF 1)")
+    ax.set_yscale("log")
+    ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(metrics))])
+    ax.set_xticklabels([str(m["variant"]) for m in metrics])
+    ax.set_ylabel("real-time factor (lower is faster)")
+    ax.set_title("RTF")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def fig_fp16_audit(audits: dict):
+    """Per variant: max |activation| per leaf module (log scale) for each audit stage, LayerNorm sum-of-squares
+    peaks as markers, the FP16 maximum as a line. None without audits."""
+    if not audits:
+        return None
+    fig = _figure(9, 3.2 * len(audits))
+    axes = fig.subplots(len(audits), 1, squeeze=False)[:, 0]
+    for ax, (variant, stages) in zip(axes, audits.items()):
+        for stage, recs in stages.items():
+            label = f"{stage} " if stage else ""
+            ax.plot(range(len(recs)), [max(r["max_abs"], 1e-12) for r in recs], marker=".", linewidth=0.8,
+                    label=f"{label}max |x|")
+            norms = [(i, r["sumsq_peak"]) for i, r in enumerate(recs) if r["sumsq_peak"] is not None]
+            if norms:
+                ax.scatter([i for i, _ in norms], [max(s, 1e-12) for _, s in norms], marker="^", s=18,
+                           label=f"{label}LayerNorm sum of squares")
+        ax.axhline(FP16_MAX, color="red", linestyle="--", label="FP16 max 65504")
+        ax.set_yscale("log")
+        ax.set_title(f"{variant}: FP16 range audit (leaf modules in execution order)")
+        ax.set_xlabel("module index")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def _atomic(path: Path, write: Callable, mode: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    return _atomic(Path(path), lambda f: fig.savefig(f, format="png"), "wb")
+
+
+def _machine_lines(metrics: list[dict]) -> list[str]:
+    lines = []
+    for m in metrics:
+        mach = m.get("machine") if isinstance(m.get("machine"), dict) else {}
+        lines.append(f"- {m['variant']}: {fmt(m.get('n_utterances'))} utterances, "
+                     f"{fmt(m.get('audio_hours'))} h of audio; CPU {mach.get('cpu_model', 'n/a')}, "
+                     f"{mach.get('torch_threads', 'n/a')} torch thread(s), torch {mach.get('torch_version', 'n/a')}, "
+                     f"Python {mach.get('python_version', 'n/a')}, {mach.get('platform', 'n/a')}")
+    return lines
+
+
+def write_plot_data(metrics: list[dict], folder: str | Path) -> dict[str, Path]:
+    """CSV files for `dvc plots show` (dvc.yaml `plots:`): FLOP share per variant and part, WER vs GFLOPs per
+    variant and precision, RTF per variant and where it was measured or estimated. Written atomically."""
+    import csv
+    import io
+
+    def table(rows, header):
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()
+
+    shares, wer, rtf = [], [], []
+    for m in metrics:
+        v = str(m["variant"])
+        for part, share in (m.get("flops_shares") or {}).items():
+            shares.append({"label": f"{v}/{part}", "variant": v, "part": part, "share": share})
+        for key in ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim", "wer_coreml"):
+            if _is_number(m.get(key)) and _is_number(m.get("gflops_per_audio_second")):
+                wer.append({"variant": v, "precision": key[4:], "gflops_per_audio_second":
+                            m["gflops_per_audio_second"], "wer": m[key]})
+        for where, value in [("cpu", m.get("rtf_cpu")), ("coreml", m.get("rtf_coreml"))] + [
+                (f"{d} (estimate)", r) for d, r in (m.get("rtf_device_estimates") or {}).items()]:
+            if _is_number(value):
+                rtf.append({"label": f"{v}/{where}", "variant": v, "where": where, "rtf": value})
+    folder = Path(folder)
+    files = {"flop_shares": (shares, ["label", "variant", "part", "share"]),
+             "wer_vs_flops": (wer, ["variant", "precision", "gflops_per_audio_second", "wer"]),
+             "rtf": (rtf, ["label", "variant", "where", "rtf"])}
+    return {name: _atomic(folder / f"{name}.csv", lambda f, t=table(rows, header): f.write(t), "w")
+            for name, (rows, header) in files.items()}
+
+
+def build_report(metrics_dir: str | Path = "metrics", reports_dir: str | Path = "reports",
+                 out_md: str | Path = "reports/summary.md", plots_dir: str | Path | None = None) -> dict:
+    """Reads every metrics/<variant>.json and reports/<variant>/fp16_audit.json; writes `out_md` and the plots
+    (default: a plots/ folder next to it). Returns {"summary", "plots": {name: path}, "variants", "problems"}."""
+    out_md = Path(out_md)
+    plots_dir = Path(plots_dir) if plots_dir is not None else out_md.parent / "plots"
+    metrics = load_metrics(metrics_dir)
+    variants = [str(m["variant"]) for m in metrics]
+    audits, audit_problems = load_audits(reports_dir, variants)
+
+    figures = {"flop_shares": fig_flop_shares(metrics), "wer_vs_flops": fig_wer_vs_flops(metrics),
+               "rtf": fig_rtf(metrics), "fp16_audit": fig_fp16_audit(audits)}
+    plots = {name: save_figure(fig, plots_dir / f"{name}.png") for name, fig in figures.items() if fig is not None}
+    write_plot_data(metrics, out_md.parent / "plot_data")
+
+    def image(name, title):
+        if name not in plots:
+            return f"*{title}: no data.*"
+        return f"![{title}]({os.path.relpath(plots[name], out_md.parent)})"
+
+    md = ["# edgeconformer results", "",
+          f"From {len(metrics)} metrics file(s) in `{metrics_dir}` ({', '.join(variants)}). WER/CER in percent; "
+          "RTF = compute seconds / audio seconds (lower is faster); n/a = not measured here (Core ML needs "
+          "macOS) or not present in the metrics.", "",
+          "## Ablation", "", ablation_table(metrics), ""]
+    table = device_table(metrics)
+    md += ["## Device RTF estimates (estimates, not measurements)", "",
+           table if table else "*No device estimates in the metrics.*", "",
+           "Per-op roofline from counted FLOPs and bytes against published or estimated device figures "
+           "(src/edgeconformer/evaluate/devices/*.yaml); see docs/evaluation.md for the model and its caveats.", ""]
+    md += ["## Against the paper (Xu et al. 2023)", ""] + claims(metrics) + [""]
+    table = audit_table(audits)
+    md += ["## FP16 range audit", "", table if table else "*No FP16 audits found in "
+           f"`{reports_dir}/<variant>/fp16_audit.json`.*", ""]
+    md += ["## Plots", "", image("flop_shares", "FLOP share by module group"), "",
+           image("wer_vs_flops", "WER vs GFLOPs per audio second"), "", image("rtf", "RTF"), "",
+           image("fp16_audit", "FP16 audit"), ""]
+    md += ["## Measurement setup", ""] + _machine_lines(metrics) + [""]
+    problems = {m["variant"]: m["_problems"] for m in metrics if m["_problems"]}
+    if problems or audit_problems:
+        md += ["## Problems found in the inputs", ""]
+        md += [f"- `{v}`: {p}" for v, ps in problems.items() for p in ps]
+        md += [f"- {p}" for p in audit_problems] + [""]
+    _atomic(out_md, lambda f: f.write("\n".join(md)), "w")
+    return {"summary": out_md, "plots": plots, "variants": variants,
+            "problems": {**problems, **({"audits": audit_problems} if audit_problems else {})}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    metrics_dir = args[0] if args else "metrics"
+    reports_dir = args[1] if len(args) > 1 else "reports"
+    try:
+        result = build_report(metrics_dir, reports_dir, Path(reports_dir) / "summary.md")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {result['summary']} and {len(result['plots'])} plot(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

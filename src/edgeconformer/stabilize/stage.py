@@ -1,0 +1,220 @@
+"""Stage `stabilize@<variant>`: a trained model -> its FP16-stable ANE-layout graph, checked and audited.
+
+No retraining. Steps, each recorded in reports/<variant>/stabilize.json:
+1. the ANE-layout (B, C, 1, S) graph built from the trained weights must equal the original in FP32 (encoder
+   outputs within `stabilize.equivalence_atol`, identical CTC greedy transcripts on the test split), else the stage
+   fails: an export of a graph that computes something else would be worse than none;
+2. the three precision modes (fp32, fp16 without stabilization, fp16 with the configured pre-normalizer and LUT
+   softmax) transcribe the test split, WER per mode;
+3. FP16 range audits (per module) of the original model and of both FP16 graphs -> fp16_audit.json + plot;
+4. the stress case: activations scaled by `stabilize.stress_gain` (FP32 outputs unchanged by LayerNorm's scale
+   invariance; "auto" picks a gain that overflows unstabilized FP16 LayerNorm by construction); unstabilized FP16 is expected to fail, stabilized FP16 to stay with FP32;
+5. the LUT softmax error table for the configured table sizes.
+models/<variant>/stabilized.pt holds the stabilized graph's weights and the options to rebuild it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from edgeconformer.data.manifest import write_json_atomic
+from edgeconformer.errors import UserError
+from edgeconformer.evaluate.utterances import load_utterances, variant_paths
+from edgeconformer.evaluate.wer import score
+
+
+class EquivalenceError(UserError):
+    """The ANE-layout graph does not compute what the trained model computes."""
+
+
+def ane_options(s: DictConfig) -> dict:
+    """conf/stabilize -> ANEConformer.from_asr keyword arguments of the stabilized graph."""
+    return dict(prenorm=s.prenorm, p=int(s.p), fmt=s.format, softmax=s.softmax.kind,
+                lut_size=int(s.softmax.table_size), lut_range=float(s.softmax.range), lut_interp=s.softmax.interp,
+                lut_max_squarings=s.softmax.get("max_squarings"))
+
+
+def save_stabilized(ane, options: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    torch.save({"options": options, "state_dict": ane.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_stabilized(model_dir: str | Path, checkpoint: str = "best"):
+    """models/<variant> -> (ASRModule, stabilized ANEConformer in FP32, options); the weights are checked against
+    what stabilize saved, so a retrained checkpoint without a re-run of stabilize is caught."""
+    from edgeconformer.cli import load_trained
+    from edgeconformer.stabilize.ane import ANEConformer
+
+    model_dir = Path(model_dir)
+    path = model_dir / "stabilized.pt"
+    if not path.exists():
+        raise UserError(f"{path}: not found; run `dvc repro stabilize@{model_dir.name}` first")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    module = load_trained(model_dir, checkpoint)
+    ane = ANEConformer.from_asr(module.model, module.cmvn, **saved["options"]).eval()
+    for name, value in ane.state_dict().items():
+        if not torch.equal(value, saved["state_dict"][name]):
+            raise UserError(f"{path}: weights differ from {model_dir / (checkpoint + '.ckpt')} ({name}); the model "
+                            f"was retrained after stabilization: run `dvc repro stabilize@{model_dir.name}`")
+    return module, ane, saved["options"]
+
+
+@torch.no_grad()
+def check_equivalence(module, ane, utterances, atol: float) -> dict:
+    """Original encoder (CMVN, padding-free batch 1) vs the ANE graph in FP32 on every utterance."""
+    from edgeconformer.evaluate.utterances import greedy_text
+
+    worst, mismatches = 0.0, []
+    for u in utterances:
+        lengths = torch.tensor([u.feats.size(1)])
+        enc, _ = module.model.encode(module.cmvn(u.feats, lengths), lengths)  # (1, T', D)
+        enc_ane = ane.encode(u.feats)[:, :, 0, :].transpose(1, 2)  # (1, D, 1, T') -> (1, T', D)
+        worst = max(worst, float((enc - enc_ane).abs().max()))
+        ref = greedy_text(module.model.ctc_log_probs(enc)[0], module.tokenizer)
+        hyp = greedy_text(ane(u.feats)[0], module.tokenizer)
+        if ref != hyp:
+            mismatches.append({"id": u.id, "original": ref, "ane": hyp})
+    result = {"utterances": len(utterances), "encoder_max_abs_diff": worst, "atol": atol,
+              "transcript_mismatches": mismatches}
+    if worst > atol or mismatches:
+        raise EquivalenceError(
+            f"the ANE-layout graph differs from the trained model in FP32: encoder max |diff| {worst:.2e} (allowed "
+            f"{atol:.0e}), {len(mismatches)} greedy transcripts differ (first: {mismatches[:1]}); this is a "
+            "conversion bug: report it with the model config")
+    return result
+
+
+def choose_stress_gain(setting, ane_audit: dict, fp16_max: float = 65504.0) -> float:
+    """A number, or "auto": the power of two that lifts the model's largest LayerNorm sum of squares 64x past the
+    FP16 maximum (sums of squares grow with gain^2), so an unstabilized FP16 LayerNorm must overflow, but never
+    beyond the gain that keeps the residual stream itself one bit below the maximum (stress.safe_gain): past it
+    nothing can save FP16, stabilized or not."""
+    from edgeconformer.stabilize.stress import safe_gain
+
+    if str(setting) != "auto":
+        return float(setting)
+    peak = ane_audit["summary"]["worst_layernorm_input_sumsq"]["peak"]
+    if not 0 < peak < math.inf:
+        raise UserError(f"stabilize.stress_gain=auto needs a finite LayerNorm peak from the FP32 audit, got {peak}; "
+                        "set stabilize.stress_gain to a number")
+    forcing = 2.0 ** max(0, math.ceil(math.log2(math.sqrt(64 * fp16_max / peak))))
+    return min(forcing, safe_gain(ane_audit, margin_bits=1.0, max_gain=2.0**15))
+
+
+@torch.no_grad()
+def transcribe_modes(models: dict, utterances, tokenizer) -> dict:
+    """{mode: PrecisionModel} -> {mode: {"wer", "cer", "nonfinite_utterances", "max_abs_diff_vs_fp32",
+    "simulation", "rows"}}, batch 1. An FP16 LayerNorm whose sum of squares overflows returns zeros rather than
+    inf (x / sqrt(inf) = 0), so the log-prob distance to FP32 shows a failure that non-finite counts miss."""
+    from edgeconformer.evaluate.utterances import greedy_text
+
+    refs, ids = [u.text for u in utterances], [u.id for u in utterances]
+    reference = {u.id: models["fp32"](u.feats)[0].float() for u in utterances} if "fp32" in models else None
+    out = {}
+    for mode, model in models.items():
+        hyps, nonfinite, worst = [], 0, 0.0
+        for u in utterances:
+            log_probs = model(u.feats)[0].float()  # (T', V)
+            hyps.append(greedy_text(log_probs, tokenizer))
+            bad = not torch.isfinite(log_probs).all()
+            nonfinite += bad
+            if reference is not None:
+                worst = max(worst, math.inf if bad else float((log_probs - reference[u.id]).abs().max()))
+        s = score(refs, hyps, ids)
+        out[mode] = {"wer": s["wer"], "cer": s["cer"], "nonfinite_utterances": nonfinite,
+                     "max_abs_diff_vs_fp32": worst if reference is not None else None,
+                     "simulation": model.summary(), "rows": s["utterances"]}
+    return out
+
+
+def stabilize(cfg: DictConfig) -> dict:
+    from edgeconformer.cli import load_trained
+    from edgeconformer.stabilize.ane import ANEConformer
+    from edgeconformer.stabilize.audit import audit, plot_audit, write_audit
+    from edgeconformer.stabilize.precision import MODES, precision_model
+    from edgeconformer.stabilize.softmax import error_table
+    from edgeconformer.stabilize.stress import scale_activations
+
+    s = cfg.stabilize
+    torch.set_num_threads(cfg.trainer.num_threads)
+    paths = variant_paths(cfg)
+    paths.report_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    module = load_trained(paths.model_dir)
+    tokenizer = module.tokenizer
+    utts = load_utterances(cfg, module.fbank, limit=s.audit_max_utterances)
+    options = ane_options(s)
+    sim = dict(accumulate=s.accumulate)
+
+    # 1. The graph itself, before any change of numerics.
+    ane32 = ANEConformer.from_asr(module.model, module.cmvn).eval()
+    equivalence = check_equivalence(module, ane32, utts, float(s.equivalence_atol))
+
+    # 2. Precision modes on the test split.
+    models = {mode: precision_model(module.model, mode, module.cmvn, **options, **sim) for mode in MODES}
+    modes = transcribe_modes(models, utts, tokenizer)
+
+    # 3. Range audits: the trained model as is, and both FP16 graphs (the models of step 2).
+    feats = [u.feats for u in utts]
+    audits = {"original_fp32": audit(module.model.eval(), [(module.cmvn(f, torch.tensor([f.size(1)])), None)
+                                                            for f in feats], fmt=s.format),
+              "ane_fp32": audit(ane32, feats, fmt=s.format),
+              "fp16_unstabilized": audit(models["fp16_unstabilized"].module, [f.half() for f in feats], fmt=s.format),
+              "fp16": audit(models["fp16"].module, [f.half() for f in feats], fmt=s.format)}
+    audit_path = write_audit(audits, paths.report_dir / "fp16_audit.json")
+    plot_audit(audits, paths.report_dir / "fp16_audit.png")
+
+    # 4. Stress case: same FP32 function, residual stream `stress_gain` times larger.
+    gain = choose_stress_gain(s.stress_gain, audits["ane_fp32"])
+    stressed = scale_activations(module.model, gain)
+    stress_models = {mode: precision_model(stressed, mode, module.cmvn, **options, **sim) for mode in MODES}
+    stress = transcribe_modes(stress_models, utts[: int(s.stress_utterances)], tokenizer)
+
+    # 5. LUT softmax error vs float64 for the configured table sizes.
+    lut = error_table(table_sizes=tuple(s.softmax.error_table_sizes), ranges=(float(s.softmax.range),),
+                      interps=(s.softmax.interp,))
+
+    # Stored in FP32 (the trained weights exactly); consumers cast to their precision.
+    save_stabilized(ANEConformer.from_asr(module.model, module.cmvn, **options), options,
+                    paths.model_dir / "stabilized.pt")
+    summary = {
+        "variant": paths.variant, "options": options, "equivalence": equivalence,
+        "wer": {mode: m["wer"] for mode, m in modes.items()},
+        "nonfinite_utterances": {mode: m["nonfinite_utterances"] for mode, m in modes.items()},
+        "wer_delta_fp16": modes["fp16"]["wer"] - modes["fp32"]["wer"],
+        "wer_delta_fp16_unstabilized": modes["fp16_unstabilized"]["wer"] - modes["fp32"]["wer"],
+        "simulation": {mode: m["simulation"] for mode, m in modes.items()},
+        "stress": {"gain": gain, "setting": str(s.stress_gain), "utterances": len(utts[: int(s.stress_utterances)]),
+                   "wer": {mode: m["wer"] for mode, m in stress.items()},
+                   "nonfinite_utterances": {mode: m["nonfinite_utterances"] for mode, m in stress.items()},
+                   "max_abs_diff_vs_fp32": {mode: m["max_abs_diff_vs_fp32"] for mode, m in stress.items()}},
+        "max_abs_diff_vs_fp32": {mode: m["max_abs_diff_vs_fp32"] for mode, m in modes.items()},
+        "audit_summary": {name: a["summary"] for name, a in audits.items()},
+        "lut_error": lut, "utterances": len(utts), "seconds": round(time.perf_counter() - started, 1),
+        "config": OmegaConf.to_container(s, resolve=True), "audit": str(audit_path),
+    }
+    write_json_atomic(paths.report_dir / "stabilize.json", summary)
+    print(format_summary(summary))
+    print(json.dumps({k: summary[k] for k in ("variant", "wer", "wer_delta_fp16", "stress")}))
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    eq = s["equivalence"]
+    lines = [f"stabilize@{s['variant']}: ANE graph == trained model in FP32 on {eq['utterances']} utterances "
+             f"(encoder max |diff| {eq['encoder_max_abs_diff']:.1e}, identical greedy transcripts)",
+             f"{'mode':<20} {'WER %':>7} {'non-finite':>10}   stress x{s['stress']['gain']:g}: WER %  non-finite"]
+    for mode in s["wer"]:
+        lines.append(f"{mode:<20} {s['wer'][mode]:>7.2f} {s['nonfinite_utterances'][mode]:>10}   "
+                     f"{s['stress']['wer'][mode]:>20.2f} {s['stress']['nonfinite_utterances'][mode]:>11}")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""W&B for results: one run per evaluated job, offline by default; a W&B Report built from a sweep.
+
+Offline runs land in ./wandb/offline-run-*; `wandb sync wandb/offline-run-*` uploads them once logged in
+(`wandb login`). `create_report` then builds a Report over the sweep's group with the public reports API
+(wandb-workspaces): WER vs FLOPs, FLOP share by module, RTF, FP16 deltas. `read_offline_run` reads a run file back
+without the network (the file is a LevelDB-style log of protobuf records), which is how the tests check what a run
+recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from edgeconformer.errors import UserError
+
+# Summary keys every evaluated job logs (metrics/<variant>.json keys), the panels' vocabulary.
+SUMMARY_KEYS = ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim", "rtf_cpu", "rtf_device_estimate",
+                "flops_subsampling_share", "gflops_per_audio_second", "params_millions")
+
+
+def log_job(metrics: dict, config: dict, *, project: str, entity: str | None, group: str | None, name: str,
+            mode: str = "offline", job_type: str = "evaluate", save_dir: str = ".") -> str:
+    """One W&B run holding a job's config and its metrics as summary (FLOP shares flattened to
+    `flops_share/<part>`, FP16 deltas added); finished before returning, so multirun jobs never share a run.
+    Returns the run's local directory."""
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for part, share in (metrics.get("flops_shares") or {}).items():
+        summary[f"flops_share/{part}"] = share
+    for key in ("wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim"):
+        if metrics.get(key) is not None and metrics.get("wer_fp32") is not None:
+            summary[f"delta/{key}"] = metrics[key] - metrics["wer_fp32"]
+    run = wandb.init(project=project, entity=entity, group=group, name=name, job_type=job_type, config=config,
+                     mode=mode, dir=save_dir, reinit="finish_previous")
+    try:
+        run.summary.update(summary)
+        return str(Path(run.dir).parent)
+    finally:
+        run.finish()
+
+
+def report_spec(project: str, entity: str | None, group: str | None, title: str | None = None):
+    """The Report (not saved): a run set filtered to the sweep's group and the four panels."""
+    import wandb_workspaces.reports.v2 as wr
+
+    runset = wr.Runset(entity=entity or "", project=project, name=group or "all runs",
+                       filters=f"Group == '{group}'" if group else "")
+    panels = [
+        wr.ScatterPlot(title="WER vs FLOPs", x=wr.SummaryMetric("gflops_per_audio_second"),
+                       y=wr.SummaryMetric("wer_fp32")),
+        wr.BarPlot(title="FLOP share by module", metrics=[wr.SummaryMetric("flops_subsampling_share")],
+                   orientation="v"),
+        wr.BarPlot(title="Real-time factor", metrics=[wr.SummaryMetric("rtf_cpu"),
+                                                      wr.SummaryMetric("rtf_device_estimate")], orientation="v"),
+        wr.BarPlot(title="FP16 WER deltas (points vs FP32)",
+                   metrics=[wr.SummaryMetric("delta/wer_fp16"), wr.SummaryMetric("delta/wer_fp16_unstabilized"),
+                            wr.SummaryMetric("delta/wer_coreml_sim")], orientation="v"),
+    ]
+    return wr.Report(project=project, entity=entity or "", title=title or f"edgeconformer: {group or project}",
+                     description="WER, FLOPs, RTF and FP16 stability per job of an edgeconformer sweep.",
+                     blocks=[wr.H1("Ablation results"),
+                             wr.P("One run per job; metrics as in metrics/<variant>.json."),
+                             wr.PanelGrid(runsets=[runset], panels=panels)])
+
+
+def create_report(project: str, entity: str | None, group: str | None, title: str | None = None) -> str:
+    """Saves the Report to W&B (needs `wandb login` and synced runs) and returns its URL."""
+    import wandb
+
+    if wandb.Api().api_key is None:
+        raise UserError("creating a W&B Report needs an account: run `wandb login`, then `wandb sync "
+                        "wandb/offline-run-*` to upload the offline runs, then retry")
+    return report_spec(project, entity, group, title).save().url
+
+
+# -------------------------------------------------------------------------------- reading offline run files
+_BLOCK = 32768           # the log is written in blocks of 32 KiB; a record header is 7 bytes
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _records(path: Path):
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise UserError(f"{path}: not a W&B run file (missing the ':W&B' header)")
+    pos, pending = 7, b""  # file header: ident (4), magic (2), version (1)
+    while pos + 7 <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4: pos + 7])
+        chunk = data[pos + 7: pos + 7 + length]
+        pos += 7 + length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+            pending = b""
+        elif kind == 0 and length == 0:
+            continue
+
+
+def read_offline_run(run_dir: str | Path) -> dict:
+    """{"group", "name", "job_type", "config": {...}, "summary": {...}} of a local (offline) run folder."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    run_dir = Path(run_dir)
+    files = sorted(run_dir.glob("*.wandb"))
+    if not files:
+        raise UserError(f"{run_dir}: no .wandb run file")
+    out = {"group": None, "name": None, "job_type": None, "config": {}, "summary": {}}
+
+    def key(item):
+        return item.key or "/".join(item.nested_key)
+
+    for raw in _records(files[0]):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out.update(group=record.run.run_group or None, name=record.run.display_name,
+                       job_type=record.run.job_type or None)
+            for item in record.run.config.update:
+                out["config"][key(item)] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                out["config"][key(item)] = json.loads(item.value_json)
+        elif kind == "summary":
+            for item in record.summary.update:
+                out["summary"][key(item)] = json.loads(item.value_json)
+    return out

@@ -1,0 +1,51 @@
+"""W&B offline runs are written and read back; the Report spec holds the promised panels over the sweep's group."""
+
+import pytest
+
+from edgeconformer.errors import UserError
+from edgeconformer.wandb_report import SUMMARY_KEYS, log_job, read_offline_run, report_spec
+
+METRICS = {"variant": "dws", "wer_fp32": 30.0, "wer_fp16": 30.25, "wer_fp16_unstabilized": 97.5,
+           "wer_coreml_sim": 30.25, "rtf_cpu": 0.012, "rtf_device_estimate": 0.05, "flops_subsampling_share": 0.07,
+           "flops_shares": {"subsampling": 0.07, "mhsa": 0.3}, "gflops_per_audio_second": 1.5,
+           "params_millions": 5.1, "wer_coreml": None, "machine": {"cpu": "x"}}
+
+
+def test_offline_runs_record_config_summary_and_group(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    dirs = [log_job(dict(METRICS, variant=v), {"model": {"subsampling": v}}, project="p", entity=None,
+                    group="sweep-a", name=v, save_dir=str(tmp_path)) for v in ("vanilla", "dws")]
+    assert len(set(dirs)) == 2  # one run per job, each finished before the next starts
+    runs = [read_offline_run(d) for d in dirs]
+    assert [r["name"] for r in runs] == ["vanilla", "dws"]
+    assert {r["group"] for r in runs} == {"sweep-a"}
+    assert runs[1]["config"]["model"] == {"subsampling": "dws"}
+    s = runs[1]["summary"]
+    for k in SUMMARY_KEYS:
+        assert s[k] == pytest.approx(METRICS[k])
+    assert s["flops_share/mhsa"] == pytest.approx(0.3)
+    assert s["delta/wer_fp16"] == pytest.approx(0.25)
+    assert s["delta/wer_fp16_unstabilized"] == pytest.approx(67.5)
+    assert "wer_coreml" not in s and "machine" not in s  # nulls and nested facts are not summary scalars
+
+
+def test_read_offline_run_refuses_other_files(tmp_path):
+    (tmp_path / "run-x.wandb").write_bytes(b"not a run")
+    with pytest.raises(UserError, match="not a W&B run file"):
+        read_offline_run(tmp_path)
+    with pytest.raises(UserError, match="no .wandb run file"):
+        read_offline_run(tmp_path / "missing")
+
+
+def test_report_spec_panels_filter_the_sweep_group():
+    report = report_spec("edgeconformer", "me", "sweep-a")
+    grid = report.blocks[-1]
+    assert grid.runsets[0].filters == "Group == 'sweep-a'"
+    assert grid.runsets[0].project == "edgeconformer" and grid.runsets[0].entity == "me"
+    titles = [p.title for p in grid.panels]
+    assert titles == ["WER vs FLOPs", "FLOP share by module", "Real-time factor", "FP16 WER deltas (points vs FP32)"]
+    scatter = grid.panels[0]
+    assert (scatter.x.name, scatter.y.name) == ("gflops_per_audio_second", "wer_fp32")
+    deltas = {m.name for m in grid.panels[3].metrics}
+    assert deltas == {"delta/wer_fp16", "delta/wer_fp16_unstabilized", "delta/wer_coreml_sim"}
+    assert report_spec("p", None, None).blocks[-1].runsets[0].filters == ""  # no group: every run
