@@ -1,6 +1,10 @@
 """Stage `evaluate@<variant>`: WER per precision (PyTorch FP32, FP16 without and with stabilization, the exported
 Core ML program simulated on Linux or run on macOS), RTF, device estimates, FLOPs -> metrics/<variant>.json.
 
+The PyTorch precision modes were decoded by the stabilize stage (reports/<variant>/precision_modes.json, checked to
+match the stabilized graph's options); this stage adds the exported program (MIL-simulated on the first
+`eval.coreml_sim_utterances`, parity against the PyTorch FP16 graph), Core ML on macOS, RTF, estimates and FLOPs.
+
 Per-utterance results (reference, hypothesis and errors of every mode) go to reports/<variant>/utterances.jsonl.
 WER is in percent (0-100). What cannot be measured on this machine is null, never a guess: wer_coreml and
 rtf_coreml need macOS; rtf_device_estimate is labelled an estimate by construction (evaluate/device.py).
@@ -16,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from edgeconformer.data.manifest import write_json_atomic, write_jsonl_atomic
+from edgeconformer.errors import UserError
 from edgeconformer.evaluate.utterances import greedy_text, load_utterances, variant_paths
 from edgeconformer.evaluate.wer import score
 
@@ -59,6 +64,18 @@ def coreml_on_device(package, utterances, tokenizer, subsampled, warmup: int) ->
     return out
 
 
+def read_precision_modes(path, options: dict) -> dict:
+    """The stabilize stage's transcripts per precision mode, checked to belong to the stabilized graph evaluated."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run `dvc repro stabilize@{path.parent.name}` first") from None
+    if saved["options"] != options:
+        raise UserError(f"{path}: written for stabilization options {saved['options']}, but stabilized.pt holds "
+                        f"{options}; re-run `dvc repro stabilize@{path.parent.name}`")
+    return saved["modes"]
+
+
 def evaluate(cfg: DictConfig) -> dict:
     from edgeconformer.data.dataset import load_audio
     from edgeconformer.data.manifest import read_jsonl
@@ -66,8 +83,8 @@ def evaluate(cfg: DictConfig) -> dict:
     from edgeconformer.evaluate.flops import count_flops, count_params
     from edgeconformer.evaluate.rtf import measure_rtf, pick_by_duration, recognizer_fn
     from edgeconformer.export.stage import PACKAGE
-    from edgeconformer.stabilize.precision import MODES, precision_model
-    from edgeconformer.stabilize.stage import load_stabilized, transcribe_modes
+    from edgeconformer.stabilize.precision import precision_model
+    from edgeconformer.stabilize.stage import load_stabilized
 
     e = cfg.eval
     torch.set_num_threads(cfg.trainer.num_threads)
@@ -75,15 +92,23 @@ def evaluate(cfg: DictConfig) -> dict:
     package = paths.model_dir / PACKAGE
     module, _, options = load_stabilized(paths.model_dir)
     tokenizer = module.tokenizer
-    utts = load_utterances(cfg, module.fbank, limit=e.max_utterances)
+    modes = read_precision_modes(paths.report_dir / "precision_modes.json", options)
+    ids = [r["id"] for r in modes["fp32"]["rows"]]
+    utts = [u for u in load_utterances(cfg, module.fbank, limit=len(ids)) if u.id in set(ids)]
+    if [u.id for u in utts] != ids:
+        raise UserError(f"{paths.report_dir / 'precision_modes.json'} covers other utterances than "
+                        f"{cfg.data.test_split}: re-run `dvc repro stabilize@{paths.variant}`")
 
-    models = {mode: precision_model(module.model, mode, module.cmvn, **options,
-                                    accumulate=cfg.stabilize.accumulate) for mode in MODES}
-    modes = transcribe_modes(models, utts, tokenizer)
-    with torch.no_grad():
-        fp16_log_probs = {u.id: models["fp16"](u.feats)[0] for u in utts}
+    # The exported program, simulated, against the PyTorch FP16 graph on the same utterances.
     sim_utts = utts[: e.coreml_sim_utterances] if e.coreml_sim_utterances else utts
+    fp16 = precision_model(module.model, "fp16", module.cmvn, **options, accumulate=cfg.stabilize.accumulate)
+    with torch.no_grad():
+        fp16_log_probs = {u.id: fp16(u.feats)[0] for u in sim_utts}
     sim = coreml_sim(package, sim_utts, tokenizer, fp16_log_probs)
+    sim_rows = {r["id"]: r for r in modes["fp16"]["rows"][: len(sim_utts)]}
+    sim["wer_pytorch_fp16_same_utterances"] = score([r["reference"] for r in sim_rows.values()],
+                                                    [r["hypothesis"] for r in sim_rows.values()],
+                                                    list(sim_rows))["wer"]
     device = coreml_on_device(package, utts, tokenizer, module.model.encoder.subsampling.subsample_lengths,
                               e.rtf.warmup)
 

@@ -5,8 +5,10 @@ No retraining. Steps, each recorded in reports/<variant>/stabilize.json:
    outputs within `stabilize.equivalence_atol`, identical CTC greedy transcripts on the test split), else the stage
    fails: an export of a graph that computes something else would be worse than none;
 2. the three precision modes (fp32, fp16 without stabilization, fp16 with the configured pre-normalizer and LUT
-   softmax) transcribe the test split, WER per mode;
-3. FP16 range audits (per module) of the original model and of both FP16 graphs -> fp16_audit.json + plot;
+   softmax) transcribe the test split, WER per mode -> reports/<variant>/precision_modes.json (every transcript;
+   the evaluate stage reports these rather than decoding the split a second time);
+3. FP16 range audits (per module, on the first `stabilize.audit_utterances`) of the original model and of both
+   FP16 graphs -> fp16_audit.json + plot;
 4. the stress case: activations scaled by `stabilize.stress_gain` (FP32 outputs unchanged by LayerNorm's scale
    invariance; "auto" picks a gain that overflows unstabilized FP16 LayerNorm by construction); unstabilized FP16 is expected to fail, stabilized FP16 to stay with FP32;
 5. the LUT softmax error table for the configured table sizes.
@@ -152,20 +154,28 @@ def stabilize(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     module = load_trained(paths.model_dir)
     tokenizer = module.tokenizer
-    utts = load_utterances(cfg, module.fbank, limit=s.audit_max_utterances)
+    utts = load_utterances(cfg, module.fbank, limit=s.max_utterances)
     options = ane_options(s)
     sim = dict(accumulate=s.accumulate)
+    timings, last = {}, [time.perf_counter()]
+
+    def lap(name):  # seconds per step, reported with the results
+        now = time.perf_counter()
+        timings[name] = round(now - last[0], 1)
+        last[0] = now
 
     # 1. The graph itself, before any change of numerics.
     ane32 = ANEConformer.from_asr(module.model, module.cmvn).eval()
     equivalence = check_equivalence(module, ane32, utts, float(s.equivalence_atol))
+    lap("load_and_equivalence")
 
     # 2. Precision modes on the test split.
     models = {mode: precision_model(module.model, mode, module.cmvn, **options, **sim) for mode in MODES}
     modes = transcribe_modes(models, utts, tokenizer)
+    lap("precision_modes")
 
     # 3. Range audits: the trained model as is, and both FP16 graphs (the models of step 2).
-    feats = [u.feats for u in utts]
+    feats = [u.feats for u in utts[: s.audit_utterances or None]]
     audits = {"original_fp32": audit(module.model.eval(), [(module.cmvn(f, torch.tensor([f.size(1)])), None)
                                                             for f in feats], fmt=s.format),
               "ane_fp32": audit(ane32, feats, fmt=s.format),
@@ -173,16 +183,19 @@ def stabilize(cfg: DictConfig) -> dict:
               "fp16": audit(models["fp16"].module, [f.half() for f in feats], fmt=s.format)}
     audit_path = write_audit(audits, paths.report_dir / "fp16_audit.json")
     plot_audit(audits, paths.report_dir / "fp16_audit.png")
+    lap("audits")
 
     # 4. Stress case: same FP32 function, residual stream `stress_gain` times larger.
     gain = choose_stress_gain(s.stress_gain, audits["ane_fp32"])
     stressed = scale_activations(module.model, gain)
     stress_models = {mode: precision_model(stressed, mode, module.cmvn, **options, **sim) for mode in MODES}
     stress = transcribe_modes(stress_models, utts[: int(s.stress_utterances)], tokenizer)
+    lap("stress")
 
     # 5. LUT softmax error vs float64 for the configured table sizes.
     lut = error_table(table_sizes=tuple(s.softmax.error_table_sizes), ranges=(float(s.softmax.range),),
                       interps=(s.softmax.interp,))
+    lap("lut_error_table")
 
     # Stored in FP32 (the trained weights exactly); consumers cast to their precision.
     save_stabilized(ANEConformer.from_asr(module.model, module.cmvn, **options), options,
@@ -200,10 +213,16 @@ def stabilize(cfg: DictConfig) -> dict:
                    "max_abs_diff_vs_fp32": {mode: m["max_abs_diff_vs_fp32"] for mode, m in stress.items()}},
         "max_abs_diff_vs_fp32": {mode: m["max_abs_diff_vs_fp32"] for mode, m in modes.items()},
         "audit_summary": {name: a["summary"] for name, a in audits.items()},
-        "lut_error": lut, "utterances": len(utts), "seconds": round(time.perf_counter() - started, 1),
+        "lut_error": lut, "utterances": len(utts), "audit_utterances": len(feats),
+        "seconds": round(time.perf_counter() - started, 1), "step_seconds": timings,
         "config": OmegaConf.to_container(s, resolve=True), "audit": str(audit_path),
     }
     write_json_atomic(paths.report_dir / "stabilize.json", summary)
+    # Every transcript of every mode, for the evaluate stage (the same options it evaluates) and for inspection.
+    write_json_atomic(paths.report_dir / "precision_modes.json",
+                      {"options": options, "modes": {mode: {k: m[k] for k in ("wer", "cer", "nonfinite_utterances",
+                                                                              "max_abs_diff_vs_fp32", "rows")}
+                                                     for mode, m in modes.items()}})
     print(format_summary(summary))
     print(json.dumps({k: summary[k] for k in ("variant", "wer", "wer_delta_fp16", "stress")}))
     return summary
