@@ -140,3 +140,32 @@ def test_average_state_dicts_is_the_elementwise_mean():
     avg = average_state_dicts([a, b])
     torch.testing.assert_close(avg["w"], torch.tensor([2.0, 4.0]))
     assert avg["n"].item() == 5 and avg["w"].dtype == torch.float32
+
+
+def test_ddp_spawn_on_two_cpu_processes_shards_the_batches(data_dir, tmp_path):
+    # trainer=ddp_cpu: two processes, gradients all-reduced; each rank takes every other batch of the epoch's
+    # list, so one epoch is half the optimizer steps of a single-process epoch.
+    from edgeconformer.training import train
+
+    train(tiny_cfg(data_dir, tmp_path / "ddp", "trainer=ddp_cpu", "train.max_epochs=1", "train.test_after_fit=false",
+                   "train.average_last=1"))
+    train(tiny_cfg(data_dir, tmp_path / "one", "train.max_epochs=1", "train.test_after_fit=false",
+                   "train.average_last=1"))
+    steps = {run: torch.load(tmp_path / run / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+             for run in ("ddp", "one")}
+    assert steps["one"] >= 2 and steps["ddp"] == -(-steps["one"] // 2)
+    assert (tmp_path / "ddp" / "best.ckpt").exists() and (tmp_path / "ddp" / "train_metrics.json").exists()
+
+
+def test_features_on_the_fly_train_like_precomputed_ones(data_dir, tmp_path):
+    # train.precompute_features=false (LibriSpeech scale: audio decoded per batch, features computed by the module)
+    # must train the same model as the in-memory features of the default.
+    from edgeconformer.training import train
+
+    for run, flag in (("pre", "true"), ("fly", "false")):
+        train(tiny_cfg(data_dir, tmp_path / run, f"train.precompute_features={flag}", "train.max_epochs=1",
+                       "train.test_after_fit=false", "train.average_last=1"))
+    a, b = _weights(tmp_path / "pre" / "last.ckpt"), _weights(tmp_path / "fly" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

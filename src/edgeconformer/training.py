@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from edgeconformer.data.dataset import TOKEN_PAD, DurationBucketSampler, filter_by_duration, load_audio
+from edgeconformer.data.dataset import (TOKEN_PAD, ASRDataset, DurationBucketSampler, collate,
+                                         filter_by_duration, load_audio)
 from edgeconformer.data.features import LogMelFilterbank
 from edgeconformer.data.manifest import read_jsonl, write_json_atomic
 from edgeconformer.data.tokenizer import Tokenizer
@@ -140,14 +142,25 @@ def train(cfg: DictConfig) -> dict:
     fbank = module.fbank
     train_rows = [r for s in cfg.data.train_splits for r in load_split(cfg.data, s, t)]
     dev_rows = load_split(cfg.data, cfg.data.dev_split)
-    train_set = FeatureDataset(train_rows, tokenizer, fbank, "train")
     dev_set = FeatureDataset(dev_rows, tokenizer, fbank, cfg.data.dev_split)
-    mean, std = feature_stats(train_set.feats)
+    if t.get("precompute_features", True):
+        train_set, collate_train = FeatureDataset(train_rows, tokenizer, fbank, "train"), collate_features
+        stats_rows = None
+    else:
+        # Corpora too large for memory (960 h of log-mels is ~110 GB): loader workers decode audio per batch and
+        # the module computes features; CMVN statistics come from a seeded sample of the training utterances.
+        train_set, collate_train = ASRDataset(train_rows, tokenizer, manifest="train"), collate
+        stats_rows = random.Random(t.seed).sample(train_rows, min(len(train_rows), t.get("cmvn_utterances", 2000)))
+    stats = train_set.feats if stats_rows is None else FeatureDataset(stats_rows, tokenizer, fbank, "train").feats
+    mean, std = feature_stats(stats)
     module.cmvn.set_stats(mean, std)
     features_s = time.perf_counter() - started
 
-    train_loader = DataLoader(train_set, collate_fn=collate_features, num_workers=t.num_workers,
+    # num_replicas=None: under DDP each rank takes its share of the epoch's batches (resolved in the processes);
+    # every rank validates on the whole dev set, so val/wer is the same everywhere.
+    train_loader = DataLoader(train_set, collate_fn=collate_train, num_workers=t.num_workers,
                               batch_sampler=DurationBucketSampler(train_set.durations, t.max_batch_seconds,
+                                                                  num_replicas=None,
                                                                   max_batch_size=t.max_batch_size, shuffle=True,
                                                                   seed=t.seed))
     dev_loader = DataLoader(dev_set, collate_fn=collate_features, num_workers=0,

@@ -126,7 +126,7 @@ class DurationBucketSampler(Sampler[list[int]]):
     """
 
     def __init__(self, durations: Sequence[float], max_batch_seconds: float, *, max_batch_size: int | None = None,
-                 shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 shuffle: bool = True, seed: int = 0, num_replicas: int | None = 1, rank: int = 0,
                  bucket_ratio: float = 1.1):
         if max_batch_seconds <= 0:
             raise UserError(f"max_batch_seconds must be > 0, got {max_batch_seconds}")
@@ -134,7 +134,7 @@ class DurationBucketSampler(Sampler[list[int]]):
             raise UserError(f"max_batch_size must be >= 1 or null, got {max_batch_size}")
         if bucket_ratio < 1.0:
             raise ValueError(f"bucket_ratio must be >= 1, got {bucket_ratio}")
-        if not 0 <= rank < num_replicas:
+        if num_replicas is not None and not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside [0, {num_replicas})")
         self.durations = [float(d) for d in durations]
         self.max_batch_seconds, self.max_batch_size = float(max_batch_seconds), max_batch_size
@@ -193,15 +193,27 @@ class DurationBucketSampler(Sampler[list[int]]):
             rng.shuffle(out)
         return out
 
+    def replicas(self) -> tuple[int, int]:
+        """(num_replicas, rank); num_replicas=None reads them from torch.distributed when iterated, so a sampler
+        built before the processes exist (Lightning's ddp_spawn) still shards."""
+        if self.num_replicas is not None:
+            return self.num_replicas, self.rank
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
     def __iter__(self) -> Iterator[list[int]]:
+        replicas, rank = self.replicas()
         batches = self.batches()
-        total = len(self) * self.num_replicas
+        total = len(self) * replicas
         if batches:
             batches = (batches * math.ceil(total / len(batches)))[:total]
-        return iter(batches[self.rank::self.num_replicas])
+        return iter(batches[rank::replicas])
 
     def __len__(self) -> int:
-        return math.ceil(self.num_batches / self.num_replicas)
+        return math.ceil(self.num_batches / self.replicas()[0])
 
 
 def make_dataloader(rows: Sequence[dict], tokenizer: Tokenizer, *, max_batch_seconds: float, shuffle: bool,
