@@ -228,16 +228,22 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def sim_n(m: dict) -> str:
+    # " (30)" when the Core ML simulation ran on fewer utterances than the other columns
+    n = (m.get("coreml_sim") or {}).get("utterances") if isinstance(m.get("coreml_sim"), dict) else None
+    return f" ({n})" if isinstance(n, int) and n != m.get("n_utterances") else ""
+
+
 def ablation_table(metrics: list[dict]) -> str:
     """Markdown: one row per variant, WER per precision, RTFs, FLOPs, params."""
-    header = ["variant", "WER fp32 %", "WER fp16 %", "WER fp16 unstab. %", "WER Core ML-sim %", "WER Core ML %",
+    header = ["variant", "WER fp32 %", "WER fp16 %", "WER fp16 unstab. %", "WER Core ML-sim % (n)", "WER Core ML %",
               "CER fp32 %", "RTF cpu", "RTF Core ML", "RTF device (est.)", "subsampling FLOP share",
               "GFLOPs / audio s", "params (M)"]
     rows = []
     for m in metrics:
         device = f" ({m['device']})" if m.get("device") and _is_number(m.get("rtf_device_estimate")) else ""
         rows.append([str(m["variant"]), fmt(m.get("wer_fp32"), "wer"), fmt(m.get("wer_fp16"), "wer"),
-                     fmt(m.get("wer_fp16_unstabilized"), "wer"), fmt(m.get("wer_coreml_sim"), "wer"),
+                     fmt(m.get("wer_fp16_unstabilized"), "wer"), fmt(m.get("wer_coreml_sim"), "wer") + sim_n(m),
                      fmt(m.get("wer_coreml"), "wer"), fmt(m.get("cer_fp32"), "wer"), fmt(m.get("rtf_cpu"), "rtf"),
                      fmt(m.get("rtf_coreml"), "rtf"), fmt(m.get("rtf_device_estimate"), "rtf") + device,
                      fmt(m.get("flops_subsampling_share"), "share"),
@@ -275,9 +281,17 @@ def claims(metrics: list[dict]) -> list[str]:
                      "points (paper: accuracy unchanged).")
     for m in metrics:
         base = m.get("wer_fp32")
-        lines.append(f"- {m['variant']}: FP16 - FP32 WER {fmt(_diff(m.get('wer_fp16'), base), 'delta')} points, "
-                     f"unstabilized FP16 - FP32 {fmt(_diff(m.get('wer_fp16_unstabilized'), base), 'delta')} "
-                     f"points, Core ML-sim - FP32 {fmt(_diff(m.get('wer_coreml_sim'), base), 'delta')} points.")
+        line = (f"- {m['variant']}: FP16 - FP32 WER {fmt(_diff(m.get('wer_fp16'), base), 'delta')} points, "
+                f"unstabilized FP16 - FP32 {fmt(_diff(m.get('wer_fp16_unstabilized'), base), 'delta')} points")
+        sim = m.get("coreml_sim") if isinstance(m.get("coreml_sim"), dict) else {}
+        if _is_number(sim.get("wer_pytorch_fp16_same_utterances")):
+            # The program simulator may run on a subset: compare it with PyTorch FP16 on the same utterances.
+            line += (f", Core ML-sim - PyTorch FP16 on the same {sim.get('utterances')} utterances "
+                     f"{fmt(_diff(m.get('wer_coreml_sim'), sim['wer_pytorch_fp16_same_utterances']), 'delta')} "
+                     f"points ({sim.get('identical_transcripts')} identical transcripts)")
+        else:
+            line += f", Core ML-sim - FP32 {fmt(_diff(m.get('wer_coreml_sim'), base), 'delta')} points"
+        lines.append(line + ".")
     watch = [(m["variant"], (m.get("rtf_device_estimates") or {}).get("apple-watch-s7")) for m in metrics
              if isinstance(m.get("rtf_device_estimates"), dict)]
     watch = [(name, r) for name, r in watch if _is_number(r)]

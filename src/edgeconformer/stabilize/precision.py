@@ -27,6 +27,7 @@ decodes utterances with it and counts non-finite log-probs per utterance.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -297,17 +298,22 @@ def run_fp16(module: nn.Module, *args, force_fp32: Iterable[str] = (), accumulat
         raise ValueError(f"run_fp16: the module's parameters are {have}, not {dtype}; cast a copy first with "
                          f"to_precision(module, 'fp16')")
     cast = lambda t: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
-    # One intra-op thread: torch 2.9.1's CPU half-precision depthwise conv2d stalls with two or more threads
-    # (measured: a (1, 144, 1, 150) x (144, 1, 1, 15) grouped convolution takes 1 ms on one thread and did not
-    # finish in 10 minutes on two). FP16 numerics do not depend on the thread count.
+    with one_thread(), HalfSimulation(dtype, force_fp32, accumulate) as sim:
+        out = module(*tree_map(cast, args), **tree_map(cast, kwargs))
+    return out, sim.report()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Runs half-precision CPU code on one intra-op thread: torch 2.9.1's CPU half depthwise conv2d stalls with two
+    or more threads (measured: a (1, 144, 1, 150) x (144, 1, 1, 15) grouped convolution takes 1 ms on one thread
+    and did not finish in 10 minutes on two). FP16 numerics do not depend on the thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with HalfSimulation(dtype, force_fp32, accumulate) as sim:
-            out = module(*tree_map(cast, args), **tree_map(cast, kwargs))
+        yield
     finally:
         torch.set_num_threads(threads)
-    return out, sim.report()
 
 
 # ------------------------------------------------------------------------------------------------ precision modes

@@ -139,6 +139,14 @@ def transcribe_modes(models: dict, utterances, tokenizer) -> dict:
     return out
 
 
+def audit_fp16(module, feats, fmt: str) -> dict:
+    from edgeconformer.stabilize.audit import audit
+    from edgeconformer.stabilize.precision import one_thread
+
+    with one_thread():
+        return audit(module, [f.half() for f in feats], fmt=fmt)
+
+
 def stabilize(cfg: DictConfig) -> dict:
     from edgeconformer.cli import load_trained
     from edgeconformer.stabilize.ane import ANEConformer
@@ -179,8 +187,8 @@ def stabilize(cfg: DictConfig) -> dict:
     audits = {"original_fp32": audit(module.model.eval(), [(module.cmvn(f, torch.tensor([f.size(1)])), None)
                                                             for f in feats], fmt=s.format),
               "ane_fp32": audit(ane32, feats, fmt=s.format),
-              "fp16_unstabilized": audit(models["fp16_unstabilized"].module, [f.half() for f in feats], fmt=s.format),
-              "fp16": audit(models["fp16"].module, [f.half() for f in feats], fmt=s.format)}
+              "fp16_unstabilized": audit_fp16(models["fp16_unstabilized"].module, feats, s.format),
+              "fp16": audit_fp16(models["fp16"].module, feats, s.format)}
     audit_path = write_audit(audits, paths.report_dir / "fp16_audit.json")
     plot_audit(audits, paths.report_dir / "fp16_audit.png")
     lap("audits")
