@@ -41,6 +41,14 @@ def allowed_lengths(spec) -> tuple[str, list[int] | tuple[int, int] | None]:
     return "fixed", [int(arr.shape[1])]
 
 
+def input_dtype(spec):
+    """numpy dtype of the `feats` input (FP16 programs from iOS16 on take float16 arrays)."""
+    from coremltools.proto import FeatureTypes_pb2
+
+    arr = next(i for i in spec.description.input if i.name == "feats").type.multiArrayType
+    return np.float16 if arr.dataType == FeatureTypes_pb2.ArrayFeatureType.FLOAT16 else np.float32
+
+
 def fit_length(feats: np.ndarray, policy: str, lengths, pad_value: float) -> tuple[np.ndarray, int]:
     """(1, T, F) features -> input the model accepts and the number of valid input frames.
 
@@ -77,14 +85,16 @@ def evaluate_compute_units(package: str, utterances: list[tuple[np.ndarray, floa
         started = time.perf_counter()
         model = ct.models.MLModel(package, compute_units=getattr(ct.ComputeUnit, unit))
         load_s = time.perf_counter() - started
-        policy, lengths = allowed_lengths(model.get_spec())
+        spec = model.get_spec()
+        policy, lengths = allowed_lengths(spec)
+        dtype = input_dtype(spec)
         for feats, _ in utterances[:warmup]:  # first predictions pay for lazy initialisation: not timed
-            model.predict({"feats": fit_length(feats, policy, lengths, pad_value)[0]})
+            model.predict({"feats": fit_length(feats, policy, lengths, pad_value)[0].astype(dtype)})
         rtfs, outputs, max_diff = [], [], 0.0
         for i, (feats, seconds) in enumerate(utterances):
             x, T = fit_length(feats, policy, lengths, pad_value)
             t0 = time.perf_counter()
-            y = model.predict({"feats": x})["log_probs"]
+            y = model.predict({"feats": x.astype(dtype)})["log_probs"]
             rtfs.append((time.perf_counter() - t0) / seconds)
             y = np.asarray(y, dtype=np.float32)[0]
             if out_frames is not None:
