@@ -78,13 +78,17 @@ VARIANTS = {
     "chunked-causal": dict(causal=True, chunk_size=3, left_chunks=1),
     "chunked-abs-unlimited": dict(pos="abs", chunk_size=4, left_chunks=-1),
     "batchnorm": dict(norm="batch"),
+    "performer-full": dict(attention="performer", performer_features=16),
+    "performer-chunked": dict(attention="performer", causal=True, chunk_size=3),
 }
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_fp32_equivalence(variant):
+# performer_shift only changes Performer blocks: both arithmetics are checked there
+@pytest.mark.parametrize("variant, performer_shift",
+                         [(v, True) for v in VARIANTS] + [(v, False) for v in VARIANTS if "performer" in v])
+def test_fp32_equivalence(variant, performer_shift):
     asr = tiny_asr(**VARIANTS[variant])
-    ane = ANEConformer.from_asr(asr)
+    ane = ANEConformer.from_asr(asr, performer_shift=performer_shift)
     feats = features()
     enc_ref, lp_ref = reference(asr, feats)
     enc, lp = ane_outputs(ane, feats)
@@ -258,11 +262,95 @@ def test_bad_input_and_unsupported_models():
         ANEConformer.from_asr(asr, softmax="fast")
     with pytest.raises(ValueError, match="prenorm"):
         ANEConformer.from_asr(asr, prenorm="rms")
-    if "attention" in inspect.signature(ConformerEncoder).parameters:
-        performer = ConformerEncoder(idim=N_MELS, d_model=32, n_layers=1, n_heads=4, ff_dim=48, kernel_size=5,
-                                     attention="performer")
-        with pytest.raises(ValueError, match="no ANE form"):
-            ANEConformer.from_asr(DualDecoderASR(performer, VOCAB, ctc_weight=1.0))
+
+class _OtherAttention(nn.Module):
+    n_heads = 4
+
+
+def test_unknown_attention_has_no_ane_form():
+    asr = tiny_asr()
+    asr.encoder.blocks[1].mhsa = _OtherAttention()
+    with pytest.raises(ValueError, match="_OtherAttention has no ANE form"):
+        ANEConformer.from_asr(asr)
+
+
+def test_practical_model_with_performer_and_cascade():
+    # The practical variant's shape in small: conv-only block, a downsized causal Performer block, then a non-causal
+    # softmax second pass. The graph reads the second pass (the exported output), equal to the trained model's.
+    m = tiny_model_config(n_layers=2, conv_only_layers=1, attention="performer", performer_features=16, causal=True,
+                          chunk_size=3, stages=[{"n_layers": 1}, {"n_layers": 1, "d_model": 24, "ff_dim": 40}])
+    m["cascade"].update(enabled=True, n_layers=1, d_model=32, n_heads=4, ff_dim=48)
+    asr = randomize(build_model(m, VOCAB))
+    ane = ANEConformer.from_asr(asr, performer_shift=True)
+    assert type(ane.encoder.blocks[1].mhsa).__name__ == "Performer" and hasattr(ane.encoder.blocks[2].mhsa, "rel")
+    assert ane.encoder.pos_enc.widths == [32]  # no position table for the Performer's width
+    feats = features()
+    enc_ref, lp_ref = reference(asr, feats)
+    enc, lp = ane_outputs(ane, feats)
+    torch.testing.assert_close(enc, enc_ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lp, lp_ref, atol=ATOL, rtol=0)
+
+
+def _aligned_keys(d_head=32, heads=2, T=24, m=32, seed=0):
+    # A Performer whose keys point along its own random features: the key features exp(w.k' - |k'|^2/2) reach
+    # exp(|w|^2/2) ~ e^16 at d_head = 32, past FP16's 65504 = e^11.1, while the attention output is ordinary.
+    from edgeconformer.models.performer import orthogonal_gaussian
+    from edgeconformer.stabilize.ane import Performer
+
+    D = d_head * heads
+    layer = Performer(D, heads, m, shift=True).eval()
+    w = orthogonal_gaussian(m, d_head, seed)
+    with torch.no_grad():
+        layer.features.copy_(w)
+        for conv in (layer.query, layer.key, layer.value, layer.out):
+            conv.weight.copy_(torch.eye(D)[:, :, None, None])
+            conv.bias.zero_()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, D, 1, T, generator=g) * 0.5
+    for t in range(0, T, 3):  # every third frame: head h's key = feature row (t + h) of W, in x' = x / d^(1/4)
+        for h in range(heads):
+            x[0, h * d_head:(h + 1) * d_head, 0, t] = w[(t + h) % m] * d_head ** 0.25
+    return layer, x
+
+
+def _performer_reference(layer, x, mask):
+    # The trained model's arithmetic (models/performer.py: per-query maximum only), in float64, for identity
+    # projections: (1, D, 1, T) -> (1, D, 1, T)
+    H, d, T = layer.n_heads, layer.d_head, x.size(3)
+    v = x[0, :, 0].T.double().reshape(T, H, d).transpose(0, 1)  # (H, T, d)
+    xs = v * d ** -0.25
+    a = torch.einsum("htd,md->htm", xs, layer.features.double()) - 0.5 * (xs * xs).sum(-1, keepdim=True)
+    qf, kf = torch.exp(a - a.amax(-1, keepdim=True)), torch.exp(a)  # (H, T, m)
+    weights = qf @ kf.transpose(1, 2)  # (H, T, T)
+    if mask is not None:
+        weights = weights * mask[0, :, 0].double()
+    out = (weights @ v) / weights.sum(-1, keepdim=True)  # (H, T, d)
+    return out.transpose(0, 1).reshape(T, H * d).T[None, :, None, :]
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_performer_fp16_shift_keeps_features_finite(chunk):
+    from edgeconformer.models.attention import chunk_attention_mask
+
+    layer, x = _aligned_keys()
+    T = x.size(3)
+    mask = chunk_attention_mask(T, chunk, -1, x.device)[None, :, None, :] if chunk else None
+    ref = _performer_reference(layer, x, mask).float()
+    with torch.no_grad():
+        assert layer.logits(x[:, :layer.d_head]).max() > 11.1  # the unshifted key features overflow FP16
+        fp32 = layer(x, mask)
+        half = layer.half()
+        shifted = half(x.half(), mask).float()
+        half.shift = False
+        plain = half(x.half(), mask).float()
+    torch.testing.assert_close(fp32, ref, atol=1e-4, rtol=0)
+    assert torch.isfinite(shifted).all()
+    # What is left is FP16's resolution of the feature logits themselves (w.k' ~ 32 rounds to 1/64, so weights move
+    # by ~2%), as for a softmax over FP16 scores: measured max |diff| 0.10 (chunk 0) / 0.03 (chunk 4) on outputs
+    # up to 7.6, relative error of the whole output 6e-3 / 1.4e-3.
+    torch.testing.assert_close(shifted, ref, atol=0.15, rtol=0)
+    assert (shifted - ref).norm() / ref.norm() < 1e-2
+    assert not torch.isfinite(plain).all()  # inf / inf = NaN where the plain features overflow
 
 
 def test_coreml_conversion():

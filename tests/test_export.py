@@ -384,3 +384,36 @@ def test_lowerings_keep_pytorch_semantics(tmp_path):
             assert 0 < expected.mean() < 0.5
             np.testing.assert_array_equal(got_inf, expected)
     assert {name: registry.get(name) for name in coreml.LOWERINGS} == before  # coremltools' registry restored
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_practical_model_exports_and_runs(tokenizer, tmp_path, precision):
+    # The practical variant's parts in one tiny model: a convolution-only block, a causal chunked Performer block
+    # (FP16-safe shifted features) and a non-causal softmax second pass; the program equals the PyTorch graph.
+    cfg = yaml.safe_load((REPO / "conf/model/small.yaml").read_text())
+    cfg.update(subsampling="dws", subsampling_channels=8)
+    cfg["encoder"].update(d_model=32, n_layers=2, n_heads=2, ff_dim=64, kernel_size=5, conv_only_layers=1,
+                          attention="performer", performer_features=16, causal=True, chunk_size=4)
+    cfg["cascade"].update(enabled=True, n_layers=1, ff_dim=64)
+    cfg["decoder"].update(ff_dim=64, n_heads=2)
+    torch.manual_seed(0)
+    asr = build_model(cfg, tokenizer.vocab_size).eval()
+    with torch.no_grad():
+        asr.ctc.weight.mul_(6.0)
+    ane = ANEConformer.from_asr(asr, prenorm="mad", performer_shift=True)
+    path = tmp_path / "practical.mlpackage"
+    report = export_coreml(ane, path, precision=precision, shapes={"policy": "enumerated", "lengths": LENGTHS},
+                           tokenizer_model=tokenizer.model_path,
+                           metadata={"author": "tests", "license": "MIT", "subsampling_factor": 4, "cmvn_folded": False})
+    assert report["n_ops"] > 0
+    run = MILExecutor(load_program(path))
+    for T in LENGTHS:
+        x = features(T)
+        with torch.no_grad():
+            ref = ane(x).numpy()
+        out = run.run({"feats": x.numpy()})["log_probs"]
+        assert out.shape == ref.shape and np.isfinite(out).all()
+        err = np.abs(out.astype(np.float64) - ref).max()
+        assert err < (1e-4 if precision == "fp32" else FP16_TOL)
+        if precision == "fp16":
+            np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))

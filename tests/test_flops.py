@@ -111,3 +111,95 @@ def test_dws_cuts_subsampling_flops_4x_at_every_paper_size():
                 model = build_model(OmegaConf.to_container(cfg.model, resolve=True), 256).eval()
             sub[variant] = count_flops(model, 10.0)["flops"]["subsampling"]
         assert sub["vanilla"] >= 4 * sub["dws"], name
+
+
+# ------------------------------------------------------------------------------------- Practical Conformer parts
+VOCAB = 30
+
+
+def tiny_cascade():
+    # First pass: block 0 convolution-only at width 32, blocks 1-2 Performer at 48 (projection 1: 32 -> 48);
+    # second pass: block 3 softmax at 32 (projection 3: 48 -> 32, in front of the second pass).
+    from edgeconformer.models.cascade import CascadedASR
+
+    enc = ConformerEncoder(80, 32, n_layers=4, n_heads=2, ff_dim=64, kernel_size=5, dropout=0.0, conv_only_layers=1,
+                           block_dims=[(32, 2, 64), (48, 2, 96), (48, 2, 96), (32, 2, 64)], first_pass_layers=3,
+                           attention="performer", performer_features=16, causal=True, chunk_size=4)
+    dec = TransformerDecoder(VOCAB, 32, 2, 64, 1)
+    return CascadedASR(enc, VOCAB, dec, ctc_weight=0.5)
+
+
+class FirstPass(torch.nn.Module):
+    # What a cascade streams, as one call: features -> first pass -> first-pass CTC log-probs.
+    def __init__(self, asr):
+        super().__init__()
+        self.asr = asr
+
+    def forward(self, feats, lengths):
+        first, _ = self.asr.encode_first_pass(feats, lengths)
+        return self.asr.first_pass_log_probs(first)
+
+
+def test_projections_and_both_ctc_heads_are_counted_in_their_parts():
+    torch.manual_seed(0)
+    model = tiny_cascade().eval()
+    r = count_flops(model, seconds=2.0)
+    T = r["encoder_frames"]
+    assert set(r["shares"]) == set(AGGREGATES) and sum(r["shares"].values()) == pytest.approx(1.0, abs=1e-12)
+    assert r["flops"]["other"] == 0  # every counted op now belongs to a named part
+    # two projections, one per width change: (T', 32) @ (32, 48) and (T', 48) @ (48, 32)
+    assert r["flops"]["projection"] == 2 * (2 * 32 * 48 * T)
+    assert r["block_flops"]["block1.projection"] == r["block_flops"]["block3.projection"] == 2 * 32 * 48 * T
+    assert "block2.projection" not in r["block_flops"]
+    # ctc_head: the first pass's head (width 48) and the second pass's (width 32)
+    assert r["flops"]["ctc_head"] == 2 * 48 * VOCAB * T + 2 * 32 * VOCAB * T
+    for part in ("ffn", "mhsa", "conv", "projection"):
+        assert sum(v for k, v in r["block_flops"].items() if k.endswith("." + part)) == r["flops"][part]
+    table = format_table(r, per_block=True)
+    assert "projection" in table and "block1.projection" in table and "streamed part" in table
+
+
+def test_streamed_flops_of_a_cascade_are_its_first_pass_and_first_pass_head():
+    torch.manual_seed(0)
+    model = tiny_cascade().eval()
+    seconds = 2.0
+    r = count_flops(model, seconds=seconds)
+    feats, lengths = torch.randn(1, 200, 80), torch.tensor([200])
+    first_pass, _ = counted_flops(FirstPass(model), feats, lengths)  # an independent count of the streamed part
+    assert r["streamed_flops"] == first_pass
+    T = r["encoder_frames"]
+    second_pass = (r["block_flops"]["block3.projection"] + sum(r["block_flops"][f"block3.{p}"]
+                                                               for p in ("ffn", "mhsa", "conv")))
+    # everything else: the second pass, its CTC head and the attention decoder
+    assert r["total_flops"] - r["streamed_flops"] == (second_pass + 2 * 32 * VOCAB * T
+                                                      + r["flops"]["attention_decoder"])
+    assert r["gflops_per_audio_second_streamed"] == pytest.approx(first_pass / 1e9 / seconds)
+
+
+@pytest.mark.parametrize("dws", [False, True])
+def test_streamed_part_of_a_plain_model_is_everything_but_the_decoder(dws):
+    torch.manual_seed(0)
+    model = build(64, 2, 4, 128, dws=dws, vocab=50, decoder_layers=1)
+    r = count_flops(model, seconds=2.0)
+    assert r["streamed_flops"] == r["total_flops"] - r["flops"]["attention_decoder"]
+    assert r["flops"]["projection"] == 0 and r["flops"]["other"] == 0  # uniform width: no projections
+    assert not any(k.endswith(".projection") for k in r["block_flops"])
+
+
+def test_practical_first_pass_streams_fewer_flops_than_the_baseline():
+    # The documented configurations (docs/practical.md, 10 s, vocabulary 128), on the meta device.
+    from edgeconformer.models.cascade import CascadedASR
+
+    with torch.device("meta"):
+        base_enc = ConformerEncoder(80, 144, 4, 4, 576, 15, 0.1, 4, True, causal=True, chunk_size=8,
+                                    subsampling_channels=64)
+        baseline = DualDecoderASR(base_enc, 128, TransformerDecoder(128, 144, 4, 576, 1), ctc_weight=0.5)
+        enc = ConformerEncoder(80, 144, 6, 4, 576, 15, 0.1, 4, True, causal=True, chunk_size=8,
+                               subsampling_channels=64, conv_only_layers=2, attention="performer",
+                               block_dims=[(144, 4, 576)] * 2 + [(96, 4, 384)] * 2 + [(144, 4, 576)] * 2,
+                               first_pass_layers=4)
+        practical = CascadedASR(enc, 128, TransformerDecoder(128, 144, 4, 576, 1), ctc_weight=0.5)
+    b, p = count_flops(baseline, 10.0), count_flops(practical, 10.0)
+    assert round(b["gflops_per_audio_second_streamed"], 3) == 0.149
+    assert round(p["gflops_per_audio_second_streamed"], 3) == 0.080
+    assert p["gflops_per_audio_second_streamed"] < 0.6 * p["gflops_per_audio_second"]  # the second pass is not streamed

@@ -131,7 +131,8 @@ def test_stages_build_downsized_blocks_with_projections_and_counted_flops():
     T = r["encoder_frames"]
     for i, (D, F) in enumerate([(32, 64), (24, 40), (24, 40)]):
         assert r["block_flops"][f"block{i}.ffn"] == 8 * D * F * T  # 2 FFNs x (up + down) x 2 FLOPs per MAC
-    assert r["flops"]["other"] == 2 * 32 * 24 * T  # the projection is the only op no part claims
+    assert r["flops"]["projection"] == 2 * 32 * 24 * T  # the one 32 -> 24 projection, counted as its own part
+    assert r["flops"]["other"] == 0
     assert r["total_flops"] < count_flops(uniform, 4.0, idim=80)["total_flops"]
 
 
@@ -444,7 +445,7 @@ def tiny_data(tmp_path_factory):
     return root
 
 
-def test_train_cascade_reports_both_passes_and_fine_tunes_into_the_performer(tiny_data, tmp_path):
+def test_train_cascade_reports_both_passes_and_fine_tunes_into_the_performer(tiny_data, tmp_path, capsys):
     from edgeconformer.training import train
 
     base = ["+experiment=practical", f"data.out_dir={tiny_data / 'prepared'}", *TINY_PRACTICAL]
@@ -465,6 +466,19 @@ def test_train_cascade_reports_both_passes_and_fine_tunes_into_the_performer(tin
     blocks = ("model.encoder.blocks.2.mhsa.", "model.encoder.blocks.3.mhsa.")  # the first pass's attention blocks
     assert report["missing"] == [b + "features" for b in blocks]
     assert report["unexpected"] == [b + k for b in blocks for k in ("linear_pos.weight", "pos_bias_u", "pos_bias_v")]
+
+    # the command line decodes the first pass alone: the same text as ASRModule.transcribe(first_pass=True)
+    from edgeconformer.cli import load_trained, main, read_any_audio
+
+    audio = str(tiny_data / "test" / "0.flac")
+    capsys.readouterr()
+    assert main(["transcribe", audio, "--model", str(softmax), "--first-pass"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n").split("\t")
+    module = load_trained(softmax)
+    x = read_any_audio(audio)
+    assert printed == [audio, module.transcribe(x[None], torch.tensor([x.numel()]), first_pass=True)[0]]
+    assert main(["transcribe", audio, "--model", str(softmax), "--first-pass", "--method", "joint"]) == 1
+    assert "--method must be one of ctc_greedy, ctc_beam" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- 5. experiment config and benchmark

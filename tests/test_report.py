@@ -9,11 +9,13 @@ import torch
 from edgeconformer.errors import UserError
 from edgeconformer.report import (
     FP16_MAX,
+    OPTIONAL,
     SCHEMA,
     build_report,
     fmt,
     load_metrics,
     read_audit,
+    state_cell,
     validate_metrics,
 )
 
@@ -90,6 +92,45 @@ def test_nullable_keys_may_be_null():
     assert validate_metrics(d) == []
 
 
+# Practical-Conformer keys (docs/practical.md): the figures of benchmarks/bench_practical.py's configurations at
+# 10 s; WER/RTF values illustrative.
+PRACTICAL_STATE = {"seconds": 10.0, "encoder_frames": 249, "chunk_size": 8, "left_chunks": -1, "streamable": True,
+                   "blocks": 4, "attention": 51_200, "positions": 0, "conv": 26_880}
+SOFTMAX_STATE = dict(PRACTICAL_STATE, attention=1_147_392, positions=589_824, conv=32_256)
+
+
+def practical(**changes) -> dict:
+    d = fixture()
+    d.update(variant="practical", gflops_per_audio_second=0.152, gflops_per_audio_second_streamed=0.0799,
+             params_millions=2.85, attention_state_bytes=PRACTICAL_STATE, wer_first_pass_fp32=41.5,
+             rtf_cpu_first_pass=0.0123, wer_fp32=33.0)
+    d.update(changes)
+    return d
+
+
+def test_practical_keys_are_optional_nullable_and_checked():
+    assert set(OPTIONAL).isdisjoint(SCHEMA)  # old metrics files (the fixtures) lack them and stay valid
+    assert not set(OPTIONAL) & set(fixture())
+    assert validate_metrics(practical()) == []
+    assert validate_metrics(practical(**dict.fromkeys(OPTIONAL))) == []  # null: not a cascade / not measured
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"wer_first_pass_fp32": -1.0}, "wer_first_pass_fp32 must be a WER/CER in percent"),
+    ({"rtf_cpu_first_pass": 0.0}, "rtf_cpu_first_pass must be a finite number > 0"),
+    ({"gflops_per_audio_second_streamed": float("inf")}, "gflops_per_audio_second_streamed must be a finite"),
+    ({"gflops_per_audio_second_streamed": 0.2}, "exceeds the whole model's gflops_per_audio_second"),
+    ({"attention_state_bytes": 51200}, "attention_state_bytes must be an object"),
+    ({"attention_state_bytes": dict(PRACTICAL_STATE, attention=-1)}, "byte counts (integers >= 0) for ['attention']"),
+    ({"attention_state_bytes": dict(PRACTICAL_STATE, conv=1.5)}, "for ['conv']"),
+    ({"attention_state_bytes": {k: v for k, v in PRACTICAL_STATE.items() if k != "seconds"}},
+     "attention_state_bytes.seconds must be"),
+])
+def test_practical_key_violations_are_reported(changes, expected):
+    problems = validate_metrics(practical(**changes))
+    assert any(expected in p for p in problems), problems
+
+
 # ------------------------------------------------------------------------------------------------ audits
 def test_read_audit_accepts_the_stabilize_stage_format(tmp_path):
     audit_mod = pytest.importorskip("edgeconformer.stabilize.audit")
@@ -158,6 +199,44 @@ def test_build_report_writes_summary_and_plots(workdir):
     assert "(paper 32.8%)" in md and "![FLOP share by module group](plots/flop_shares.png)" in md
     leftovers = [p.name for p in reports.rglob("*") if p.name.startswith(".")]
     assert leftovers == []  # atomic writes leave no temp files
+
+
+def table_rows(md: str) -> dict[str, list[str]]:
+    # The ablation table (the first table of the summary): variant -> cells, header under "variant"
+    lines = md.split("## Ablation", 1)[1].split("\n\n")[1].splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
+    return {r[0]: r for r in rows}
+
+
+def test_summary_has_the_practical_columns(workdir):
+    (workdir / "metrics" / "practical.json").write_text(json.dumps(practical()))
+    (workdir / "metrics" / "baseline.json").write_text(json.dumps(practical(
+        variant="baseline", attention_state_bytes=SOFTMAX_STATE, gflops_per_audio_second_streamed=0.149,
+        gflops_per_audio_second=0.153, wer_first_pass_fp32=None, rtf_cpu_first_pass=None)))
+    out = build_report(workdir / "metrics", workdir / "reports", workdir / "reports" / "summary.md")
+    assert out["variants"] == ["vanilla", "dws", "practical", "baseline"] and out["problems"] == {}
+    rows = table_rows(out["summary"].read_text())
+    col = {name: i for i, name in enumerate(rows["variant"])}
+    p, b, dws = rows["practical"], rows["baseline"], rows["dws"]
+    assert p[col["params (M)"]] == "2.85" and p[col["WER fp32 %"]] == "33.00" and p[col["RTF cpu"]] == "0.0275"
+    assert (p[col["GFLOPs / audio s"]], p[col["GFLOPs / audio s streamed"]]) == ("0.152", "0.080")
+    assert p[col["attention state B / step"]] == "51,200 @ 10 s"  # Performer sums, no position table
+    assert b[col["attention state B / step"]] == "1,147,392 + 589,824 pos. @ 10 s"
+    assert (p[col["WER fp32 % first pass"]], p[col["RTF cpu first pass"]]) == ("41.50", "0.0123")
+    assert (b[col["WER fp32 % first pass"]], b[col["RTF cpu first pass"]]) == ("n/a", "n/a")  # null: no cascade
+    # metrics written before these keys existed
+    assert [dws[col[k]] for k in ("GFLOPs / audio s streamed", "attention state B / step", "WER fp32 % first pass",
+                                  "RTF cpu first pass")] == ["n/a"] * 4
+    assert dws[col["GFLOPs / audio s"]] == fmt(fixture()["gflops_per_audio_second"], "gflops")
+    rtf_csv = (workdir / "reports" / "plot_data" / "rtf.csv").read_text()
+    assert "practical/cpu first pass,practical,cpu first pass,0.0123" in rtf_csv
+    assert "baseline/cpu first pass" not in rtf_csv
+
+
+def test_state_cell():
+    assert state_cell(None) == state_cell({"attention": None}) == state_cell("51200") == "n/a"
+    assert state_cell({"attention": 0, "positions": 0, "seconds": 2.5}) == "0 @ 2.5 s"  # convolution-only model
+    assert state_cell({"attention": 1234, "positions": 56}) == "1,234 + 56 pos."
 
 
 def test_missing_values_show_as_na_and_missing_audits_are_reported(workdir):

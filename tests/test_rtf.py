@@ -146,3 +146,27 @@ def test_cli_measures_a_trained_model(capsys, monkeypatch):
     result = json.loads(capsys.readouterr().out)
     assert result["n_utterances"] == 2 and 0 < result["rtf"] < 10
     assert all(r["id"] and r["audio_seconds"] > 0 for r in result["utterances"])
+
+
+class RecordingModule:
+    """Stands in for an ASRModule: records how transcribe is called."""
+
+    def __init__(self):
+        self.calls = []
+
+    def transcribe(self, audio, audio_lengths, method="ctc_greedy", first_pass=False):
+        self.calls.append({"shape": tuple(audio.shape), "lengths": audio_lengths.tolist(), "method": method,
+                           "first_pass": first_pass, "inference": torch.is_inference_mode_enabled()})
+        return ["FIRST" if first_pass else "SECOND"]
+
+
+def test_recognizer_fn_transcribes_one_utterance_and_passes_first_pass_through():
+    from edgeconformer.evaluate.rtf import recognizer_fn
+
+    module = RecordingModule()
+    audio = torch.zeros(1600)
+    assert recognizer_fn(module)(audio) == "SECOND"
+    assert recognizer_fn(module, "ctc_beam", first_pass=True)(audio) == "FIRST"
+    assert module.calls == [
+        {"shape": (1, 1600), "lengths": [1600], "method": "ctc_greedy", "first_pass": False, "inference": True},
+        {"shape": (1, 1600), "lengths": [1600], "method": "ctc_beam", "first_pass": True, "inference": True}]

@@ -1,6 +1,7 @@
 """`edgeconformer` command line.
 
     edgeconformer transcribe AUDIO... --model models/dws [--method joint] [--beam 8] [--checkpoint best]
+    edgeconformer transcribe AUDIO... --model models/practical --first-pass    # a cascade's streaming pass alone
 
 prints one line per file: `<path><TAB><transcript>`. Unreadable files get a clear message on stderr, the other
 files are still transcribed, and the exit status is 1 if any file failed.
@@ -43,7 +44,7 @@ def read_any_audio(path: str, sample_rate: int = 16000):
     return AF.resample(x, sr, sample_rate) if sr != sample_rate else x
 
 
-def transcribe_files(module, paths: list[str], method: str, beam: int, ctc_weight: float):
+def transcribe_files(module, paths: list[str], method: str, beam: int, ctc_weight: float, first_pass: bool = False):
     """Yields (path, transcript or None, error or None), one file at a time (batch 1: no padding)."""
     import torch
 
@@ -58,7 +59,7 @@ def transcribe_files(module, paths: list[str], method: str, beam: int, ctc_weigh
             yield path, None, f"{path}: audio too short to transcribe ({audio.numel() / 16000:.3f} s)"
             continue
         text = module.transcribe(audio[None], torch.tensor([audio.numel()]), method=method, beam=beam,
-                                 ctc_weight=ctc_weight)[0]
+                                 ctc_weight=ctc_weight, first_pass=first_pass)[0]
         yield path, text, None
 
 
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--method", default="ctc_greedy", choices=METHODS)
     t.add_argument("--beam", type=int, default=8)
     t.add_argument("--ctc-weight", type=float, default=0.3, help="CTC weight for joint decoding/rescoring")
+    t.add_argument("--first-pass", action="store_true",
+                   help="cascaded models: decode the causal first pass only (its CTC head; ctc_greedy or ctc_beam)")
     args = parser.parse_args(argv)
 
     import torch
@@ -84,8 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.first_pass:
+        from edgeconformer.models.cascade import CascadedASR
+        from edgeconformer.models.lightning import FIRST_PASS_METHODS
+
+        if not isinstance(module.model, CascadedASR):
+            print(f"error: --first-pass: {args.model} is not a cascaded model (model.cascade.enabled=false); "
+                  "drop --first-pass", file=sys.stderr)
+            return 1
+        if args.method not in FIRST_PASS_METHODS:
+            print(f"error: --first-pass decodes the first pass's CTC head: --method must be one of "
+                  f"{', '.join(FIRST_PASS_METHODS)}, got {args.method}", file=sys.stderr)
+            return 1
     failed = 0
-    for path, text, error in transcribe_files(module, args.audio, args.method, args.beam, args.ctc_weight):
+    for path, text, error in transcribe_files(module, args.audio, args.method, args.beam, args.ctc_weight,
+                                              args.first_pass):
         if error:
             failed += 1
             print(f"error: {error}", file=sys.stderr)

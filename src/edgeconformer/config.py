@@ -3,6 +3,8 @@
 Two ways in, one config: `python pipelines/<stage>.py key=value ...` composes conf/ with Hydra (multirun
 included), while DVC stages run `python pipelines/<stage>.py --params params.yaml`, reading the composed
 params.yaml that DVC tracks (DVC does not feed `@hydra.main`); extra `key=value` overrides apply on top.
+Either way, `variant=<name>` applies `variant_overrides.<name>` (conf/variant_overrides/<name>.yaml) under the
+command line's own overrides: the DVC chain's `foreach` runs every stage once per name in `variants`.
 """
 
 from __future__ import annotations
@@ -26,14 +28,56 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 
-def load_params(path: str | Path, overrides: list[str]) -> DictConfig:
+def load_params(path: str | Path, overrides: list[str]) -> tuple[DictConfig, DictConfig]:
+    """(params file + overrides, the overrides alone); apply_variant makes the stage's config of the two."""
     cfg = OmegaConf.load(path)
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise SystemExit(f"overrides must be key=value, got {bad}")
-    merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+    given = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
+    merged = OmegaConf.merge(cfg, given)
+    assert isinstance(merged, DictConfig)
+    return merged, given
+
+
+def variant_name(cfg: DictConfig) -> str:
+    """The run's variant: `variant` when set (DVC's foreach), else named by the front end (vanilla, dws)."""
+    return cfg.get("variant") or cfg.model.subsampling
+
+
+def apply_variant(cfg: DictConfig, given: DictConfig | None = None) -> DictConfig:
+    """The config of `cfg.variant`: its `variant_overrides.<variant>` merged on top, then `given` (the command
+    line's own overrides) again, so `variant=practical model.encoder.performer_features=128` keeps the 128.
+    No variant, or a variant without overrides of its own while `model.subsampling` names it (older params
+    files), leaves cfg as it is."""
+    variant = cfg.get("variant")
+    table = cfg.get("variant_overrides") or {}
+    if not variant or (variant not in table and variant == cfg.model.get("subsampling")):
+        return cfg
+    if variant not in table:
+        from edgeconformer.errors import UserError
+
+        raise UserError(f"variant={variant!r} is not one of variant_overrides ({', '.join(table) or 'none'}); add "
+                        f"conf/variant_overrides/{variant}.yaml and its line in conf/config.yaml's defaults, then "
+                        "run `python -m edgeconformer.params`")
+    merged = OmegaConf.merge(cfg, table[variant], given if given is not None else {})
     assert isinstance(merged, DictConfig)
     return merged
+
+
+def _hydra_given(cfg: DictConfig) -> DictConfig:
+    # The keys a Hydra job's command line set (key=value, not config-group choices or deletions), with the values
+    # Hydra composed for them, to re-apply after the variant's overrides.
+    from hydra.core.hydra_config import HydraConfig
+
+    given = OmegaConf.create({})
+    for o in HydraConfig.get().overrides.task:
+        key, sep, _ = o.partition("=")
+        key = key.lstrip("+")
+        if not sep or key.startswith("~") or "@" in key or (CONF_DIR / key).is_dir():
+            continue
+        OmegaConf.update(given, key, OmegaConf.select(cfg, key), force_add=True)
+    return given
 
 
 def run_stage(stage: Callable[[DictConfig], object], config_name: str = "config") -> None:
@@ -41,23 +85,23 @@ def run_stage(stage: Callable[[DictConfig], object], config_name: str = "config"
     argv = sys.argv[1:]
     if "--params" in argv:
         i = argv.index("--params")
-        cfg = load_params(argv[i + 1], argv[:i] + argv[i + 2:])
-        _call(stage, cfg)
+        cfg, given = load_params(argv[i + 1], argv[:i] + argv[i + 2:])
+        _call(stage, cfg, given)
         return
     import hydra
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def _main(cfg: DictConfig):
-        return _call(stage, cfg)
+        return _call(stage, cfg, _hydra_given(cfg) if cfg.get("variant") else None)
 
     _main()
 
 
-def _call(stage: Callable[[DictConfig], object], cfg: DictConfig):
+def _call(stage: Callable[[DictConfig], object], cfg: DictConfig, given: DictConfig | None):
     from edgeconformer.errors import UserError
 
     try:
-        return stage(cfg)
+        return stage(apply_variant(cfg, given))
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

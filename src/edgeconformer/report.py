@@ -22,7 +22,7 @@ from edgeconformer.errors import UserError
 
 FP16_MAX = 65504.0
 PAPER = {"vanilla_share": 0.328, "dws_share": 0.040, "watch_rtf": 0.19}  # Xu et al. 2023
-ORDER = ("vanilla", "dws")  # shown first, the rest alphabetically
+ORDER = ("vanilla", "dws", "practical")  # shown first, the rest alphabetically
 
 # Metrics schema: key -> nullable. Non-nullable keys are measurable on every machine; Core ML figures need a Mac
 # (wer_coreml, rtf_coreml) or a successful export (wer_coreml_sim); the device estimate can be switched off.
@@ -33,9 +33,15 @@ SCHEMA = {
     "gflops_per_audio_second": False, "params_millions": False, "n_utterances": False, "audio_hours": False,
     "machine": False,
 }
-PERCENT = ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim", "wer_coreml", "cer_fp32")
+# Practical-Conformer keys (docs/practical.md): checked when present, may be null, and may be missing altogether
+# (metrics files written before they existed). The first-pass figures are null for models without a cascade.
+OPTIONAL = ("gflops_per_audio_second_streamed", "attention_state_bytes", "wer_first_pass_fp32",
+            "rtf_cpu_first_pass")
+PERCENT = ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim", "wer_coreml", "cer_fp32",
+           "wer_first_pass_fp32")
 POSITIVE = ("rtf_cpu", "rtf_coreml", "rtf_device_estimate", "gflops_per_audio_second", "params_millions",
-            "audio_hours")
+            "audio_hours", "gflops_per_audio_second_streamed", "rtf_cpu_first_pass")
+STATE_BYTES = ("attention", "positions", "conv")  # byte counts an attention_state_bytes object must hold
 MACHINE_KEYS = ("platform", "cpu_model", "torch_version", "torch_threads", "python_version")
 
 
@@ -55,7 +61,7 @@ def validate_metrics(d) -> list[str]:
             problems.append(f"missing key {key!r}")
         elif d[key] is None and not nullable:
             problems.append(f"{key} is null but must be measured on every machine")
-    present = {k: v for k, v in d.items() if k in SCHEMA and v is not None}
+    present = {k: v for k, v in d.items() if (k in SCHEMA or k in OPTIONAL) and v is not None}
 
     if "variant" in present and not (isinstance(present["variant"], str) and present["variant"]):
         problems.append(f"variant must be a non-empty string, got {present['variant']!r}")
@@ -90,6 +96,8 @@ def validate_metrics(d) -> list[str]:
                 problems.append(f"flops_subsampling_share {share} differs from flops_shares['subsampling'] "
                                 f"{shares['subsampling']}")
 
+    problems += _practical_problems(present)
+
     estimates = present.get("rtf_device_estimates")
     if estimates is not None and not (isinstance(estimates, dict)
                                       and all(isinstance(k, str) and _is_number(v) and v > 0
@@ -112,6 +120,32 @@ def validate_metrics(d) -> list[str]:
             missing = [k for k in MACHINE_KEYS if k not in machine]
             if missing:
                 problems.append(f"machine lacks {missing} (use evaluate.rtf.machine_info())")
+    return problems
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _practical_problems(present: dict) -> list[str]:
+    # Consistency of the Practical-Conformer keys (ranges are checked with PERCENT / POSITIVE).
+    problems = []
+    streamed, whole = present.get("gflops_per_audio_second_streamed"), present.get("gflops_per_audio_second")
+    if _is_number(streamed) and _is_number(whole) and streamed > whole * (1 + 1e-9):
+        problems.append(f"gflops_per_audio_second_streamed {streamed} exceeds the whole model's "
+                        f"gflops_per_audio_second {whole} (the streamed part is a part of it)")
+    state = present.get("attention_state_bytes")
+    if state is not None:
+        if not isinstance(state, dict):
+            problems.append(f"attention_state_bytes must be an object (evaluate.state.attention_state_bytes), "
+                            f"got {state!r}")
+        else:
+            bad = [k for k in STATE_BYTES if not _is_count(state.get(k))]
+            if bad:
+                problems.append(f"attention_state_bytes needs byte counts (integers >= 0) for {bad}")
+            if not (_is_number(state.get("seconds")) and state["seconds"] > 0):
+                problems.append(f"attention_state_bytes.seconds must be the audio length > 0 it was counted at, "
+                                f"got {state.get('seconds')!r}")
     return problems
 
 
@@ -220,6 +254,8 @@ def fmt(value, kind: str = "num") -> str:
         return f"{value:.3f}"
     if kind == "params":
         return f"{value:.2f}"
+    if kind == "bytes":
+        return f"{int(value):,}"
     return f"{value:g}"
 
 
@@ -234,11 +270,25 @@ def sim_n(m: dict) -> str:
     return f" ({n})" if isinstance(n, int) and n != m.get("n_utterances") else ""
 
 
+def state_cell(state) -> str:
+    """attention_state_bytes -> "1,147,392 + 589,824 pos. @ 10 s" (key/value caches or Performer sums, plus the
+    projected relative positions when there are any); "n/a" when missing."""
+    if not isinstance(state, dict) or not _is_count(state.get("attention")):
+        return "n/a"
+    cell = fmt(state["attention"], "bytes")
+    if _is_count(state.get("positions")) and state["positions"]:
+        cell += f" + {fmt(state['positions'], 'bytes')} pos."
+    return cell + (f" @ {state['seconds']:g} s" if _is_number(state.get("seconds")) else "")
+
+
 def ablation_table(metrics: list[dict]) -> str:
-    """Markdown: one row per variant, WER per precision, RTFs, FLOPs, params."""
+    """Markdown: one row per variant, WER per precision, RTFs, FLOPs, params, then the Practical-Conformer
+    columns: GFLOPs of the streamed part, the attention state a streaming step reads, and a cascade's first pass
+    alone (WER fp32, CPU RTF; n/a without a cascade)."""
     header = ["variant", "WER fp32 %", "WER fp16 %", "WER fp16 unstab. %", "WER Core ML-sim % (n)", "WER Core ML %",
               "CER fp32 %", "RTF cpu", "RTF Core ML", "RTF device (est.)", "subsampling FLOP share",
-              "GFLOPs / audio s", "params (M)"]
+              "GFLOPs / audio s", "params (M)", "GFLOPs / audio s streamed", "attention state B / step",
+              "WER fp32 % first pass", "RTF cpu first pass"]
     rows = []
     for m in metrics:
         device = f" ({m['device']})" if m.get("device") and _is_number(m.get("rtf_device_estimate")) else ""
@@ -247,7 +297,10 @@ def ablation_table(metrics: list[dict]) -> str:
                      fmt(m.get("wer_coreml"), "wer"), fmt(m.get("cer_fp32"), "wer"), fmt(m.get("rtf_cpu"), "rtf"),
                      fmt(m.get("rtf_coreml"), "rtf"), fmt(m.get("rtf_device_estimate"), "rtf") + device,
                      fmt(m.get("flops_subsampling_share"), "share"),
-                     fmt(m.get("gflops_per_audio_second"), "gflops"), fmt(m.get("params_millions"), "params")])
+                     fmt(m.get("gflops_per_audio_second"), "gflops"), fmt(m.get("params_millions"), "params"),
+                     fmt(m.get("gflops_per_audio_second_streamed"), "gflops"),
+                     state_cell(m.get("attention_state_bytes")),
+                     fmt(m.get("wer_first_pass_fp32"), "wer"), fmt(m.get("rtf_cpu_first_pass"), "rtf")])
     return markdown_table(header, rows)
 
 
@@ -376,8 +429,8 @@ def fig_wer_vs_flops(metrics: list[dict]):
 
 def fig_rtf(metrics: list[dict]):
     """Grouped bars (log scale): measured CPU RTF, Core ML RTF and the device estimate per variant."""
-    keys = [("rtf_cpu", "CPU (measured)"), ("rtf_coreml", "Core ML (measured)"),
-            ("rtf_device_estimate", "device (estimate)")]
+    keys = [("rtf_cpu", "CPU (measured)"), ("rtf_cpu_first_pass", "CPU first pass (measured)"),
+            ("rtf_coreml", "Core ML (measured)"), ("rtf_device_estimate", "device (estimate)")]
     keys = [(k, label) for k, label in keys if any(_is_number(m.get(k)) for m in metrics)]
     if not keys:
         return None
@@ -475,7 +528,8 @@ def write_plot_data(metrics: list[dict], folder: str | Path) -> dict[str, Path]:
             if _is_number(m.get(key)) and _is_number(m.get("gflops_per_audio_second")):
                 wer.append({"variant": v, "precision": key[4:], "gflops_per_audio_second":
                             m["gflops_per_audio_second"], "wer": m[key]})
-        for where, value in [("cpu", m.get("rtf_cpu")), ("coreml", m.get("rtf_coreml"))] + [
+        for where, value in [("cpu", m.get("rtf_cpu")), ("cpu first pass", m.get("rtf_cpu_first_pass")),
+                             ("coreml", m.get("rtf_coreml"))] + [
                 (f"{d} (estimate)", r) for d, r in (m.get("rtf_device_estimates") or {}).items()]:
             if _is_number(value):
                 rtf.append({"label": f"{v}/{where}", "variant": v, "where": where, "rtf": value})

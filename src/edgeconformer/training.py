@@ -23,6 +23,7 @@ from edgeconformer.data.dataset import (TOKEN_PAD, ASRDataset, DurationBucketSam
 from edgeconformer.data.features import LogMelFilterbank
 from edgeconformer.data.manifest import read_jsonl, write_json_atomic
 from edgeconformer.data.tokenizer import Tokenizer
+from edgeconformer.config import variant_name
 from edgeconformer.errors import UserError
 
 
@@ -82,7 +83,7 @@ def output_dir(cfg: DictConfig) -> Path:
         from hydra.core.hydra_config import HydraConfig
 
         return Path(HydraConfig.get().runtime.output_dir)
-    return Path("models") / cfg.model.subsampling
+    return Path("models") / variant_name(cfg)
 
 
 def make_loggers(cfg: DictConfig, out: Path) -> list:
@@ -95,7 +96,7 @@ def make_loggers(cfg: DictConfig, out: Path) -> list:
         os.environ.setdefault("WANDB_SILENT", "true")
         from lightning.pytorch.loggers import WandbLogger
 
-        name = f"{cfg.model.name}-{cfg.model.subsampling}"
+        name = f"{cfg.model.name}-{variant_name(cfg)}"
         loggers.append(WandbLogger(project=lg.project, entity=lg.entity, group=lg.group or sweep_group() or name,
                                    name=name, job_type="train",
                                    tags=list(lg.tags), save_dir=".", config=OmegaConf.to_container(cfg,
@@ -192,7 +193,7 @@ def train(cfg: DictConfig) -> dict:
     if earlier and trainer.is_global_zero:
         prepend_csv_rows(curves, earlier)
 
-    metrics = {"variant": cfg.model.subsampling, "model": cfg.model.name, "epochs": trainer.current_epoch,
+    metrics = {"variant": variant_name(cfg), "model": cfg.model.name, "epochs": trainer.current_epoch,
                "steps": trainer.global_step, "skipped_batches": int(module.skipped_batches),
                "features_seconds": round(features_s, 1), "fit_seconds": round(fit_s, 1),
                "train_hours": round(sum(train_set.durations) / 3600, 3),

@@ -205,6 +205,8 @@ def part_of(module_path: str) -> str:
         return "ctc_head"
     if module_path.startswith("asr.decoder"):
         return "attention_decoder"
+    if module_path.startswith("asr.encoder.projections"):
+        return "projection"
     if module_path.startswith("asr.encoder.blocks.") and len(parts) > 4 and parts[4] in BLOCK_PARTS:
         return BLOCK_PARTS[parts[4]]
     return "other"

@@ -5,6 +5,13 @@ What is counted: matrix multiplications, convolutions (depthwise included, group
 fused variants, 2 FLOPs per multiply-accumulate. Elementwise ops, norms, softmax and activations are not
 counted; they are a small, memory-bound fraction on every accelerator and the convention of the papers
 being reproduced. Those ops issued outside any counted part land in "other".
+
+Parts: "projection" is the nn.Linear in front of a block whose width differs from the previous block's
+(`encoder.projections`, downsized stages); "ctc_head" is every CTC output layer, i.e. for a cascade both the
+second pass's `ctc` and the first pass's `ctc_first` (one aggregate, like evaluate/device.py's `part_of`, whose
+"asr.ctc" prefix already takes both). The "streamed part" is what runs chunk by chunk while audio arrives:
+subsampling + the (first-pass) blocks and the projections between them + the CTC head they feed; for a cascade
+that is the first pass and `ctc_first`, otherwise the whole encoder and `ctc`.
 """
 
 import torch
@@ -12,7 +19,9 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-AGGREGATES = ("subsampling", "ffn", "mhsa", "conv", "ctc_head", "attention_decoder", "other")
+from edgeconformer.models.cascade import CascadedASR
+
+AGGREGATES = ("subsampling", "ffn", "mhsa", "conv", "projection", "ctc_head", "attention_decoder", "other")
 
 # Per-block module names (ConformerBlock attributes) -> part they are accounted to.
 BLOCK_PARTS = {"ffn1": "ffn", "ffn2": "ffn", "norm_mhsa": "mhsa", "mhsa": "mhsa", "conv": "conv"}
@@ -46,11 +55,34 @@ class Utterance(nn.Module):
         self.asr = asr
 
     def forward(self, feats, lengths, ys_in):
-        encoder_out, encoder_lengths = self.asr.encode(feats, lengths)
+        if isinstance(self.asr, CascadedASR):
+            # Both passes in one encoder run; the first pass's output (1, T', D1) also feeds its own CTC head
+            # (asr.ctc_first), which `encode` would skip.
+            first, encoder_out, encoder_lengths = self.asr.encoder.forward_passes(feats, lengths)
+            self.asr.first_pass_log_probs(first)
+        else:
+            encoder_out, encoder_lengths = self.asr.encode(feats, lengths)
         self.asr.ctc_log_probs(encoder_out)
         if self.asr.decoder is not None:
             ys_lengths = torch.full_like(encoder_lengths, ys_in.size(1))
             self.asr.decoder(encoder_out, encoder_lengths, ys_in, ys_lengths)
+
+
+def streamed_paths(model) -> list[str]:
+    """Module paths (below Utterance) of the streamed part: subsampling, the (first-pass) blocks, the projections
+    in front of blocks 1..N-1 of them (a projection in front of the first second-pass block belongs to the second
+    pass, as in ConformerEncoder.stream) and the CTC head they feed."""
+    encoder = model.encoder
+    n = encoder.first_pass_layers or len(encoder.blocks)
+    head = "asr.ctc_first" if isinstance(model, CascadedASR) else "asr.ctc"
+    return (["asr.encoder.subsampling"] + [f"asr.encoder.blocks.{i}" for i in range(n)]
+            + [f"asr.encoder.projections.{i}" for i in range(1, n) if str(i) in encoder.projections] + [head])
+
+
+def streamed_flops(model, per_module: dict) -> int:
+    """FLOPs of the streamed part (see the module docstring) from counted_flops' per-module counts of one
+    Utterance(model) call. A block path's count includes all of the block's ops."""
+    return sum(per_module.get(path, 0) for path in streamed_paths(model))
 
 
 def count_flops(model, seconds, frame_shift_s=0.01, idim=80, decoder_tokens=None, tokens_per_second=3.0):
@@ -58,8 +90,10 @@ def count_flops(model, seconds, frame_shift_s=0.01, idim=80, decoder_tokens=None
     decoder run teacher-forced on `decoder_tokens` tokens (<sos> included; default tokens_per_second * seconds,
     about right for LibriSpeech with a few-hundred-piece BPE vocabulary). Model in eval mode, batch 1.
 
-    Returns total_flops, gflops_per_audio_second, flops/shares per aggregate part (shares sum to 1) and
-    block_flops/block_shares per "block{i}.ffn|mhsa|conv" (shares of the same total)."""
+    Returns total_flops, gflops_per_audio_second, flops/shares per aggregate part (shares sum to 1),
+    block_flops/block_shares per "block{i}.ffn|mhsa|conv" (and "block{i}.projection" for a block with a projection
+    in front; shares of the same total), and streamed_flops / gflops_per_audio_second_streamed: the part that runs
+    chunk by chunk (for a cascade its first pass and first-pass CTC head; else everything but the decoder)."""
     device = next(model.parameters()).device
     frames = int(round(seconds / frame_shift_s))
     if decoder_tokens is None:
@@ -78,15 +112,20 @@ def count_flops(model, seconds, frame_shift_s=0.01, idim=80, decoder_tokens=None
 
     flops = dict.fromkeys(AGGREGATES, 0)
     flops["subsampling"] = per_module.get("asr.encoder.subsampling", 0)
-    flops["ctc_head"] = per_module.get("asr.ctc", 0)
+    flops["ctc_head"] = per_module.get("asr.ctc", 0) + per_module.get("asr.ctc_first", 0)
     flops["attention_decoder"] = per_module.get("asr.decoder", 0)
     block_flops = {}
     for i in range(len(model.encoder.blocks)):
+        if str(i) in model.encoder.projections:  # (1, T', D_{i-1}) -> (1, T', D_i) in front of block i
+            n = per_module.get(f"asr.encoder.projections.{i}", 0)
+            block_flops[f"block{i}.projection"] = n
+            flops["projection"] += n
         for attr, part in BLOCK_PARTS.items():
             n = per_module.get(f"asr.encoder.blocks.{i}.{attr}", 0)
             block_flops[f"block{i}.{part}"] = block_flops.get(f"block{i}.{part}", 0) + n
             flops[part] += n
     flops["other"] = total - sum(flops.values())  # whatever no part claims (none of the counted ops today)
+    streamed = streamed_flops(model, per_module)
 
     return dict(
         seconds=seconds,
@@ -100,6 +139,8 @@ def count_flops(model, seconds, frame_shift_s=0.01, idim=80, decoder_tokens=None
         shares={k: v / total for k, v in flops.items()},
         block_flops=block_flops,
         block_shares={k: v / total for k, v in block_flops.items()},
+        streamed_flops=streamed,
+        gflops_per_audio_second_streamed=streamed / 1e9 / seconds,
     )
 
 
@@ -120,6 +161,9 @@ def format_table(result, per_block=False):
     lines += [row(name, n) for name, n in result["flops"].items()]
     lines.append(row("total", total))
     lines.append(f"{'GFLOPs / audio s':<20}{result['gflops_per_audio_second']:>12.3f}")
+    if "streamed_flops" in result:  # results of older code lack it
+        lines.append(f"{'  streamed part':<20}{result['gflops_per_audio_second_streamed']:>12.3f}"
+                     f"{result['streamed_flops'] / total:>10.1%}")
     return "\n".join(lines)
 
 
@@ -139,6 +183,7 @@ def flops_report(cfg) -> dict:
     summary = {"model": cfg.model.name, "subsampling": cfg.model.subsampling, "seconds": f.seconds,
                "params_millions": round(count_params(model) / 1e6, 3),
                "gflops_per_audio_second": result["gflops_per_audio_second"],
+               "gflops_per_audio_second_streamed": result["gflops_per_audio_second_streamed"],
                "shares": {k: round(v, 6) for k, v in result["shares"].items()}}
     print(f"{cfg.model.name} ({cfg.model.subsampling} subsampling), {f.seconds:g} s of audio, "
           f"{summary['params_millions']} M parameters")

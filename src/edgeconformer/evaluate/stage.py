@@ -8,6 +8,12 @@ match the stabilized graph's options); this stage adds the exported program (MIL
 Per-utterance results (reference, hypothesis and errors of every mode) go to reports/<variant>/utterances.jsonl.
 WER is in percent (0-100). What cannot be measured on this machine is null, never a guess: wer_coreml and
 rtf_coreml need macOS; rtf_device_estimate is labelled an estimate by construction (evaluate/device.py).
+
+Practical-Conformer figures (docs/practical.md), for every model: attention_state_bytes (evaluate/state.py, at
+eval.flops.seconds) and gflops_per_audio_second_streamed (evaluate/flops.py). For a cascaded model also the
+streaming first pass alone: wer_first_pass_fp32 (PyTorch FP32, greedy CTC, the same utterances as wer_fp32),
+rtf_cpu_first_pass (the RTF protocol on the same audio as rtf_cpu) and per-utterance rows under "fp32_first_pass";
+these are null (rows: absent) for a model without a cascade.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from edgeconformer.data.manifest import write_json_atomic, write_jsonl_atomic
 from edgeconformer.errors import UserError
 from edgeconformer.evaluate.utterances import greedy_text, load_utterances, variant_paths
 from edgeconformer.evaluate.wer import score
+from edgeconformer.models.cascade import CascadedASR
+
+ROW_KEYS = ("hypothesis", "errors", "ref_words")  # what utterances.jsonl keeps of a score() row per mode
 
 
 def coreml_sim(package, utterances, tokenizer, reference: dict[str, torch.Tensor]) -> dict:
@@ -76,12 +85,45 @@ def read_precision_modes(path, options: dict) -> dict:
     return saved["modes"]
 
 
+def is_cascade(module) -> bool:
+    return isinstance(module.model, CascadedASR)
+
+
+@torch.no_grad()
+def first_pass_scores(module, utterances) -> dict:
+    """Cascade: the streaming first pass alone, PyTorch FP32, greedy CTC on every utterance (batch 1, no padding):
+    score() of its transcripts ({"wer", "cer", "utterances": rows, ...})."""
+    model = module.model.eval()
+    hyps = []
+    for u in utterances:
+        lengths = torch.tensor([u.feats.size(1)])
+        first, first_lengths = model.encode_first_pass(module.cmvn(u.feats, lengths), lengths)  # (1, T', D1)
+        log_probs = model.first_pass_log_probs(first)[0, : int(first_lengths[0])]  # (T', V)
+        hyps.append(greedy_text(log_probs, module.tokenizer))
+    return score([u.text for u in utterances], hyps, [u.id for u in utterances])
+
+
+def first_pass_metrics(module, utterances, rtf_inputs, rtf_cfg) -> dict:
+    """{"wer_first_pass_fp32", "rtf_cpu_first_pass", "rows"} of a cascaded model's first pass (rows: per utterance,
+    in `utterances` order); all None for a model without a cascade. rtf_inputs: the (waveform, seconds) pairs
+    rtf_cpu is measured on; rtf_cfg: eval.rtf (warmup, repeats, threads)."""
+    from edgeconformer.evaluate.rtf import measure_rtf, recognizer_fn
+
+    if not is_cascade(module):
+        return {"wer_first_pass_fp32": None, "rtf_cpu_first_pass": None, "rows": None}
+    s = first_pass_scores(module, utterances)
+    rtf = measure_rtf(recognizer_fn(module, first_pass=True), rtf_inputs, warmup=rtf_cfg.warmup,
+                      repeats=rtf_cfg.repeats, threads=rtf_cfg.threads)
+    return {"wer_first_pass_fp32": s["wer"], "rtf_cpu_first_pass": rtf["rtf_median"], "rows": s["utterances"]}
+
+
 def evaluate(cfg: DictConfig) -> dict:
     from edgeconformer.data.dataset import load_audio
     from edgeconformer.data.manifest import read_jsonl
     from edgeconformer.evaluate.device import estimate_all
     from edgeconformer.evaluate.flops import count_flops, count_params
     from edgeconformer.evaluate.rtf import measure_rtf, pick_by_duration, recognizer_fn
+    from edgeconformer.evaluate.state import attention_state_bytes
     from edgeconformer.export.stage import PACKAGE
     from edgeconformer.stabilize.precision import precision_model
     from edgeconformer.stabilize.stage import load_stabilized
@@ -114,9 +156,11 @@ def evaluate(cfg: DictConfig) -> dict:
 
     manifest = f"{cfg.data.out_dir}/manifests/{cfg.data.test_split}.jsonl"
     timed = pick_by_duration(read_jsonl(manifest), e.rtf.utterances)
-    rtf = measure_rtf(recognizer_fn(module), [(load_audio(r["audio_filepath"], uid=r["id"], manifest=manifest),
-                                               float(r["duration"])) for r in timed],
-                      warmup=e.rtf.warmup, repeats=e.rtf.repeats, threads=e.rtf.threads)
+    rtf_inputs = [(load_audio(r["audio_filepath"], uid=r["id"], manifest=manifest), float(r["duration"]))
+                  for r in timed]
+    rtf = measure_rtf(recognizer_fn(module), rtf_inputs, warmup=e.rtf.warmup, repeats=e.rtf.repeats,
+                      threads=e.rtf.threads)
+    first = first_pass_metrics(module, utts, rtf_inputs, e.rtf)
     d = e.device_estimate
     estimates = estimate_all(module.model, d.seconds, list(d.profiles), d.precision)
     flops = count_flops(module.model, e.flops.seconds, idim=module.fbank.n_mels,
@@ -142,6 +186,10 @@ def evaluate(cfg: DictConfig) -> dict:
         "flops_shares": flops["shares"],
         "gflops_per_audio_second": flops["gflops_per_audio_second"],
         "params_millions": count_params(module.model) / 1e6,
+        "gflops_per_audio_second_streamed": flops["gflops_per_audio_second_streamed"],
+        "attention_state_bytes": attention_state_bytes(module.model, e.flops.seconds),
+        "wer_first_pass_fp32": first["wer_first_pass_fp32"],
+        "rtf_cpu_first_pass": first["rtf_cpu_first_pass"],
         "n_utterances": len(utts),
         "audio_hours": sum(u.seconds for u in utts) / 3600,
         "split": cfg.data.test_split,
@@ -157,9 +205,11 @@ def evaluate(cfg: DictConfig) -> dict:
     for i, u in enumerate(utts):
         row = {"id": u.id, "reference": u.text, "seconds": round(u.seconds, 3)}
         for mode, m in modes.items():
-            row[mode] = {k: m["rows"][i][k] for k in ("hypothesis", "errors", "ref_words")}
+            row[mode] = {k: m["rows"][i][k] for k in ROW_KEYS}
+        if first["rows"] is not None:  # cascade: the streaming first pass alone
+            row["fp32_first_pass"] = {k: first["rows"][i][k] for k in ROW_KEYS}
         if i < len(sim["rows"]):
-            row["coreml_sim"] = {k: sim["rows"][i][k] for k in ("hypothesis", "errors", "ref_words")}
+            row["coreml_sim"] = {k: sim["rows"][i][k] for k in ROW_KEYS}
         rows.append(row)
     paths.report_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(paths.report_dir / "utterances.jsonl", rows)
@@ -170,11 +220,23 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
+def format_state(state: dict | None) -> str:
+    """attention_state_bytes -> "51,200 B attention (+0 B positions, 26,880 B conv caches) at 10 s"."""
+    if not state:
+        return "n/a"
+    return (f"{state['attention']:,} B attention (+{state['positions']:,} B positions, {state['conv']:,} B conv "
+            f"caches) at {state['seconds']:g} s")
+
+
 def format_metrics(m: dict) -> str:
     def pct(v):
         return "n/a" if v is None else f"{v:.2f}"
 
-    return "\n".join([
+    def num(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    streamed = m.get("gflops_per_audio_second_streamed")
+    lines = [
         f"evaluate@{m['variant']}: {m['n_utterances']} utterances ({m['audio_hours'] * 60:.1f} min) of {m['split']}",
         f"  WER %  fp32 {pct(m['wer_fp32'])}  fp16 {pct(m['wer_fp16'])}  fp16 unstabilized "
         f"{pct(m['wer_fp16_unstabilized'])}  Core ML (simulated) {pct(m['wer_coreml_sim'])}  Core ML "
@@ -183,4 +245,10 @@ def format_metrics(m: dict) -> str:
         f"thread(s))  Core ML {pct(m['rtf_coreml'])}  {m['device']} (estimate) {m['rtf_device_estimate']:.4f}",
         f"  FLOPs  {m['gflops_per_audio_second']:.3f} GFLOPs per audio second, subsampling share "
         f"{m['flops_subsampling_share']:.1%}; {m['params_millions']:.2f} M parameters",
-    ])
+        f"  stream {num(streamed, '.3f')} GFLOPs per audio second streamed; attention state "
+        f"{format_state(m.get('attention_state_bytes'))}",
+    ]
+    if m.get("wer_first_pass_fp32") is not None or m.get("rtf_cpu_first_pass") is not None:
+        lines.append(f"  first pass  WER % fp32 {pct(m.get('wer_first_pass_fp32'))}  RTF cpu "
+                     f"{num(m.get('rtf_cpu_first_pass'), '.4f')}")
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from edgeconformer.config import variant_name
 from edgeconformer.data.dataset import load_audio
 from edgeconformer.data.manifest import read_jsonl
 from edgeconformer.decoding import ctc_greedy
@@ -29,7 +30,7 @@ class VariantPaths:
 def variant_paths(cfg: DictConfig) -> VariantPaths:
     """DVC's fixed layout (models/<v>, reports/<v>, metrics/<v>.json) unless `out_dir` names one run folder
     (an ablation job), which then holds everything: checkpoints, reports/ and metrics.json."""
-    variant = cfg.get("variant") or cfg.model.subsampling
+    variant = variant_name(cfg)
     if cfg.get("out_dir"):
         root = Path(cfg.out_dir)
         return VariantPaths(variant, root, root / "reports", root / "metrics.json")

@@ -36,6 +36,7 @@ from edgeconformer.models.attention import (
     sinusoid,
 )
 from edgeconformer.models.attention import RelPositionalEncoding as OriginalRelPositionalEncoding
+from edgeconformer.models.performer import PerformerAttention as OriginalPerformer
 from edgeconformer.models.subsampling import KERNEL, STRIDE, conv_out_size
 from edgeconformer.stabilize.prenorm import PreNormLayerNorm
 from edgeconformer.stabilize.softmax import LUTSoftmax
@@ -189,6 +190,78 @@ class Attention(nn.Module):
         return self.out(torch.cat(heads, dim=3).transpose(1, 3))  # (B, T, 1, D) -> (B, D, 1, T)
 
 
+# FP16's smallest subnormal: the floor of a Performer's normaliser (a query whose weights all underflow gets 0,
+# not NaN); the trained model's 1e-30 is 0 in FP16.
+FP16_TINY = 2.0 ** -24
+MASKED = 1.0e4  # subtracted from the key shifts of masked keys: exp(-1e4) = 0 in every format, and finite in FP16
+
+
+class Performer(nn.Module):
+    """FAVOR+ attention (models/performer.py) on (B, C, 1, S), in the masked parallel form, one head at a time.
+
+    With a(q)_f = w_f.q' - |q'|^2/2 and b(k)_f = w_f.k' - |k'|^2/2 (x' = x / d^(1/4)), the trained model weighs key
+    j for query i by A_ij = sum_f exp(a_if) exp(b_jf) / m (a per-query constant removed from a_i). The key
+    features reach exp(|w_f|^2/2), about e^36 at d = 36, far past FP16's 65504 (e^11.1). `shift=True` computes
+    the same ratio from factors that are all <= 1 (docs/stabilization.md section 8):
+
+        A_ij = exp(beta_j - M_i) * sum_f exp(a_if - alpha_i) exp(b_jf - beta_j) / m   (times exp(alpha_i + M_i))
+
+    alpha_i = max_f a_if, beta_j = max_f b_jf (each key's own maximum: no key underflows as a whole) and
+    M_i = the maximum of beta_j over the keys query i sees, like a softmax's row maximum; the factor exp(alpha_i +
+    M_i) is one per query and cancels in the normalised ratio. So every product, partial sum and normaliser is
+    at most T: nothing overflows in FP16, for any input. Shifting keys by their own maximum couples a key to
+    nothing else, and M_i is taken over the visible keys only, so the chunk mask keeps its meaning exactly.
+    `shift=False` is the trained model's arithmetic (per-query maximum only), which overflows in FP16.
+
+    The parallel form costs O(T^2 m) per head, the order of a softmax layer: the graph is run once per utterance.
+    (Streaming on device would carry the recurrent (S, z) state of models/performer.py instead.)
+    """
+
+    def __init__(self, d_model, n_heads, n_features, shift=True):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads, self.d_head, self.n_features, self.shift = n_heads, d_model // n_heads, n_features, shift
+        self.query = conv1x1(d_model, d_model)
+        self.key = conv1x1(d_model, d_model)
+        self.value = conv1x1(d_model, d_model)
+        self.out = conv1x1(d_model, d_model)
+        self.register_buffer("features", torch.zeros(n_features, self.d_head))  # W: (m, d_head), the trained draw
+
+    def logits(self, x):
+        # x: (B, d, 1, T) one head's queries or keys -> (B, m, 1, T): w_f.x' - |x'|^2 / 2, a 1x1 convolution by W
+        x = x * self.d_head ** -0.25
+        return F.conv2d(x, self.features[:, :, None, None]) - 0.5 * (x * x).sum(1, keepdim=True)
+
+    def forward(self, x, mask=None, pos=None):
+        # x: (B, D, 1, T); mask: (1, T, 1, T) True where query i may attend key j, or None; pos: unused (a Performer
+        # has no score matrix to add relative positions to, as in the trained model)
+        d = self.d_head
+        q = self.query(x).split(d, dim=1)  # H x (B, d, 1, T)
+        k = self.key(x).split(d, dim=1)
+        v = self.value(x).transpose(1, 3).split(d, dim=3)  # H x (B, T, 1, d)
+        heads = []
+        for h in range(self.n_heads):
+            a = self.logits(q[h])
+            qf = torch.exp(a - a.amax(1, keepdim=True)).transpose(1, 3)  # (B, Tq, 1, m), max 1 per query
+            b = self.logits(k[h])  # (B, m, 1, Tk)
+            if self.shift:
+                beta = b.amax(1, keepdim=True)  # (B, 1, 1, Tk)
+                kf = torch.exp(b - beta)  # max 1 per key
+            else:
+                kf = torch.exp(b)
+            weights = torch.einsum("bqhc,bchk->bqhk", qf, kf) * (1.0 / self.n_features)  # (B, Tq, 1, Tk)
+            if self.shift:
+                if mask is not None:
+                    beta = beta + (mask.to(beta.dtype) - 1.0) * MASKED  # (B, Tq, 1, Tk)
+                weights = weights * torch.exp(beta - beta.amax(3, keepdim=True))  # 0 for masked keys
+            elif mask is not None:
+                weights = weights * mask.to(weights.dtype)
+            norm = weights.sum(3, keepdim=True).clamp_min(FP16_TINY)  # (B, Tq, 1, 1)
+            heads.append(torch.einsum("bqhk,bkhc->bqhc", weights, v[h]) / norm)  # (B, Tq, 1, d)
+        return self.out(torch.cat(heads, dim=3).transpose(1, 3))  # (B, T, 1, D) -> (B, D, 1, T)
+
+
 class FeedForward(nn.Module):
     def __init__(self, d_model, ff_dim, norm):
         super().__init__()
@@ -243,20 +316,26 @@ class ConformerBlock(nn.Module):
 
 class Encoder(nn.Module):
     def __init__(self, idim, dims, kernel_size, subsampling_factor, dws, subsampling_channels, pos, causal,
-                 chunk_size, left_chunks, conv_norm, conv_only_layers, first_pass_layers, max_len, norm, softmax):
+                 chunk_size, left_chunks, conv_norm, conv_only_layers, first_pass_layers, max_len, norm, softmax,
+                 performer_blocks=(), performer_features=64, performer_shift=True):
         super().__init__()
         self.chunk_size, self.left_chunks, self.first_pass_layers = chunk_size, left_chunks, first_pass_layers
         d0 = dims[0][0]
         self.subsampling = Subsampling(idim, d0, subsampling_channels or d0, subsampling_factor, dws)
         if pos == "rel":
-            widths = [d for i, (d, _, _) in enumerate(dims) if i >= conv_only_layers]
+            widths = [d for i, (d, _, _) in enumerate(dims) if i >= conv_only_layers and i not in performer_blocks]
             self.pos_enc = RelPositionalEncoding(d0, widths, max_len)
         else:
             self.pos_enc = AbsolutePositionalEncoding(d0, max_len)
         n_first = first_pass_layers or len(dims)
         blocks = []
         for i, (d, h, f) in enumerate(dims):
-            attention = None if i < conv_only_layers else Attention(d, h, pos == "rel", softmax())
+            if i < conv_only_layers:
+                attention = None
+            elif i in performer_blocks:
+                attention = Performer(d, h, performer_features, performer_shift)
+            else:
+                attention = Attention(d, h, pos == "rel", softmax())
             # second-pass blocks of a cascade see the whole utterance: centred kernel, full attention
             blocks.append(ConformerBlock(d, f, kernel_size, causal and i < n_first, conv_norm, norm, attention))
         self.blocks = nn.ModuleList(blocks)
@@ -289,7 +368,8 @@ class ANEConformer(nn.Module):
                  subsampling_factor=4, dws_subsampling=False, subsampling_channels=None, pos="rel", causal=False,
                  chunk_size=0, left_chunks=-1, norm="layer", conv_only_layers=0, block_dims=None,
                  first_pass_layers=0, max_len=5000, cmvn=False, prenorm="none", p=2, fmt="fp16", softmax="exact",
-                 lut_size=256, lut_range=16.0, lut_interp="linear", lut_max_squarings=None):
+                 lut_size=256, lut_range=16.0, lut_interp="linear", lut_max_squarings=None, performer_blocks=(),
+                 performer_features=64, performer_shift=False):
         super().__init__()
         if pos not in ("rel", "abs"):
             raise ValueError(f"pos must be 'rel' or 'abs', got {pos!r}")
@@ -315,14 +395,17 @@ class ANEConformer(nn.Module):
         self.cmvn = InputCMVN(idim) if cmvn else None
         self.encoder = Encoder(idim, dims, kernel_size, subsampling_factor, dws_subsampling, subsampling_channels, pos,
                                causal, chunk_size, left_chunks, norm, conv_only_layers, first_pass_layers, max_len,
-                               layer_norm, make_softmax)
+                               layer_norm, make_softmax, tuple(performer_blocks), performer_features, performer_shift)
         self.ctc = conv1x1(dims[-1][0], vocab_size)
 
     @classmethod
     def from_asr(cls, asr, cmvn=None, prenorm="none", p=2, fmt="fp16", softmax="exact", lut_size=256,
-                 lut_range=16.0, lut_interp="linear", lut_max_squarings=None, max_len=None) -> "ANEConformer":
+                 lut_range=16.0, lut_interp="linear", lut_max_squarings=None, performer_shift=False,
+                 max_len=None) -> "ANEConformer":
         """A trained DualDecoderASR's encoder + CTC head (and GlobalCMVN, if given) -> ANEConformer in eval mode.
 
+        performer_shift: the FP16-safe arithmetic of Performer blocks (see `Performer`); False is the trained
+        model's own, which overflows FP16 (both are the same function in exact arithmetic).
         max_len: encoder frames the position table covers (default: the trained model's); an export sizes it to
         its longest input, since the table ships as weights."""
         if not isinstance(asr, DualDecoderASR):
@@ -334,10 +417,14 @@ class ANEConformer(nn.Module):
         conv_only = has_attention.index(True) if any(has_attention) else len(has_attention)
         if not all(has_attention[conv_only:]):
             raise ValueError("convolution-only blocks must all come before the attention blocks")
+        performers = [i for i, b in enumerate(enc.blocks) if isinstance(getattr(b, "mhsa", None), OriginalPerformer)]
         for b in enc.blocks[conv_only:]:
-            if type(b.mhsa) not in (MultiHeadAttention, RelPositionMultiHeadAttention):
+            if type(b.mhsa) not in (MultiHeadAttention, RelPositionMultiHeadAttention, OriginalPerformer):
                 raise ValueError(f"{type(b.mhsa).__name__} has no ANE form; supported: softmax attention "
-                                 "(MultiHeadAttention, RelPositionMultiHeadAttention)")
+                                 "(MultiHeadAttention, RelPositionMultiHeadAttention) and PerformerAttention")
+        n_features = {enc.blocks[i].mhsa.n_features for i in performers}
+        if len(n_features) > 1:
+            raise ValueError(f"Performer blocks with different feature counts {sorted(n_features)}")
         rel = isinstance(enc.pos_enc, OriginalRelPositionalEncoding)
         # per block (width, heads, feed-forward size); heads are unused in convolution-only blocks
         dims = [(b.ffn1.up.in_features, b.mhsa.n_heads if i >= conv_only else 1, b.ffn1.up.out_features)
@@ -360,7 +447,8 @@ class ANEConformer(nn.Module):
             block_dims=dims, first_pass_layers=getattr(enc, "first_pass_layers", 0),
             max_len=max_len or (pos_enc.max_len if rel else pos_enc.pe.size(0)), cmvn=cmvn is not None, prenorm=prenorm, p=p,
             fmt=fmt, softmax=softmax, lut_size=lut_size, lut_range=lut_range,
-            lut_interp=lut_interp, lut_max_squarings=lut_max_squarings,
+            lut_interp=lut_interp, lut_max_squarings=lut_max_squarings, performer_blocks=performers,
+            performer_features=n_features.pop() if n_features else 64, performer_shift=performer_shift,
         )
 
         # Same names on both sides, only shapes change (Linear (o, i) -> (o, i, 1, 1), depthwise (D, 1, K) ->

@@ -20,8 +20,9 @@
   their float32 accumulators (log_softmax already rounds its denominator to FP16).
 
 The pipeline's precision modes (`MODES`): "fp32" is the original PyTorch model; "fp16_unstabilized" the
-ANE-layout model with plain LayerNorm and exact softmax in float16; "fp16" the ANE-layout model with the
-configured pre-normalizer and the LUT softmax in float16. `precision_model` builds one, `greedy_transcripts`
+ANE-layout model with plain LayerNorm, exact softmax and the Performer's own (unshifted) features in float16;
+"fp16" the ANE-layout model with the configured pre-normalizer, the LUT softmax and shifted Performer features
+in float16. `precision_model` builds one, `greedy_transcripts`
 decodes utterances with it and counts non-finite log-probs per utterance.
 """
 
@@ -346,12 +347,13 @@ class PrecisionModel:
 
 def precision_model(asr, mode: str, cmvn: nn.Module | None = None, prenorm: str = "mad", p: int = 2,
                     fmt: str = "fp16", softmax: str = "lut", lut_size: int = 256, lut_range: float = 16.0,
-                    lut_interp: str = "linear", lut_max_squarings=None, accumulate: str = "native",
-                    force_fp32: Iterable[str] = ()) -> PrecisionModel:
+                    lut_interp: str = "linear", lut_max_squarings=None, performer_shift: bool = True,
+                    accumulate: str = "native", force_fp32: Iterable[str] = ()) -> PrecisionModel:
     """A trained DualDecoderASR (+ its GlobalCMVN, or None when features are already normalised) in one of MODES.
 
-    prenorm/p/fmt/softmax/lut_* configure the stabilized "fp16" mode; "fp16_unstabilized" always uses prenorm
-    "none" and the exact softmax; accumulate/force_fp32 configure the simulation of both FP16 modes."""
+    prenorm/p/fmt/softmax/lut_*/performer_shift configure the stabilized "fp16" mode; "fp16_unstabilized" always
+    uses prenorm "none", the exact softmax and the Performer's unshifted features; accumulate/force_fp32 configure
+    the simulation of both FP16 modes."""
     from edgeconformer.models.asr import DualDecoderASR
     from edgeconformer.stabilize.ane import ANEConformer
     from edgeconformer.stabilize.prenorm import PreNormLayerNorm
@@ -375,9 +377,10 @@ def precision_model(asr, mode: str, cmvn: nn.Module | None = None, prenorm: str 
 
         return PrecisionModel(mode, model, forward, None)
     if mode == "fp16_unstabilized":
-        prenorm, softmax = "none", "exact"
+        prenorm, softmax, performer_shift = "none", "exact", False
     ane = ANEConformer.from_asr(asr, cmvn, prenorm=prenorm, p=p, fmt=fmt, softmax=softmax, lut_size=lut_size,
-                                lut_range=lut_range, lut_interp=lut_interp, lut_max_squarings=lut_max_squarings)
+                                lut_range=lut_range, lut_interp=lut_interp, lut_max_squarings=lut_max_squarings,
+                                performer_shift=performer_shift)
     half = to_precision(ane, "fp16").eval()
     if accumulate == "fp16":
         # The LayerNorms' own device algorithm: every reduction rounded after each addition, means taken as sums of

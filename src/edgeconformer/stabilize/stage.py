@@ -41,7 +41,7 @@ def ane_options(s: DictConfig) -> dict:
     """conf/stabilize -> ANEConformer.from_asr keyword arguments of the stabilized graph."""
     return dict(prenorm=s.prenorm, p=int(s.p), fmt=s.format, softmax=s.softmax.kind,
                 lut_size=int(s.softmax.table_size), lut_range=float(s.softmax.range), lut_interp=s.softmax.interp,
-                lut_max_squarings=s.softmax.get("max_squarings"))
+                lut_max_squarings=s.softmax.get("max_squarings"), performer_shift=bool(s.get("performer_shift", True)))
 
 
 def save_stabilized(ane, options: dict, path: Path) -> None:
