@@ -345,11 +345,10 @@ def test_performer_fp16_shift_keeps_features_finite(chunk):
         plain = half(x.half(), mask).float()
     torch.testing.assert_close(fp32, ref, atol=1e-4, rtol=0)
     assert torch.isfinite(shifted).all()
-    # What is left is FP16's resolution of the feature logits themselves (w.k' ~ 32 rounds to 1/64, so weights move
-    # by ~2%), as for a softmax over FP16 scores: measured max |diff| 0.10 (chunk 0) / 0.03 (chunk 4) on outputs
-    # up to 7.6, relative error of the whole output 6e-3 / 1.4e-3.
-    torch.testing.assert_close(shifted, ref, atol=0.15, rtol=0)
-    assert (shifted - ref).norm() / ref.norm() < 1e-2
+    # What is left is FP16's rounding of the feature logits (w.k' ~ 32 rounds to 1/64): measured max |diff| 0.012
+    # (chunk 0) / 0.034 (chunk 4) on outputs up to 7.6, relative error of the whole output 8e-4 / 1.4e-3.
+    torch.testing.assert_close(shifted, ref, atol=0.1, rtol=0)
+    assert (shifted - ref).norm() / ref.norm() < 5e-3
     assert not torch.isfinite(plain).all()  # inf / inf = NaN where the plain features overflow
 
 

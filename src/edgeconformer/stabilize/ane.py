@@ -202,15 +202,15 @@ class Performer(nn.Module):
     With a(q)_f = w_f.q' - |q'|^2/2 and b(k)_f = w_f.k' - |k'|^2/2 (x' = x / d^(1/4)), the trained model weighs key
     j for query i by A_ij = sum_f exp(a_if) exp(b_jf) / m (a per-query constant removed from a_i). The key
     features reach exp(|w_f|^2/2), about e^36 at d = 36, far past FP16's 65504 (e^11.1). `shift=True` computes
-    the same ratio from factors that are all <= 1 (docs/stabilization.md section 8):
+    the same ratio from bounded factors (docs/stabilization.md section 8):
 
-        A_ij = exp(beta_j - M_i) * sum_f exp(a_if - alpha_i) exp(b_jf - beta_j) / m   (times exp(alpha_i + M_i))
+        A_ij = c_i * exp(beta_j - M_i) * sum_f exp(a_if - alpha_i) exp(b_jf - beta_j)
 
     alpha_i = max_f a_if, beta_j = max_f b_jf (each key's own maximum: no key underflows as a whole) and
-    M_i = the maximum of beta_j over the keys query i sees, like a softmax's row maximum; the factor exp(alpha_i +
-    M_i) is one per query and cancels in the normalised ratio. So every product, partial sum and normaliser is
-    at most T: nothing overflows in FP16, for any input. Shifting keys by their own maximum couples a key to
-    nothing else, and M_i is taken over the visible keys only, so the chunk mask keeps its meaning exactly.
+    M_i = the maximum of beta_j over the keys query i sees, like a softmax's row maximum; c_i (one number per query)
+    cancels in the normalised ratio, and so does the division of each row by its maximum. So every weight is <= 1
+    and the normaliser <= T: nothing overflows in FP16, for any input. Shifting keys by their own maximum couples a
+    key to nothing else, and M_i is taken over the visible keys only, so the chunk mask keeps its meaning exactly.
     `shift=False` is the trained model's arithmetic (per-query maximum only), which overflows in FP16.
 
     The parallel form costs O(T^2 m) per head, the order of a softmax layer: the graph is run once per utterance.
@@ -247,16 +247,18 @@ class Performer(nn.Module):
             b = self.logits(k[h])  # (B, m, 1, Tk)
             if self.shift:
                 beta = b.amax(1, keepdim=True)  # (B, 1, 1, Tk)
-                kf = torch.exp(b - beta)  # max 1 per key
-            else:
-                kf = torch.exp(b)
-            weights = torch.einsum("bqhc,bchk->bqhk", qf, kf) * (1.0 / self.n_features)  # (B, Tq, 1, Tk)
-            if self.shift:
+                # The feature sum in (0, m], unscaled: the trained model's 1/m would push small weights into FP16's
+                # subnormals (measured: 8x the log-prob error). Then row i's per-key factors, and the row scaled
+                # to a maximum of 1 (a per-query constant), so the normaliser stays <= T for any input.
+                weights = torch.einsum("bqhc,bchk->bqhk", qf, torch.exp(b - beta))  # (B, Tq, 1, Tk)
                 if mask is not None:
                     beta = beta + (mask.to(beta.dtype) - 1.0) * MASKED  # (B, Tq, 1, Tk)
                 weights = weights * torch.exp(beta - beta.amax(3, keepdim=True))  # 0 for masked keys
-            elif mask is not None:
-                weights = weights * mask.to(weights.dtype)
+                weights = weights / weights.amax(3, keepdim=True).clamp_min(FP16_TINY)
+            else:  # the trained model's arithmetic
+                weights = torch.einsum("bqhc,bchk->bqhk", qf, torch.exp(b)) * (1.0 / self.n_features)
+                if mask is not None:
+                    weights = weights * mask.to(weights.dtype)
             norm = weights.sum(3, keepdim=True).clamp_min(FP16_TINY)  # (B, Tq, 1, 1)
             heads.append(torch.einsum("bqhk,bkhc->bqhc", weights, v[h]) / norm)  # (B, Tq, 1, d)
         return self.out(torch.cat(heads, dim=3).transpose(1, 3))  # (B, T, 1, D) -> (B, D, 1, T)
