@@ -63,3 +63,14 @@ def data_dir(tmp_path_factory):
     prepare(cfg)
     tokenize(cfg)
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared machine spinning threads get descheduled."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,13 +16,7 @@ IDIM = 20
 VOCAB = 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine is shared: tiny models run fastest on one thread anyway.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_encoder(**kwargs):

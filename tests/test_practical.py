@@ -32,13 +32,7 @@ IDIM = 20
 VOCAB = 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared machine spinning threads get descheduled.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_encoder(**kwargs):

@@ -64,6 +64,7 @@ def test_hydra_mode_applies_the_variant_under_the_command_line(tmp_path):
         "from omegaconf import OmegaConf\n"
         "from edgeconformer.config import run_stage\n"
         "def show(cfg):\n"
+        "    assert 'hydra' not in cfg\n"
         "    print('CFG=' + json.dumps(OmegaConf.to_container(cfg.model, resolve=True)))\n"
         "run_stage(show)\n")
     proc = subprocess.run([sys.executable, str(script), "variant=practical", "model.encoder.performer_features=32",

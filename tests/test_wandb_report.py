@@ -8,7 +8,8 @@ from edgeconformer.wandb_report import SUMMARY_KEYS, log_job, read_offline_run, 
 METRICS = {"variant": "dws", "wer_fp32": 30.0, "wer_fp16": 30.25, "wer_fp16_unstabilized": 97.5,
            "wer_coreml_sim": 30.25, "rtf_cpu": 0.012, "rtf_device_estimate": 0.05, "flops_subsampling_share": 0.07,
            "flops_shares": {"subsampling": 0.07, "mhsa": 0.3}, "gflops_per_audio_second": 1.5,
-           "params_millions": 5.1, "wer_coreml": None, "machine": {"cpu": "x"}}
+           "params_millions": 5.1, "wer_coreml": None, "machine": {"cpu": "x"},
+           "attention_state_bytes": {"seconds": 10.0, "attention": 51200, "positions": 0, "conv": 26880}}
 
 
 def test_offline_runs_record_config_summary_and_group(tmp_path, monkeypatch):
@@ -24,6 +25,7 @@ def test_offline_runs_record_config_summary_and_group(tmp_path, monkeypatch):
     for k in SUMMARY_KEYS:
         assert s[k] == pytest.approx(METRICS[k])
     assert s["flops_share/mhsa"] == pytest.approx(0.3)
+    assert s["attention_state_bytes/attention"] == 51200 and s["attention_state_bytes/conv"] == 26880
     assert s["delta/wer_fp16"] == pytest.approx(0.25)
     assert s["delta/wer_fp16_unstabilized"] == pytest.approx(67.5)
     assert "wer_coreml" not in s and "machine" not in s  # nulls and nested facts are not summary scalars
@@ -43,7 +45,9 @@ def test_report_spec_panels_filter_the_sweep_group():
     assert grid.runsets[0].filters == "Group == 'sweep-a'"
     assert grid.runsets[0].project == "edgeconformer" and grid.runsets[0].entity == "me"
     titles = [p.title for p in grid.panels]
-    assert titles == ["WER vs FLOPs", "FLOP share by module", "Real-time factor", "FP16 WER deltas (points vs FP32)"]
+    assert titles == ["WER vs FLOPs", "FLOP share by module", "Real-time factor", "FP16 WER deltas (points vs FP32)",
+                      "WER vs attention state per streaming step", "Streamed part: GFLOPs per audio second"]
+    assert grid.panels[4].x.name == "attention_state_bytes/attention"
     scatter = grid.panels[0]
     assert (scatter.x.name, scatter.y.name) == ("gflops_per_audio_second", "wer_fp32")
     deltas = {m.name for m in grid.panels[3].metrics}

@@ -70,13 +70,15 @@ def _hydra_given(cfg: DictConfig) -> DictConfig:
     # Hydra composed for them, to re-apply after the variant's overrides.
     from hydra.core.hydra_config import HydraConfig
 
-    given = OmegaConf.create({})
+    given, absent = OmegaConf.create({}), object()
     for o in HydraConfig.get().overrides.task:
         key, sep, _ = o.partition("=")
         key = key.lstrip("+")
-        if not sep or key.startswith("~") or "@" in key or (CONF_DIR / key).is_dir():
+        if not sep or key.startswith(("~", "hydra.")) or "@" in key or (CONF_DIR / key).is_dir():
             continue
-        OmegaConf.update(given, key, OmegaConf.select(cfg, key), force_add=True)
+        value = OmegaConf.select(cfg, key, default=absent)
+        if value is not absent:
+            OmegaConf.update(given, key, value, force_add=True)
     return given
 
 

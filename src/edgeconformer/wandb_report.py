@@ -31,6 +31,10 @@ def log_job(metrics: dict, config: dict, *, project: str, entity: str | None, gr
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for part, share in (metrics.get("flops_shares") or {}).items():
         summary[f"flops_share/{part}"] = share
+    state = metrics.get("attention_state_bytes") or {}
+    for part in ("attention", "positions", "conv"):  # the streaming state (evaluate/state.py), bytes
+        if isinstance(state.get(part), int):
+            summary[f"attention_state_bytes/{part}"] = state[part]
     for key in ("wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim"):
         if metrics.get(key) is not None and metrics.get("wer_fp32") is not None:
             summary[f"delta/{key}"] = metrics[key] - metrics["wer_fp32"]
@@ -44,7 +48,8 @@ def log_job(metrics: dict, config: dict, *, project: str, entity: str | None, gr
 
 
 def report_spec(project: str, entity: str | None, group: str | None, title: str | None = None):
-    """The Report (not saved): a run set filtered to the sweep's group and the four panels."""
+    """The Report (not saved): a run set filtered to the sweep's group and its panels (paper 1: WER/FLOPs, FLOP
+    share, RTF, FP16 deltas; paper 2: the streaming cost per job)."""
     import wandb_workspaces.reports.v2 as wr
 
     runset = wr.Runset(entity=entity or "", project=project, name=group or "all runs",
@@ -59,6 +64,10 @@ def report_spec(project: str, entity: str | None, group: str | None, title: str 
         wr.BarPlot(title="FP16 WER deltas (points vs FP32)",
                    metrics=[wr.SummaryMetric("delta/wer_fp16"), wr.SummaryMetric("delta/wer_fp16_unstabilized"),
                             wr.SummaryMetric("delta/wer_coreml_sim")], orientation="v"),
+        wr.ScatterPlot(title="WER vs attention state per streaming step",
+                       x=wr.SummaryMetric("attention_state_bytes/attention"), y=wr.SummaryMetric("wer_fp32")),
+        wr.BarPlot(title="Streamed part: GFLOPs per audio second",
+                   metrics=[wr.SummaryMetric("gflops_per_audio_second_streamed")], orientation="v"),
     ]
     return wr.Report(project=project, entity=entity or "", title=title or f"edgeconformer: {group or project}",
                      description="WER, FLOPs, RTF and FP16 stability per job of an edgeconformer sweep.",
