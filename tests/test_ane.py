@@ -399,3 +399,17 @@ def test_trained_model_transcripts_match():
         worst = max(worst, float((enc - enc_ref).abs().max()))
         assert module.tokenizer.decode(ctc_greedy(lp[0])) == module.tokenizer.decode(ctc_greedy(lp_ref[0]))
     assert worst < ATOL, worst
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_performer_fp32_with_tiny_weights(shift):
+    # Large keys, |k'|^2 / 2 ~ 45 against w.k' up to ~20: every key feature is below e^-20, so the trained model's
+    # normaliser is far below FP16's 2^-24. Both arithmetics must still equal it in FP32 (the plain one once
+    # floored it at 2^-24: 0.1 off on a trained Performer with d_head 36).
+    layer, _ = _aligned_keys()
+    layer.shift = shift
+    x = torch.randn(1, 64, 1, 24, generator=torch.Generator().manual_seed(5)) * 4.0
+    ref = _performer_reference(layer, x, None).float()
+    with torch.no_grad():
+        out = layer(x, None)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)

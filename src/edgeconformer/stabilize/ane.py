@@ -36,6 +36,7 @@ from edgeconformer.models.attention import (
     sinusoid,
 )
 from edgeconformer.models.attention import RelPositionalEncoding as OriginalRelPositionalEncoding
+from edgeconformer.models.performer import TINY as TRAINED_TINY
 from edgeconformer.models.performer import PerformerAttention as OriginalPerformer
 from edgeconformer.models.subsampling import KERNEL, STRIDE, conv_out_size
 from edgeconformer.stabilize.prenorm import PreNormLayerNorm
@@ -255,11 +256,13 @@ class Performer(nn.Module):
                     beta = beta + (mask.to(beta.dtype) - 1.0) * MASKED  # (B, Tq, 1, Tk)
                 weights = weights * torch.exp(beta - beta.amax(3, keepdim=True))  # 0 for masked keys
                 weights = weights / weights.amax(3, keepdim=True).clamp_min(FP16_TINY)
-            else:  # the trained model's arithmetic
+                floor = FP16_TINY
+            else:  # the trained model's arithmetic, its floor included (0 in FP16: 0/0 where all weights underflow)
                 weights = torch.einsum("bqhc,bchk->bqhk", qf, torch.exp(b)) * (1.0 / self.n_features)
                 if mask is not None:
                     weights = weights * mask.to(weights.dtype)
-            norm = weights.sum(3, keepdim=True).clamp_min(FP16_TINY)  # (B, Tq, 1, 1)
+                floor = TRAINED_TINY
+            norm = weights.sum(3, keepdim=True).clamp_min(floor)  # (B, Tq, 1, 1)
             heads.append(torch.einsum("bqhk,bkhc->bqhc", weights, v[h]) / norm)  # (B, Tq, 1, d)
         return self.out(torch.cat(heads, dim=3).transpose(1, 3))  # (B, T, 1, D) -> (B, D, 1, T)
 
