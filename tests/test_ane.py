@@ -401,14 +401,16 @@ def test_trained_model_transcripts_match():
     assert worst < ATOL, worst
 
 
-@pytest.mark.parametrize("shift", [False, True])
-def test_performer_fp32_with_tiny_weights(shift):
-    # Large keys, |k'|^2 / 2 ~ 45 against w.k' up to ~20: every key feature is below e^-20, so the trained model's
-    # normaliser is far below FP16's 2^-24. Both arithmetics must still equal it in FP32 (the plain one once
-    # floored it at 2^-24: 0.1 off on a trained Performer with d_head 36).
+@pytest.mark.parametrize("shift, scale", [(False, 4.0), (True, 4.0), (True, 8.0)])
+def test_performer_fp32_with_tiny_weights(shift, scale):
+    # Large keys and queries: at scale 4, |x'|^2 / 2 ~ 45 against w.x' up to ~20, every key feature is below e^-20
+    # and the trained model's normaliser far below FP16's 2^-24; at scale 8 (|x'|^2 / 2 ~ 180) whole rows of the
+    # shifted weights fall below 2^-24 too, and the plain features below FP32's range (e^-100), so only the
+    # shifted arithmetic can still equal the float64 result there. Floors of 2^-24 on the divisors put scale 8
+    # 10.6 off, and a trained Performer with d_head 36 0.1 off.
     layer, _ = _aligned_keys()
     layer.shift = shift
-    x = torch.randn(1, 64, 1, 24, generator=torch.Generator().manual_seed(5)) * 4.0
+    x = torch.randn(1, 64, 1, 24, generator=torch.Generator().manual_seed(5)) * scale
     ref = _performer_reference(layer, x, None).float()
     with torch.no_grad():
         out = layer(x, None)

@@ -191,10 +191,13 @@ class Attention(nn.Module):
         return self.out(torch.cat(heads, dim=3).transpose(1, 3))  # (B, T, 1, D) -> (B, D, 1, T)
 
 
-# FP16's smallest subnormal: the floor of a Performer's normaliser (a query whose weights all underflow gets 0,
-# not NaN); the trained model's 1e-30 is 0 in FP16.
-FP16_TINY = 2.0 ** -24
 MASKED = 1.0e4  # subtracted from the key shifts of masked keys: exp(-1e4) = 0 in every format, and finite in FP16
+
+
+def nonzero(x):
+    # x where x != 0, else 1: a divisor that leaves every nonzero value exact (no floor constant, which FP16 would
+    # round to 0 or which would change tiny FP32 values) and turns 0/0 into 0/1.
+    return x + (x == 0).to(x.dtype)
 
 
 class Performer(nn.Module):
@@ -255,14 +258,13 @@ class Performer(nn.Module):
                 if mask is not None:
                     beta = beta + (mask.to(beta.dtype) - 1.0) * MASKED  # (B, Tq, 1, Tk)
                 weights = weights * torch.exp(beta - beta.amax(3, keepdim=True))  # 0 for masked keys
-                weights = weights / weights.amax(3, keepdim=True).clamp_min(FP16_TINY)
-                floor = FP16_TINY
+                weights = weights / nonzero(weights.amax(3, keepdim=True))
+                norm = nonzero(weights.sum(3, keepdim=True))  # >= 1 unless every weight of the row is 0
             else:  # the trained model's arithmetic, its floor included (0 in FP16: 0/0 where all weights underflow)
                 weights = torch.einsum("bqhc,bchk->bqhk", qf, torch.exp(b)) * (1.0 / self.n_features)
                 if mask is not None:
                     weights = weights * mask.to(weights.dtype)
-                floor = TRAINED_TINY
-            norm = weights.sum(3, keepdim=True).clamp_min(floor)  # (B, Tq, 1, 1)
+                norm = weights.sum(3, keepdim=True).clamp_min(TRAINED_TINY)  # (B, Tq, 1, 1)
             heads.append(torch.einsum("bqhk,bkhc->bqhc", weights, v[h]) / norm)  # (B, Tq, 1, d)
         return self.out(torch.cat(heads, dim=3).transpose(1, 3))  # (B, T, 1, D) -> (B, D, 1, T)
 
