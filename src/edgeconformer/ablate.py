@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from edgeconformer.config import variant_name
 from edgeconformer.errors import UserError
 
 
@@ -39,11 +40,11 @@ def job_name(cfg: DictConfig, argv: list[str] | None = None) -> str:
 
         task = list(HydraConfig.get().overrides.task)
     except (ImportError, ValueError):
-        return f"{cfg.model.name}-{cfg.model.subsampling}"
+        return f"{cfg.model.name}-{variant_name(cfg)}"
     swept = {a.split("=", 1)[0].lstrip("+~") for a in (sys.argv[1:] if argv is None else argv)
              if "=" in a and _is_sweep(a.split("=", 1)[1])}
     mine = [o for o in task if o.split("=", 1)[0].lstrip("+~") in swept] or task
-    return ",".join(mine) or f"{cfg.model.name}-{cfg.model.subsampling}"
+    return ",".join(mine) or f"{cfg.model.name}-{variant_name(cfg)}"
 
 
 def job_dir(cfg: DictConfig) -> Path:
@@ -68,7 +69,7 @@ def ablate(cfg: DictConfig) -> dict:
     out = job_dir(cfg)
     with open_dict(cfg):
         cfg.out_dir = str(out)
-        cfg.variant = cfg.get("variant") or cfg.model.subsampling
+        cfg.variant = variant_name(cfg)
     train(cfg)
     stabilize(cfg)
     export(cfg)

@@ -244,6 +244,8 @@ class Performer(nn.Module):
         q = self.query(x).split(d, dim=1)  # H x (B, d, 1, T)
         k = self.key(x).split(d, dim=1)
         v = self.value(x).transpose(1, 3).split(d, dim=3)  # H x (B, T, 1, d)
+        # the mask as 1/0 numbers, once per layer: a multiplier (plain) or a -1e4 bias on masked keys' shifts
+        keep = None if mask is None else mask.to(x.dtype)  # (1, Tq, 1, Tk)
         heads = []
         for h in range(self.n_heads):
             a = self.logits(q[h])
@@ -255,15 +257,15 @@ class Performer(nn.Module):
                 # subnormals (measured: 8x the log-prob error). Then row i's per-key factors, and the row scaled
                 # to a maximum of 1 (a per-query constant), so the normaliser stays <= T for any input.
                 weights = torch.einsum("bqhc,bchk->bqhk", qf, torch.exp(b - beta))  # (B, Tq, 1, Tk)
-                if mask is not None:
-                    beta = beta + (mask.to(beta.dtype) - 1.0) * MASKED  # (B, Tq, 1, Tk)
+                if keep is not None:
+                    beta = beta + (keep - 1.0) * MASKED  # (B, Tq, 1, Tk)
                 weights = weights * torch.exp(beta - beta.amax(3, keepdim=True))  # 0 for masked keys
                 weights = weights / nonzero(weights.amax(3, keepdim=True))
                 norm = nonzero(weights.sum(3, keepdim=True))  # >= 1 unless every weight of the row is 0
             else:  # the trained model's arithmetic, its floor included (0 in FP16: 0/0 where all weights underflow)
                 weights = torch.einsum("bqhc,bchk->bqhk", qf, torch.exp(b)) * (1.0 / self.n_features)
-                if mask is not None:
-                    weights = weights * mask.to(weights.dtype)
+                if keep is not None:
+                    weights = weights * keep
                 norm = weights.sum(3, keepdim=True).clamp_min(TRAINED_TINY)  # (B, Tq, 1, 1)
             heads.append(torch.einsum("bqhk,bkhc->bqhc", weights, v[h]) / norm)  # (B, Tq, 1, d)
         return self.out(torch.cat(heads, dim=3).transpose(1, 3))  # (B, T, 1, D) -> (B, D, 1, T)
