@@ -16,21 +16,12 @@ from pathlib import Path
 from edgeconformer.decoding import METHODS
 
 
-def load_trained(model_dir: str | Path, checkpoint: str = "best"):
-    """models/<variant>/ -> ASRModule in eval mode with its tokenizer attached."""
-    from edgeconformer.data.tokenizer import Tokenizer
-    from edgeconformer.errors import UserError
-    from edgeconformer.models.lightning import ASRModule
+def load_trained(model_dir: str | Path, checkpoint: str = "best", seed: int | None = None):
+    """models/<variant>[/s<seed>] -> ASRModule in eval mode (artifacts.load_trained: the default seed's run when
+    no seed is given)."""
+    from edgeconformer.artifacts import load_trained as load
 
-    model_dir = Path(model_dir)
-    ckpt = model_dir / f"{checkpoint}.ckpt"
-    if not ckpt.exists():
-        found = sorted(p.name for p in model_dir.glob("*.ckpt")) if model_dir.is_dir() else []
-        raise UserError(f"{ckpt}: checkpoint not found (found: {found or 'none'}); train one with "
-                        "`dvc repro train@<variant>` or pass --checkpoint last")
-    module = ASRModule.load_from_checkpoint(str(ckpt), map_location="cpu")
-    module.tokenizer = Tokenizer(model_dir / "tokenizer.model")
-    return module.eval()
+    return load(model_dir, checkpoint, seed)
 
 
 def read_any_audio(path: str, sample_rate: int = 16000):
@@ -68,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("transcribe", help="transcribe 16 kHz audio files with a trained model")
     t.add_argument("audio", nargs="+", help="audio files (FLAC/WAV, 16 kHz mono)")
-    t.add_argument("--model", required=True, help="a trained model folder, e.g. models/dws")
+    t.add_argument("--model", required=True,
+                   help="a trained model: models/<variant> (the run of its lowest seed, seed 1 in the default chain) "
+                        "or one run's folder, models/<variant>/s<seed>")
+    t.add_argument("--seed", type=int, default=None, help="with --model models/<variant>: the run of this seed")
     t.add_argument("--checkpoint", default="best", help="checkpoint name in the folder: best or last")
     t.add_argument("--method", default="ctc_greedy", choices=METHODS)
     t.add_argument("--beam", type=int, default=8)
@@ -83,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
-        module = load_trained(args.model, args.checkpoint)
+        module = load_trained(args.model, args.checkpoint, args.seed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

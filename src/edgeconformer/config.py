@@ -19,6 +19,22 @@ REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO / "conf"
 
 
+def register_resolvers() -> None:
+    """`${edgeconformer.runs:variants,compared,seeds,ablation_seeds}`: the chain's runs (artifacts.runs_table).
+    Registered on import of this module and by hydra_plugins/edgeconformer_resolvers.py (DVC's composition)."""
+    if not OmegaConf.has_resolver("edgeconformer.runs"):
+        def runs(variants, compared, seeds, ablation_seeds):
+            from edgeconformer.artifacts import runs_table
+
+            # a DictConfig: OmegaConf.resolve (DVC's composition) cannot store a plain dict in the node
+            return OmegaConf.create(runs_table(variants, compared, seeds, ablation_seeds))
+
+        OmegaConf.register_new_resolver("edgeconformer.runs", runs)
+
+
+register_resolvers()
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """The config a stage would see for these overrides (used by tests and notebooks)."""
     from hydra import compose as hydra_compose

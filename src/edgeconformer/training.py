@@ -1,4 +1,4 @@
-"""Stage function `train(cfg) -> metrics`: manifests + tokenizer -> models/<variant>/.
+"""Stage function `train(cfg) -> metrics`: manifests + tokenizer -> models/<variant>/s<seed>/ (artifacts.run_paths).
 
 Writes into `out_dir`: `last.ckpt` (every epoch; resumable), `best.ckpt` (lowest `val/wer`), `tokenizer.model`,
 `config.yaml` (the composed config), `csv/metrics.csv` (learning curves) and `train_metrics.json` (summary).
@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 from edgeconformer.data.dataset import (TOKEN_PAD, ASRDataset, DurationBucketSampler, collate,
                                          filter_by_duration, load_audio)
 from edgeconformer.data.features import LogMelFilterbank
-from edgeconformer.data.manifest import read_jsonl, write_json_atomic
-from edgeconformer.data.tokenizer import Tokenizer
+from edgeconformer.artifacts import run_paths, write_json_atomic
 from edgeconformer.config import variant_name
+from edgeconformer.data.manifest import read_jsonl
+from edgeconformer.data.tokenizer import Tokenizer
 from edgeconformer.errors import UserError
 
 
@@ -83,7 +84,7 @@ def output_dir(cfg: DictConfig) -> Path:
         from hydra.core.hydra_config import HydraConfig
 
         return Path(HydraConfig.get().runtime.output_dir)
-    return Path("models") / variant_name(cfg)
+    return run_paths(cfg).model_dir
 
 
 def make_loggers(cfg: DictConfig, out: Path) -> list:
@@ -96,8 +97,10 @@ def make_loggers(cfg: DictConfig, out: Path) -> list:
         os.environ.setdefault("WANDB_SILENT", "true")
         from lightning.pytorch.loggers import WandbLogger
 
-        name = f"{cfg.model.name}-{variant_name(cfg)}"
-        loggers.append(WandbLogger(project=lg.project, entity=lg.entity, group=lg.group or sweep_group() or name,
+        # One W&B run per seed, grouped per variant (error bars over seeds in the project's panels).
+        group = f"{cfg.model.name}-{variant_name(cfg)}"
+        name = f"{group}-s{cfg.seed}"
+        loggers.append(WandbLogger(project=lg.project, entity=lg.entity, group=lg.group or sweep_group() or group,
                                    name=name, job_type="train",
                                    tags=list(lg.tags), save_dir=".", config=OmegaConf.to_container(cfg,
                                                                                                    resolve=True)))
@@ -126,7 +129,8 @@ def train(cfg: DictConfig) -> dict:
 
     t, tr = cfg.train, cfg.trainer
     torch.set_num_threads(tr.num_threads)
-    L.seed_everything(t.seed, workers=True)
+    seed = int(cfg.seed)
+    L.seed_everything(seed, workers=True)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     tok_path = Path(cfg.data.out_dir) / "tokenizer" / "tokenizer.model"
@@ -137,7 +141,7 @@ def train(cfg: DictConfig) -> dict:
 
     started = time.perf_counter()
     module = ASRModule(OmegaConf.to_container(cfg.model, resolve=True),
-                       OmegaConf.to_container(t, resolve=True), tokenizer.vocab_size, seed=t.seed,
+                       OmegaConf.to_container(t, resolve=True), tokenizer.vocab_size, seed=seed,
                        decode=OmegaConf.to_container(t.decode, resolve=True))
     module.tokenizer = tokenizer
     fbank = module.fbank
@@ -151,7 +155,7 @@ def train(cfg: DictConfig) -> dict:
         # Corpora too large for memory (960 h of log-mels is ~110 GB): loader workers decode audio per batch and
         # the module computes features; CMVN statistics come from a seeded sample of the training utterances.
         train_set, collate_train = ASRDataset(train_rows, tokenizer, manifest="train"), collate
-        stats_rows = random.Random(t.seed).sample(train_rows, min(len(train_rows), t.get("cmvn_utterances", 2000)))
+        stats_rows = random.Random(seed).sample(train_rows, min(len(train_rows), t.get("cmvn_utterances", 2000)))
     stats = train_set.feats if stats_rows is None else FeatureDataset(stats_rows, tokenizer, fbank, "train").feats
     mean, std = feature_stats(stats)
     module.cmvn.set_stats(mean, std)
@@ -163,7 +167,7 @@ def train(cfg: DictConfig) -> dict:
                               batch_sampler=DurationBucketSampler(train_set.durations, t.max_batch_seconds,
                                                                   num_replicas=None,
                                                                   max_batch_size=t.max_batch_size, shuffle=True,
-                                                                  seed=t.seed))
+                                                                  seed=seed))
     dev_loader = DataLoader(dev_set, collate_fn=collate_features, num_workers=0,
                             batch_sampler=DurationBucketSampler(dev_set.durations, t.val_max_batch_seconds,
                                                                 shuffle=False))
@@ -172,12 +176,14 @@ def train(cfg: DictConfig) -> dict:
     # Overwritten after every epoch (monitor=None keeps the latest), the checkpoint to resume from.
     last = ModelCheckpoint(dirpath=out, filename="last", save_top_k=1, enable_version_counter=False)
     callbacks = [best, last]
+    if t.get("max_time"):
+        callbacks.append(TimeGuard(t.max_time))
     if t.average_last > 1:
         callbacks.append(KeepEpochWeights(out / "epochs", t.average_last))
     trainer = L.Trainer(
         accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
         precision=tr.precision, deterministic=tr.deterministic, max_epochs=t.max_epochs, max_steps=t.max_steps,
-        max_time=t.max_time, gradient_clip_val=t.grad_clip, check_val_every_n_epoch=t.val_every_n_epochs,
+        gradient_clip_val=t.grad_clip, check_val_every_n_epoch=t.val_every_n_epochs,
         log_every_n_steps=tr.log_every_n_steps, logger=make_loggers(cfg, out), callbacks=callbacks,
         enable_progress_bar=bool(tr.get("progress_bar", True)), use_distributed_sampler=False,
         default_root_dir=str(out), num_sanity_val_steps=0,
@@ -193,7 +199,7 @@ def train(cfg: DictConfig) -> dict:
     if earlier and trainer.is_global_zero:
         prepend_csv_rows(curves, earlier)
 
-    metrics = {"variant": variant_name(cfg), "model": cfg.model.name, "epochs": trainer.current_epoch,
+    metrics = {"variant": variant_name(cfg), "seed": seed, "model": cfg.model.name, "epochs": trainer.current_epoch,
                "steps": trainer.global_step, "skipped_batches": int(module.skipped_batches),
                "features_seconds": round(features_s, 1), "fit_seconds": round(fit_s, 1),
                "train_hours": round(sum(train_set.durations) / 3600, 3),
@@ -224,6 +230,32 @@ def train(cfg: DictConfig) -> dict:
     _finish_wandb()
     print(json.dumps(metrics))
     return metrics
+
+
+class TimeGuard(Callback):
+    """`train.max_time` as a guard, not a budget: a run that is still training after this much wall-clock time
+    stops with an error (its checkpoints stay, resumable), so a result never silently depends on how fast the
+    machine was. Lightning's own max_time would end the fit quietly after fewer epochs."""
+
+    def __init__(self, max_time: str):
+        parts = [int(x) for x in str(max_time).split(":")]
+        if len(parts) != 4:
+            raise UserError(f"train.max_time={max_time!r}: expected DD:HH:MM:SS (or null for no guard)")
+        days, hours, minutes, seconds = parts
+        self.limit = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+        self.max_time, self.started = max_time, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.started = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        elapsed = time.monotonic() - self.started
+        if elapsed > self.limit:
+            raise UserError(
+                f"training exceeded train.max_time={self.max_time} at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step} of max_epochs={trainer.max_epochs}: the run is incomplete and its results "
+                "would depend on this machine's speed. Raise or remove the guard (train.max_time=null), or lower "
+                "train.max_epochs; rerunning with the same out_dir resumes from last.ckpt.")
 
 
 class KeepEpochWeights(Callback):
@@ -293,6 +325,7 @@ def resumable_checkpoint(out: Path, cfg: DictConfig, saved: DictConfig | None) -
         changed = [f"{section}.{k}" for section in ("model", "data", "train")
                    for k in set(now[section]) | set(before.get(section, {}))
                    if k not in RESUME_FREE_KEYS and now[section].get(k) != before.get(section, {}).get(k)]
+        changed += ["seed"] if now.get("seed") != before.get("seed") else []
         if changed:
             raise UserError(f"{last} was written with different settings ({', '.join(sorted(changed))}); "
                             "resuming would mix two experiments. Use another out_dir, or train.resume=false to "

@@ -168,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from edgeconformer.cli import load_trained
+    from edgeconformer.artifacts import load_trained
     from edgeconformer.data.dataset import load_audio
     from edgeconformer.data.manifest import read_jsonl
     from edgeconformer.errors import UserError
 
     p = argparse.ArgumentParser(prog="python -m edgeconformer.evaluate.rtf")
-    p.add_argument("--model", required=True, help="a trained model folder, e.g. models/dws")
+    p.add_argument("--model", required=True, help="a trained model folder, e.g. models/dws (its default seed) or models/dws/s2")
     p.add_argument("--manifest", default="data/prepared/manifests/test.jsonl")
     p.add_argument("--utterances", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from edgeconformer.data.manifest import write_json_atomic, write_jsonl_atomic
+from edgeconformer.artifacts import run_paths, write_json_atomic, write_jsonl_atomic
 from edgeconformer.errors import UserError
-from edgeconformer.evaluate.utterances import greedy_text, load_utterances, variant_paths
+from edgeconformer.evaluate.utterances import greedy_text, load_utterances
 from edgeconformer.evaluate.wer import score
 from edgeconformer.models.cascade import CascadedASR
 
@@ -130,7 +130,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     e = cfg.eval
     torch.set_num_threads(cfg.trainer.num_threads)
-    paths = variant_paths(cfg)
+    paths = run_paths(cfg)
     package = paths.model_dir / PACKAGE
     module, _, options = load_stabilized(paths.model_dir)
     tokenizer = module.tokenizer
@@ -168,6 +168,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     metrics = {
         "variant": paths.variant,
+        "seed": paths.seed,
         "model": cfg.model.name,
         "wer_fp32": modes["fp32"]["wer"],
         "wer_fp16": modes["fp16"]["wer"],
@@ -213,8 +214,7 @@ def evaluate(cfg: DictConfig) -> dict:
         rows.append(row)
     paths.report_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(paths.report_dir / "utterances.jsonl", rows)
-    paths.metrics.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(paths.metrics, metrics)
+    write_json_atomic(paths.evaluation, metrics)
     print(format_metrics(metrics))
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
     return metrics

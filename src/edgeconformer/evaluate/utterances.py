@@ -1,4 +1,5 @@
-"""What the post-training stages share: a variant's paths, the evaluation utterances as features, greedy decoding.
+"""What the post-training stages share: the evaluation utterances as features, greedy decoding (a run's paths are
+artifacts.run_paths).
 
 The stages after training (stabilize, export, evaluate) work on one utterance at a time (batch 1, no padding): that
 is how an on-device recogniser runs, and the ANE-layout graph has no padding masks.
@@ -12,30 +13,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from edgeconformer.config import variant_name
 from edgeconformer.data.dataset import load_audio
 from edgeconformer.data.manifest import read_jsonl
 from edgeconformer.decoding import ctc_greedy
 from edgeconformer.errors import UserError
-
-
-@dataclass(frozen=True)
-class VariantPaths:
-    variant: str
-    model_dir: Path      # models/<variant>: checkpoints (train), stabilized.pt (stabilize), .mlpackage (export)
-    report_dir: Path     # reports/<variant>: audits, conversion report, per-utterance results
-    metrics: Path        # metrics/<variant>.json (DVC metrics)
-
-
-def variant_paths(cfg: DictConfig) -> VariantPaths:
-    """DVC's fixed layout (models/<v>, reports/<v>, metrics/<v>.json) unless `out_dir` names one run folder
-    (an ablation job), which then holds everything: checkpoints, reports/ and metrics.json."""
-    variant = variant_name(cfg)
-    if cfg.get("out_dir"):
-        root = Path(cfg.out_dir)
-        return VariantPaths(variant, root, root / "reports", root / "metrics.json")
-    return VariantPaths(variant, Path("models") / variant, Path("reports") / variant,
-                        Path("metrics") / f"{variant}.json")
 
 
 @dataclass

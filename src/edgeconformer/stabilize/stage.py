@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from edgeconformer.data.manifest import write_json_atomic
 from edgeconformer.errors import UserError
-from edgeconformer.evaluate.utterances import load_utterances, variant_paths
+from edgeconformer.artifacts import load_trained, run_label, run_paths, write_json_atomic
+from edgeconformer.evaluate.utterances import load_utterances
 from edgeconformer.evaluate.wer import score
 
 
@@ -52,22 +52,21 @@ def save_stabilized(ane, options: dict, path: Path) -> None:
 
 
 def load_stabilized(model_dir: str | Path, checkpoint: str = "best"):
-    """models/<variant> -> (ASRModule, stabilized ANEConformer in FP32, options); the weights are checked against
+    """A run's folder -> (ASRModule, stabilized ANEConformer in FP32, options); the weights are checked against
     what stabilize saved, so a retrained checkpoint without a re-run of stabilize is caught."""
-    from edgeconformer.cli import load_trained
     from edgeconformer.stabilize.ane import ANEConformer
 
     model_dir = Path(model_dir)
     path = model_dir / "stabilized.pt"
     if not path.exists():
-        raise UserError(f"{path}: not found; run `dvc repro stabilize@{model_dir.name}` first")
+        raise UserError(f"{path}: not found; run `dvc repro stabilize@{run_label(model_dir)}` first")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     module = load_trained(model_dir, checkpoint)
     ane = ANEConformer.from_asr(module.model, module.cmvn, **saved["options"]).eval()
     for name, value in ane.state_dict().items():
         if not torch.equal(value, saved["state_dict"][name]):
             raise UserError(f"{path}: weights differ from {model_dir / (checkpoint + '.ckpt')} ({name}); the model "
-                            f"was retrained after stabilization: run `dvc repro stabilize@{model_dir.name}`")
+                            f"was retrained after stabilization: run `dvc repro stabilize@{run_label(model_dir)}`")
     return module, ane, saved["options"]
 
 
@@ -148,7 +147,6 @@ def audit_fp16(module, feats, fmt: str) -> dict:
 
 
 def stabilize(cfg: DictConfig) -> dict:
-    from edgeconformer.cli import load_trained
     from edgeconformer.stabilize.ane import ANEConformer
     from edgeconformer.stabilize.audit import audit, plot_audit, write_audit
     from edgeconformer.stabilize.precision import MODES, precision_model
@@ -157,7 +155,7 @@ def stabilize(cfg: DictConfig) -> dict:
 
     s = cfg.stabilize
     torch.set_num_threads(cfg.trainer.num_threads)
-    paths = variant_paths(cfg)
+    paths = run_paths(cfg)
     paths.report_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     module = load_trained(paths.model_dir)

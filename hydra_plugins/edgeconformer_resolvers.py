@@ -1,0 +1,7 @@
+"""Registers edgeconformer's OmegaConf resolvers (`${edgeconformer.runs:...}` in conf/config.yaml) wherever Hydra
+scans its plugins: `dvc exp run -S ...` composes conf/ into params.yaml in DVC's own process, which imports the
+`hydra_plugins` namespace package from the repository root (DVC's `hydra.plugins_path`) but not edgeconformer."""
+
+from edgeconformer.config import register_resolvers
+
+register_resolvers()
