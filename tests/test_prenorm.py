@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from edgeconformer.stabilize.prenorm import (
-    FORMATS, PRENORMS, PreNormLayerNorm, bounds, centered, cumsum_in_format, layer_norm, overflow_safe_scale,
-    prenormalizer, scale_floor, sum_in_format,
+    FORMATS, PRENORMS, PreNormLayerNorm, bounds, centered, computed_lp_sum, cumsum_in_format, first_overflow_d,
+    layer_norm, overflow_safe_scale, prenormalizer, scale_floor, sum_in_format, worst_case_row,
 )
 
 EPS = 1e-5
@@ -244,6 +244,98 @@ def test_mad_overflows_at_d_256_when_the_mean_rounds(accumulate):
         else:
             assert torch.isfinite(cumsum_in_format(t)).all()
             assert ((out - ref).abs() <= tolerance(x, w, ref, "fp16", accumulate)).all()
+
+
+# --- the measured limit (section 1.5): where MAD actually overflows in FP16, against the proof's width ----------
+
+FP16_OVERFLOW = 65520.0   # M + half an ulp: the smallest sum that rounds to inf in FP16
+
+
+@pytest.mark.parametrize("centred, accumulate, limit", [
+    (False, "sequential", 256), (False, "native", 256), (True, "sequential", 362), (True, "native", 512),
+])
+def test_mad_measured_overflow_limit(centred, accumulate, limit):
+    # the extremal row of section 1.4 through the layer's own FP16 arithmetic: finite at limit - 1, inf at limit;
+    # the proof (gamma sup <= M, sufficient only) stops well below: 217 (computed row) / 291 (exactly centred)
+    assert first_overflow_d("mad", 2, "fp16", centred, accumulate) == limit
+    below, at = (float(computed_lp_sum(worst_case_row(d, "mad", "fp16", centred, accumulate), accumulate=accumulate))
+                 for d in (limit - 1, limit))
+    assert math.isfinite(below) and math.isinf(at)
+    proven = bounds("mad", 2, "fp16", limit)["largest_safe_d_centered" if centred else "largest_safe_d"]
+    assert proven == (291 if centred else 217) < limit
+    if accumulate == "sequential":                 # the sums quoted in the docs' table
+        assert below == (65152.0 if centred else 65024.0)
+
+
+@pytest.mark.parametrize("accumulate", ["native", "sequential"])
+def test_worst_case_rows_attain_the_vertices(accumulate):
+    for d in (144, 255):
+        # computed row: the rounded mean leaves one nonzero entry, MAD = 1/d and |z| = d
+        x = worst_case_row(d, "mad", "fp16", False, accumulate)
+        y = centered(x, accumulate=accumulate)
+        assert float(y[-1]) == 1 and not y[:-1].any()
+        assert float(computed_lp_sum(x, accumulate=accumulate)) == pytest.approx(d * d, rel=2**-10)
+        # the same x centred exactly: y = (-1/d, ..., 1 - 1/d), S_2 = d^3 / (4 (d - 1)) ~ d^2 / 4
+        y64 = x.double() - x.double().mean()
+        assert float(((y64 / y64.abs().mean()) ** 2).sum()) == pytest.approx(d**3 / (4 * (d - 1)))
+        # exactly centred vertex: two spikes, |z| = d / 2
+        xc = worst_case_row(d, "mad", "fp16", True, accumulate)
+        assert torch.equal(centered(xc, accumulate=accumulate), xc)
+        assert float(computed_lp_sum(xc, accumulate=accumulate)) == pytest.approx(d * d / 2, rel=2**-9)
+    assert float(computed_lp_sum(worst_case_row(144), accumulate="sequential")) == 144**2      # section 4.1
+
+
+def _sum_of_row(y):
+    """The layer's FP16 sequential sum of squares for y taken as the computed row itself (any FP16 vector: a
+    superset of the rows centering can return)."""
+    z = y / prenormalizer(y, "mad", 2, "fp16", accumulate="sequential")
+    return sum_in_format(z * z).double()
+
+
+def test_no_fp16_row_overflows_mad_below_the_measured_limit():
+    d, n = 255, 150
+    g = torch.Generator().manual_seed(0)
+    c = 2.0 ** (torch.rand(n, 1, generator=g) * 20 - 6)             # largest entry 2^-6 .. 2^14 (floor included)
+    sign = torch.where(torch.rand(n, d, generator=g) < 0.5, -1.0, 1.0)
+    rows = []
+    # one spike among noise at relative level 2^-k (k = 0..23), at a random position
+    y = c * torch.rand(n, d, generator=g) * 2.0 ** -torch.randint(0, 24, (n, 1), generator=g).float() * sign
+    y[torch.arange(n), torch.randint(0, d, (n,), generator=g)] = c[:, 0]
+    rows.append(y)
+    # the spike first, then entries just under half an ulp of the running MAD sum: that sum loses all of them
+    y = c * 2.0**-11 * (1 - 2.0**-8 * torch.rand(n, 1, generator=g)) * sign
+    y[:, 0] = c[:, 0]
+    rows += [y, y.clone().index_put_((torch.arange(n), torch.ones(n, dtype=torch.long)),
+                                     c[:, 0] * torch.rand(n, generator=g) * 0.2)]
+    # up to four spikes of random sizes, Gaussian and Cauchy rows
+    y = torch.zeros(n, d)
+    for j in range(4):
+        y[torch.arange(n), torch.randint(0, d, (n,), generator=g)] = c[:, 0] * torch.rand(n, generator=g) ** (j + 1)
+    rows += [y * sign, torch.randn(n, d, generator=g) * c,
+             torch.distributions.Cauchy(0.0, 1.0).sample((n, d)).clamp(-100, 100) * c / 100]
+    # every FP16 spike value in three binades near the scale floor, in [1, 2) and in [2^14, 2^15)
+    spikes = torch.cat([2.0**e * (1 + torch.arange(1024) / 1024) for e in (-7, -6, -5, 0, 14)])
+    single = torch.zeros(len(spikes), d)
+    single[:, -1] = spikes
+    search = torch.cat([torch.cat(rows).half(), single.half()])
+    assert torch.isfinite(search).all()
+    sums = _sum_of_row(search)
+    assert torch.isfinite(sums).all()
+    # the largest: one spike whose |z| rounds up to 255.125, fl(255.125^2) = 65088, 432 below the overflow
+    assert float(sums.max()) == 65088.0 < FP16_OVERFLOW
+    # rows as the layer receives them: bulk value plus a spike of 1-3 ulps (the rounded-mean case) and noisy rows
+    v = (2.0 ** torch.randint(-8, 12, (n, 1), generator=g).float() * (1 + torch.rand(n, 1, generator=g))).half()
+    x = v.float().expand(n, d).clone()
+    ulp = 2.0 ** (torch.floor(torch.log2(v.float())) - 10)
+    x[torch.arange(n), torch.randint(0, d, (n,), generator=g)] += ulp[:, 0] * torch.randint(1, 4, (n,), generator=g)
+    x = torch.cat([x, x + torch.randn(n, d, generator=g) * ulp * 0.3]).half()
+    for accumulate in ("sequential", "native"):
+        assert torch.isfinite(computed_lp_sum(x, accumulate=accumulate)).all()
+    # and one width further every spike whose MAD is above the scale floor overflows
+    single256 = torch.zeros(len(spikes), 256)
+    single256[:, -1] = spikes
+    over = torch.isinf(_sum_of_row(single256.half()))
+    assert torch.equal(over, spikes >= 256 * scale_floor(EPS, "fp16"))
 
 
 @pytest.mark.parametrize("p", [1, 2])

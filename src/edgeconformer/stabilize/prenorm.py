@@ -8,11 +8,12 @@ chosen to keep every partial sum of |y_i / s|^p finite while as few terms as pos
 
 * ``none``: s = 1 (plain LayerNorm).
 * ``mad``: s = mean |y_i| (Xu et al. 2023). sum |y_i/s|^p <= 2 (d/2)^p for an exactly centered row, d^p for a
-  computed one (its rounded mean leaves sum y != 0).
+  computed one (its rounded mean leaves sum y != 0). FP16, p = 2: proven overflow-free for d <= 217; the extremal
+  computed row first overflows at d = 256 (`first_overflow_d`, the measured limit).
 * ``linf``: s = max |y_i|. sum |y_i/s|^p <= d.
 * ``optimal``: the smallest power of two s with d (max|y_i| / s)^p * gamma <= M (gamma: rounding growth of the
-  sum). Among all s that rule out overflow for every row with that max, it leaves the fewest terms underflowing;
-  a power of two makes y / s exact.
+  sum). Among all s that this bound proves overflow-free for every row with that max, it leaves the fewest terms
+  underflowing; a power of two makes y / s exact.
 
 Everything is computed in x.dtype, so a float16 input really runs float16 arithmetic (CPU torch widens reductions
 internally; ``accumulate="sequential"`` rounds after every addition instead, as a device accumulating in the
@@ -191,8 +192,10 @@ def bounds(prenorm, p, fmt, d):
     max_sum_computed    the same without sum y = 0, as the computed mean is rounded (differs for MAD only)
     rounding_growth     gamma: the computed partial sums are <= gamma * exact sum of the computed terms
     max_partial_sum     gamma * max_sum_computed: no computed partial sum exceeds it (optimal: M by construction)
-    overflow_free       max_partial_sum <= M: no partial sum can overflow, for any input
-    largest_safe_d      largest d with overflow_free (None: every d; 0: none)
+    overflow_free       max_partial_sum <= M: no partial sum can overflow, for any input (sufficient, not
+                        necessary: False does not mean that some row overflows)
+    largest_safe_d      largest d with overflow_free (None: every d; 0: none): the width the proof covers, a lower
+                        bound on the width at which a row really overflows (`first_overflow_d`)
     largest_safe_d_centered  the same for exactly centered rows (differs for MAD only)
     underflow_ratio     a term can underflow only if |y_i| < underflow_ratio * max|y| (None for "none")
     underflow_abs       "none" only: a term underflows iff 0 < |y_i| < m^(1/p)
@@ -253,6 +256,90 @@ def _largest_safe_d(prenorm, p, f, centered_exactly, limit=1 << 24):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if safe(mid) else (lo, mid)
     return lo
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The measured limit: the extremal rows of section 1.4 run through the layer's own arithmetic. `bounds` gives the
+# widths the proof covers (gamma * sup <= M is sufficient for no overflow, not necessary); these functions find the
+# width at which an overflow actually happens.
+
+
+def computed_lp_sum(x, prenorm="mad", p=2, fmt="fp16", dim=-1, eps=1e-5, accumulate="sequential"):
+    """Per row of x: the Lp sum sum_i |y_i / s|^p as `layer_norm` forms it, inf where it overflows.
+
+    x is cast to the format; centering, pre-normalizer, z = y / s and |z|^p run in it. "sequential": the sum in the
+    format, rounded after every addition (terms are >= 0, so it is the largest partial sum). "native": the layer
+    never forms the sum in the format (torch's half mean accumulates in float32 and rounds once), so the exact sum
+    of the computed terms is returned in float64, inf where a term or the layer's mean of the terms is inf."""
+    _check(prenorm, p)
+    x = x.to(get_format(fmt).dtype)
+    dim = dim % x.dim()
+    y = centered(x, dim, accumulate)
+    s = prenormalizer(y, prenorm, p, fmt, dim, eps, accumulate)
+    z = y / s
+    t = z.abs() if p == 1 else z * z
+    if accumulate == "sequential":
+        return sum_in_format(t, None, dim)
+    over = torch.isinf(t).any(dim) | torch.isinf(t.mean(dim))
+    return torch.where(over, math.inf, t.double().sum(dim))
+
+
+def worst_case_row(d, prenorm="mad", fmt="fp16", centred=False, accumulate="sequential"):
+    """A row x (d,) in the format whose computed y attains the sup of S_p(y / s) of section 1.4 (p-independent).
+
+    mad, centred=False: the computed-row vertex d e_d, y = (0, ..., 0, 1), |z_d| = d. It exists only because the
+    computed mean is rounded: x = 2^t + k everywhere (t stored fraction bits: 1024 + k in FP16, spacing 1) and
+    2^t + k + 1 in the last entry, whose exact mean 2^t + k + 1/d rounds to the bulk value. k is the smallest value
+    for which the layer's own centering (`accumulate`) gives exactly that y (ValueError if none does).
+    mad, centred=True: the exactly centred vertex (d/2)(e_1 - e_2): x = (1, -1, 0, ..., 0), |z_1| = |z_2| = d/2.
+    linf, optimal: alternating +-1, every |y_i| = max|y| (exactly centred for even d)."""
+    _check(prenorm, 2)
+    f = get_format(fmt)
+    if prenorm == "none":
+        raise ValueError("prenorm 'none' has no worst-case row of a given width: its sum grows with the values")
+    if d < 2:
+        return torch.zeros(max(d, 0), dtype=f.dtype)
+    if prenorm != "mad":
+        return torch.tensor([1.0, -1.0] * (d // 2) + [1.0] * (d % 2), dtype=f.dtype)
+    if centred:
+        x = torch.zeros(d, dtype=f.dtype)
+        x[0], x[1] = 1.0, -1.0
+        return x
+    target = torch.zeros(d, dtype=f.dtype)
+    target[-1] = 1.0
+    base = 2.0**f.mantissa_bits
+    for start in range(0, 2**f.mantissa_bits - 1, 64):              # candidate bulk values, 64 at a time
+        k = torch.arange(start, min(start + 64, 2**f.mantissa_bits - 1), dtype=torch.float64)
+        x = (base + k)[:, None].expand(-1, d).clone()                # (64, d), exact in the format
+        x[:, -1] += 1
+        x = x.to(f.dtype)
+        ok = (centered(x, -1, accumulate) == target).all(-1)
+        if ok.any():
+            return x[int(ok.nonzero()[0])]
+    raise ValueError(f"no bulk value in [2^{f.mantissa_bits}, 2^{f.mantissa_bits + 1}) centres to a single spike "
+                     f"at d = {d} ({fmt}, {accumulate})")
+
+
+def first_overflow_d(prenorm="mad", p=2, fmt="fp16", centred=False, accumulate="sequential", d_max=4096):
+    """Smallest d at which the worst-case row (`worst_case_row`) overflows the layer's Lp sum (`computed_lp_sum`).
+
+    Scans d upward from the largest width the proof covers (`bounds`: below it no row can overflow, so nothing is
+    skipped); None when it finds no overflow up to d_max, or when the proof already covers every d. This is the
+    measured limit of docs/stabilization.md section 1.5: the proof's largest safe d is a lower bound on it."""
+    _check(prenorm, p)
+    f = get_format(fmt)
+    if prenorm == "none":
+        raise ValueError("prenorm 'none' overflows at every width for large enough values")
+    if prenorm == "optimal":
+        return None                                                 # M by construction (overflow_safe_scale)
+    proven = _largest_safe_d(prenorm, p, f, centred)
+    if proven is None:
+        return None
+    for d in range(max(proven + 1, 1), d_max + 1):
+        x = worst_case_row(d, prenorm, f, centred, accumulate)
+        if math.isinf(float(computed_lp_sum(x, prenorm, p, f, -1, 1e-5, accumulate))):
+            return d
+    return None
 
 
 def layer_norm(x, weight, bias, eps, prenorm="none", p=2, fmt="fp16", dim=-1, accumulate="native"):
