@@ -11,7 +11,7 @@ chain's fixed layout (dvc.yaml's foreach over `runs`, e.g. `train@dws-s2`):
 
 Per-run reports sit under reports/runs/ so that the compare stage can depend on all of them while the report
 stage writes reports/summary.md without a dependency cycle. A run folder given as `out_dir` (an ablation job)
-holds everything of its run instead: checkpoints, reports/ and reports/evaluation.json.
+holds everything of its run instead: checkpoints, reports/ and metrics.json (its evaluation).
 
 `models/<variant>` without a seed resolves to the run of the default seed (the lowest seed trained there: seed 1
 in the default chain), so `edgeconformer transcribe --model models/dws` keeps working; `--seed N` picks another.
@@ -19,7 +19,9 @@ in the default chain), so `edgeconformer transcribe --model models/dws` keeps wo
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +39,8 @@ class RunPaths:
     variant: str
     seed: int
     model_dir: Path      # models/<variant>/s<seed>: checkpoints (train), stabilized.pt, .mlpackage
-    report_dir: Path     # reports/runs/<variant>/s<seed>: audits, conversion report, evaluation, utterances
-
-    @property
-    def evaluation(self) -> Path:
-        """Every figure of the run (the evaluate stage's output; the compare stage aggregates them)."""
-        return self.report_dir / "evaluation.json"
+    report_dir: Path     # reports/runs/<variant>/s<seed>: audits, conversion report, per-utterance results
+    evaluation: Path     # every figure of the run (evaluate); the compare stage aggregates the chain's runs
 
     @property
     def utterances(self) -> Path:
@@ -52,6 +50,21 @@ class RunPaths:
     def name(self) -> str:
         """The run's DVC item name, e.g. "dws-s2" (stages train@dws-s2, stabilize@dws-s2, ...)."""
         return run_name(self.variant, self.seed)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Writes a text file through a temporary file in the same folder and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -70,9 +83,15 @@ def run_paths(cfg: DictConfig) -> RunPaths:
     variant, seed = variant_name(cfg), int(cfg.seed)
     if cfg.get("out_dir"):
         root = Path(cfg.out_dir)
-        return RunPaths(variant, seed, root, root / "reports")
-    return RunPaths(variant, seed, Path("models") / variant / f"s{seed}",
-                    Path("reports") / "runs" / variant / f"s{seed}")
+        return RunPaths(variant, seed, root, root / "reports", root / "metrics.json")
+    return chain_run(variant, seed)
+
+
+def chain_run(variant: str, seed: int, root: str | Path = ".") -> RunPaths:
+    """The DVC chain's folders of one run (under `root`, the repository)."""
+    reports = Path(root) / "reports" / "runs" / variant / f"s{int(seed)}"
+    return RunPaths(variant, int(seed), Path(root) / "models" / variant / f"s{int(seed)}", reports,
+                    reports / "evaluation.json")
 
 
 def variant_metrics_path(variant: str, metrics_dir: str | Path = "metrics") -> Path:

@@ -73,16 +73,17 @@ def coreml_on_device(package, utterances, tokenizer, subsampled, warmup: int) ->
     return out
 
 
-def read_precision_modes(path, options: dict) -> dict:
-    """The stabilize stage's transcripts per precision mode, checked to belong to the stabilized graph evaluated."""
+def read_precision_modes(path, options: dict, run: str) -> dict:
+    """The stabilize stage's precision_modes.json (transcripts per precision mode and stabilization arm, the
+    softmax k distribution), checked to belong to the stabilized graph evaluated."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{path}: not found; run `dvc repro stabilize@{path.parent.name}` first") from None
+        raise UserError(f"{path}: not found; run `dvc repro stabilize@{run}` first") from None
     if saved["options"] != options:
         raise UserError(f"{path}: written for stabilization options {saved['options']}, but stabilized.pt holds "
-                        f"{options}; re-run `dvc repro stabilize@{path.parent.name}`")
-    return saved["modes"]
+                        f"{options}; re-run `dvc repro stabilize@{run}`")
+    return saved
 
 
 def is_cascade(module) -> bool:
@@ -134,12 +135,13 @@ def evaluate(cfg: DictConfig) -> dict:
     package = paths.model_dir / PACKAGE
     module, _, options = load_stabilized(paths.model_dir)
     tokenizer = module.tokenizer
-    modes = read_precision_modes(paths.report_dir / "precision_modes.json", options)
+    saved = read_precision_modes(paths.report_dir / "precision_modes.json", options, paths.name)
+    modes = saved["modes"]
     ids = [r["id"] for r in modes["fp32"]["rows"]]
     utts = [u for u in load_utterances(cfg, module.fbank, limit=len(ids)) if u.id in set(ids)]
     if [u.id for u in utts] != ids:
         raise UserError(f"{paths.report_dir / 'precision_modes.json'} covers other utterances than "
-                        f"{cfg.data.test_split}: re-run `dvc repro stabilize@{paths.variant}`")
+                        f"{cfg.data.test_split}: re-run `dvc repro stabilize@{paths.name}`")
 
     # The exported program, simulated, against the PyTorch FP16 graph on the same utterances.
     sim_utts = utts[: e.coreml_sim_utterances] if e.coreml_sim_utterances else utts
@@ -196,6 +198,10 @@ def evaluate(cfg: DictConfig) -> dict:
         "split": cfg.data.test_split,
         "stabilization": options,
         "nonfinite_utterances": {mode: m["nonfinite_utterances"] for mode, m in modes.items()},
+        # The stabilization ablation (FP16 accumulation emulated; empty when stabilize.ablation is off).
+        **{f"wer_{arm}": modes[arm]["wer"] for arm in modes if arm.startswith("acc16_")},
+        "softmax_k": saved.get("softmax_k"),
+        "audit_frontend_peak": saved.get("frontend_peak"),
         "coreml_sim": {k: v for k, v in sim.items() if k != "rows"},
         "coreml_device": device,
         "rtf_protocol": {k: v for k, v in rtf.items() if k != "utterances"},

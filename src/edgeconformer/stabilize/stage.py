@@ -11,8 +11,15 @@ No retraining. Steps, each recorded in reports/<variant>/stabilize.json:
    FP16 graphs -> fp16_audit.json + plot;
 4. the stress case: activations scaled by `stabilize.stress_gain` (FP32 outputs unchanged by LayerNorm's scale
    invariance; "auto" picks a gain that overflows unstabilized FP16 LayerNorm by construction); unstabilized FP16 is expected to fail, stabilized FP16 to stay with FP32;
-5. the LUT softmax error table for the configured table sizes.
-models/<variant>/stabilized.pt holds the stabilized graph's weights and the options to rebuild it.
+5. the LUT softmax error table for the configured table sizes;
+6. the stabilization ablation (`stabilize.ablation`), where it matters: FP16 accumulation emulated (every sum
+   rounded to FP16 after each addition, as on an accelerator that accumulates in FP16), the whole test split, arms
+   acc16_none (plain LayerNorm, exact softmax), acc16_prenorm (the pre-normalizer only), acc16_lut (the LUT softmax
+   only), acc16_both, and acc16_both_uncapped (the paper's conditional re-scaling as described: k from the row's
+   range, no cap); with the distribution of k over the trained model's attention rows, capped and uncapped. The
+   Performer's feature shift is the configured one in every arm, so the arms differ in exactly these two parts.
+   Transcripts go to precision_modes.json with the other modes (paired comparisons in the compare stage).
+models/<variant>/s<seed>/stabilized.pt holds the stabilized graph's weights and the options to rebuild it.
 """
 
 from __future__ import annotations
@@ -204,6 +211,15 @@ def stabilize(cfg: DictConfig) -> dict:
                       interps=(s.softmax.interp,))
     lap("lut_error_table")
 
+    # 6. Stabilization ablation under FP16 accumulation.
+    ablation, softmax_k = {}, None
+    if s.get("ablation", {}).get("enabled", False):
+        arms = {name: precision_model(module.model, "fp16", module.cmvn, **dict(options, **arm),
+                                      accumulate=s.ablation.accumulate) for name, arm in ablation_arms(options).items()}
+        ablation = transcribe_modes(arms, utts, tokenizer)
+        softmax_k = softmax_k_distribution(module, utts, options)
+        lap("ablation")
+
     # Stored in FP32 (the trained weights exactly); consumers cast to their precision.
     save_stabilized(ANEConformer.from_asr(module.model, module.cmvn, **options), options,
                     paths.model_dir / "stabilized.pt")
@@ -219,7 +235,14 @@ def stabilize(cfg: DictConfig) -> dict:
                    "nonfinite_utterances": {mode: m["nonfinite_utterances"] for mode, m in stress.items()},
                    "max_abs_diff_vs_fp32": {mode: m["max_abs_diff_vs_fp32"] for mode, m in stress.items()}},
         "max_abs_diff_vs_fp32": {mode: m["max_abs_diff_vs_fp32"] for mode, m in modes.items()},
+        "ablation": {"accumulate": s.get("ablation", {}).get("accumulate"), "arms": ablation_arms(options),
+                     "wer": {arm: m["wer"] for arm, m in ablation.items()},
+                     "nonfinite_utterances": {arm: m["nonfinite_utterances"] for arm, m in ablation.items()},
+                     "softmax_k": softmax_k},
         "audit_summary": {name: a["summary"] for name, a in audits.items()},
+        # The front end's largest |activation| in the trained FP32 model (paper 1, claim 7: DWS vs vanilla range).
+        "frontend_peak": max((r["peak"] for k, r in audits["original_fp32"]["modules"].items()
+                              if "subsampling" in k.split(".") and r.get("peak") is not None), default=None),
         "lut_error": lut, "utterances": len(utts), "audit_utterances": len(feats),
         "seconds": round(time.perf_counter() - started, 1), "step_seconds": timings,
         "config": OmegaConf.to_container(s, resolve=True), "audit": str(audit_path),
@@ -227,12 +250,65 @@ def stabilize(cfg: DictConfig) -> dict:
     write_json_atomic(paths.report_dir / "stabilize.json", summary)
     # Every transcript of every mode, for the evaluate stage (the same options it evaluates) and for inspection.
     write_json_atomic(paths.report_dir / "precision_modes.json",
-                      {"options": options, "modes": {mode: {k: m[k] for k in ("wer", "cer", "nonfinite_utterances",
-                                                                              "max_abs_diff_vs_fp32", "rows")}
-                                                     for mode, m in modes.items()}})
+                      {"options": options, "softmax_k": softmax_k, "frontend_peak": summary["frontend_peak"],
+                       "modes": {mode: {k: m[k] for k in ("wer", "cer", "nonfinite_utterances",
+                                                          "max_abs_diff_vs_fp32", "rows")}
+                                 for mode, m in {**modes, **ablation}.items()}})
     print(format_summary(summary))
     print(json.dumps({k: summary[k] for k in ("variant", "wer", "wer_delta_fp16", "stress")}))
     return summary
+
+
+def ablation_arms(options: dict) -> dict:
+    """The stabilization ablation's arms: overrides of the configured stabilized graph's options."""
+    exact, lut = {"softmax": "exact"}, {"softmax": "lut"}
+    plain, prenorm = {"prenorm": "none"}, {"prenorm": options["prenorm"]}
+    return {"acc16_none": {**plain, **exact}, "acc16_prenorm": {**prenorm, **exact}, "acc16_lut": {**plain, **lut},
+            "acc16_both": {**prenorm, **lut}, "acc16_both_uncapped": {**prenorm, **lut, "lut_max_squarings": None}}
+
+
+@torch.no_grad()
+def softmax_k_distribution(module, utterances, options: dict) -> dict:
+    """How many squarings k each attention row of the trained model needs (FP32 ANE graph on `utterances`):
+    {"uncapped": {k: rows}, "capped": {k: rows}, "cap": the configured cap for the longest row, "rows": n}. k > 0
+    only where a row's score range exceeds the table's range R; the capped rule drops those rows' entries below
+    -R * 2^cap instead (below FP16's resolution when the cap is "auto")."""
+    from collections import Counter
+
+    from edgeconformer.stabilize.ane import ANEConformer
+    from edgeconformer.stabilize.softmax import LUTSoftmax, resolve_max_squarings, squarings
+
+    ane = ANEConformer.from_asr(module.model, module.cmvn, softmax="lut", lut_size=options["lut_size"],
+                                lut_range=options["lut_range"], lut_interp=options["lut_interp"],
+                                lut_max_squarings=None, performer_shift=options["performer_shift"]).eval()
+    uncapped, capped, widest = Counter(), Counter(), 0
+    setting = options["lut_max_squarings"]
+
+    def hook(softmax, args, kwargs):
+        scores = args[0]
+        dim, mask = kwargs.get("dim", -1), kwargs.get("mask")
+        k = squarings(scores, dim, mask, softmax.range_, None).flatten().tolist()
+        cap = resolve_max_squarings(setting, softmax.range_, scores.shape[dim], torch.float16)
+        uncapped.update(k)
+        capped.update(min(v, cap) if cap is not None else v for v in k)
+        nonlocal widest
+        widest = max(widest, scores.shape[dim])
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in ane.modules()
+               if isinstance(m, LUTSoftmax)]
+    try:
+        for u in utterances:
+            ane(u.feats)
+    finally:
+        for h in handles:
+            h.remove()
+    if not handles:
+        return None  # no softmax attention (e.g. Performer blocks only)
+    cap = resolve_max_squarings(setting, options["lut_range"], max(widest, 1), torch.float16)
+    return {"uncapped": {str(k): n for k, n in sorted(uncapped.items())},
+            "capped": {str(k): n for k, n in sorted(capped.items())}, "cap": cap, "setting": str(setting),
+            "range": options["lut_range"], "rows": sum(uncapped.values()),
+            "rows_needing_rescaling": sum(n for k, n in uncapped.items() if k > 0)}
 
 
 def format_summary(s: dict) -> str:

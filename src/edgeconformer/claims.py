@@ -1,0 +1,125 @@
+"""The papers' claims against our metrics: docs/claims.yaml lists them (id, claim, the paper's number, a `check`),
+and one rule per check here gives a status, our number and its CI. The table goes into reports/summary.md and,
+through the results blocks (evidence.py), into README.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from edgeconformer.errors import UserError
+from edgeconformer.evidence import diff_cell, find, table
+
+CLAIMS_FILE = Path(__file__).resolve().parents[2] / "docs" / "claims.yaml"
+STATUSES = ("reproduced", "not reproduced", "not measurable here", "not run")
+
+
+def load_claims(path: str | Path = CLAIMS_FILE) -> list[dict]:
+    try:
+        claims = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: cannot read the claims list ({e})") from e
+    need = ("id", "paper", "claim", "paper_value", "check")
+    for i, c in enumerate(claims or []):
+        missing = [k for k in need if k not in c]
+        if missing:
+            raise UserError(f"{path}: entry {i + 1} lacks {missing}")
+        if c["check"] not in CHECKS:
+            raise UserError(f"{path}: entry {c['id']!r} has check {c['check']!r}; known: {', '.join(CHECKS)}")
+    return claims or []
+
+
+def _not_worse(c, margin=0.0):
+    return c["ci95"][1] <= margin if margin else c["verdict"] != "worse"
+
+
+def dws_flop_share(by, comps):
+    v, d = by.get("vanilla"), by.get("dws")
+    if not (v and d and v.get("flops_subsampling_share") and d.get("flops_subsampling_share") is not None):
+        return "not run", "n/a"
+    a, b = v["flops_subsampling_share"], d["flops_subsampling_share"]
+    return ("reproduced" if b <= a / 2 else "not reproduced"), f"{a:.1%} -> {b:.1%} (counted, our size)"
+
+
+def dws_wer(by, comps):
+    c = find(comps, "dws/fp32", "vanilla/fp32")
+    if not c:
+        return "not run", "n/a"
+    return ("reproduced" if c["verdict"] != "worse" else "not reproduced"), f"DWS − vanilla {diff_cell(c)}"
+
+
+def fp16_wer(by, comps):
+    cs = [(v, find(comps, f"{v}/fp16", f"{v}/fp32")) for v in by]
+    cs = [(v, c) for v, c in cs if c]
+    if not cs:
+        return "not run", "n/a"
+    ok = all(c["verdict"] != "worse" for _, c in cs)
+    return ("reproduced" if ok else "not reproduced"), "; ".join(f"{v} {diff_cell(c)}" for v, c in cs)
+
+
+def prenorm_needed(by, comps):
+    cells, verdicts = [], []
+    for v in by:
+        none, pre = find(comps, f"{v}/acc16_none", f"{v}/fp32"), find(comps, f"{v}/acc16_prenorm", f"{v}/fp32")
+        if none and pre:
+            verdicts.append(none["verdict"] == "worse" and pre["verdict"] != "worse")
+            cells.append(f"{v}: plain {diff_cell(none)}, pre-normalized {diff_cell(pre)}")
+    if not cells:
+        return "not run", "n/a"
+    return ("reproduced" if all(verdicts) else "not reproduced"), "; ".join(cells)
+
+
+def lut_softmax(by, comps):
+    cs = [(v, find(comps, f"{v}/acc16_lut", f"{v}/fp32")) for v in by]
+    cs = [(v, c) for v, c in cs if c]
+    if not cs:
+        return "not run", "n/a"
+    ok = all(c["verdict"] != "worse" for _, c in cs)
+    return ("reproduced" if ok else "not reproduced"), "; ".join(f"{v} {diff_cell(c)}" for v, c in cs)
+
+
+def dws_range(by, comps):
+    v, d = by.get("vanilla", {}).get("audit_frontend_peak"), by.get("dws", {}).get("audit_frontend_peak")
+    if v is None or d is None:
+        return "not run", "n/a"
+    return ("reproduced" if d < v else "not reproduced"), f"front-end peak {v:.3g} -> {d:.3g} (FP32 audit)"
+
+
+def _ablation(name):
+    def check(by, comps):
+        c = find(comps, f"{name}/fp32", "streaming/fp32")
+        if not c:
+            return "not run", f"add {name} and streaming to `variants`"
+        return ("reproduced" if c["ci95"][1] <= 1.0 else "not reproduced"), f"{name} − streaming {diff_cell(c)}"
+    return check
+
+
+def cascade(by, comps):
+    c = find(comps, "practical/fp32", "practical/fp32_first_pass")
+    if not c:
+        return "not run", "n/a"
+    base = find(comps, "practical/fp32", "streaming/fp32")
+    ok = c["verdict"] == "better" and (base is None or base["verdict"] != "worse")
+    cell = f"second − first pass {diff_cell(c)}" + (f"; − streaming {diff_cell(base)}" if base else
+                                                      "; streaming baseline not run")
+    return ("reproduced" if ok and base else "not reproduced" if not ok else "not run"), cell
+
+
+def not_measurable(by, comps):
+    return "not measurable here", "n/a"
+
+
+CHECKS = {"dws_flop_share": dws_flop_share, "dws_wer": dws_wer, "fp16_wer": fp16_wer,
+          "prenorm_needed": prenorm_needed, "lut_softmax": lut_softmax, "dws_range": dws_range,
+          "ablation_conv_only": _ablation("conv_only"), "ablation_performer": _ablation("performer"),
+          "cascade": cascade, "not_measurable": not_measurable}
+
+
+def claims_table(metrics: list[dict], comparisons: list[dict], claims: list[dict] | None = None) -> str:
+    by = {str(m["variant"]): m for m in metrics}
+    rows = []
+    for c in load_claims() if claims is None else claims:
+        status, ours = CHECKS[c["check"]](by, comparisons)
+        rows.append([c["paper"], c["claim"], str(c["paper_value"]), ours, f"**{status}**"])
+    return table(["paper", "claim", "paper's number", "ours (95% CI over utterances and seeds)", "status"], rows)

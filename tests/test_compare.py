@@ -1,0 +1,144 @@
+"""The compare stage and what reads it: per-variant mean +- sd over seeds, paired comparisons on the same utterances,
+the report's headline/claims tables and the generated documentation blocks, on synthetic runs."""
+
+import json
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from edgeconformer.artifacts import chain_run, runs_table
+from edgeconformer.compare import compare
+from edgeconformer.errors import UserError
+
+MODES = ("fp32", "fp16", "fp16_unstabilized", "acc16_none", "acc16_prenorm", "acc16_lut", "acc16_both",
+         "acc16_both_uncapped")
+N, SIM = 40, 10  # utterances; the Core ML simulation's subset
+
+
+def write_run(root, variant, seed, rate, rng, frontend_peak=10.0):
+    """A run's evaluation.json and utterances.jsonl as the evaluate stage writes them (the keys compare reads)."""
+    paths = chain_run(variant, seed, root)
+    paths.report_dir.mkdir(parents=True, exist_ok=True)
+    words = np.random.default_rng(0).poisson(12, N) + 1  # the same test set for every run
+    extra = {"fp16_unstabilized": 0.3, "acc16_none": 0.4, "acc16_lut": 0.4}
+    rows, totals = [], {}
+    for i in range(N):
+        row = {"id": f"u{i}", "reference": "x", "seconds": 2.0}
+        for mode in MODES + ("coreml_sim",):
+            if mode == "coreml_sim" and i >= SIM:
+                continue
+            p = min(rate + extra.get(mode, 0.0), 1.0)
+            row[mode] = {"hypothesis": "x", "errors": int(rng.binomial(words[i], p)), "ref_words": int(words[i])}
+            totals.setdefault(mode, [0, 0])
+            totals[mode][0] += row[mode]["errors"]
+            totals[mode][1] += words[i]
+        rows.append(row)
+    wer = {m: 100 * e / w for m, (e, w) in totals.items()}
+    evaluation = {"variant": variant, "seed": seed, "wer_fp32": wer["fp32"], "wer_fp16": wer["fp16"],
+                  "wer_fp16_unstabilized": wer["fp16_unstabilized"], "cer_fp32": wer["fp32"] / 2,
+                  "cer_fp16": wer["fp16"] / 2, "wer_coreml_sim": wer["coreml_sim"], "wer_coreml": None,
+                  "n_utterances": N, "gflops_per_audio_second": 0.15 if variant == "dws" else 0.18,
+                  "flops_subsampling_share": 0.10 if variant == "dws" else 0.25, "params_millions": 2.6,
+                  "rtf_cpu": 0.004 + 0.001 * seed, "audit_frontend_peak": frontend_peak,
+                  **{f"wer_{m}": wer[m] for m in MODES if m.startswith("acc16_")}}
+    paths.evaluation.write_text(json.dumps(evaluation))
+    paths.utterances.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return evaluation
+
+
+@pytest.fixture
+def chain_root(tmp_path):
+    rng = np.random.default_rng(1)
+    evals = {}
+    for seed in (1, 2, 3):
+        evals[("vanilla", seed)] = write_run(tmp_path, "vanilla", seed, 0.30, rng, frontend_peak=25.0)
+        evals[("dws", seed)] = write_run(tmp_path, "dws", seed, 0.10, rng, frontend_peak=10.0)
+    cfg = OmegaConf.create({"runs": runs_table(["vanilla", "dws"], ["vanilla", "dws"], [1, 2, 3], [1]),
+                            "compared": ["vanilla", "dws"],
+                            "compare": {"resamples": 2000, "confidence": 0.95, "seed": 0,
+                                        "streaming_baseline": "streaming", "ablations": ["conv_only"]}})
+    return tmp_path, cfg, evals
+
+
+def test_runs_table_crosses_compared_variants_with_seeds_and_the_rest_with_ablation_seeds():
+    table = runs_table(["vanilla", "dws", "practical"], ["vanilla", "dws"], [1, 2, 3], [7])
+    assert list(table) == ["vanilla-s1", "vanilla-s2", "vanilla-s3", "dws-s1", "dws-s2", "dws-s3", "practical-s7"]
+    assert table["dws-s2"] == {"variant": "dws", "seed": 2, "dir": "dws/s2"}
+    with pytest.raises(UserError, match="distinct"):
+        runs_table(["vanilla"], ["vanilla"], [1, 1], [1])
+    with pytest.raises(UserError, match="not in variants"):
+        runs_table(["vanilla"], ["dws"], [1], [1])
+
+
+def test_variant_files_hold_mean_sd_over_seeds_and_every_seed(chain_root):
+    root, cfg, evals = chain_root
+    compare(cfg, root)
+    for variant in ("vanilla", "dws"):
+        m = json.loads((root / "metrics" / f"{variant}.json").read_text())
+        per_seed = [evals[(variant, s)]["wer_fp32"] for s in (1, 2, 3)]
+        assert m["n_seeds"] == 3 and [s["seed"] for s in m["seeds"]] == [1, 2, 3]
+        assert m["wer_fp32_mean"] == pytest.approx(np.mean(per_seed))
+        assert m["wer_fp32_sd"] == pytest.approx(np.std(per_seed, ddof=1))
+        assert m["seeds"][1]["wer_fp16_unstabilized"] == evals[(variant, 2)]["wer_fp16_unstabilized"]
+        assert m["rtf_cpu"] == pytest.approx(0.006)  # the median over seeds
+        stats = {s["metric"]: s for s in m["stats"]}
+        assert stats["cer_fp32"]["mean"] == pytest.approx(np.mean(per_seed) / 2)
+        assert "wer_acc16_both_uncapped" in stats
+        # DVC's tables show scalars only: the headline stays short, the detail sits in lists
+        assert len([k for k, v in m.items() if not isinstance(v, (list, dict))]) <= 16
+
+
+def test_comparisons_are_paired_on_the_same_utterances_with_cis_and_verdicts(chain_root):
+    root, cfg, evals = chain_root
+    compare(cfg, root)
+    comps = json.loads((root / "metrics" / "comparisons.json").read_text())
+    by = {(c["a"], c["b"]): c for c in comps}
+    dws = by[("dws/fp32", "vanilla/fp32")]
+    expect = np.mean([evals[("dws", s)]["wer_fp32"] - evals[("vanilla", s)]["wer_fp32"] for s in (1, 2, 3)])
+    assert dws["diff"] == pytest.approx(expect) and dws["verdict"] == "better" and dws["ci95"][1] < 0
+    assert dws["n_seeds"] == 3 and dws["n_utterances"] == N and set(dws) >= {"a", "b", "metric", "diff", "ci95",
+                                                                             "n_seeds", "n_utterances", "verdict"}
+    assert ("dws/fp16", "vanilla/fp16") in by
+    assert by[("vanilla/fp16_unstabilized", "vanilla/fp32")]["verdict"] == "worse"
+    sim = by[("dws/coreml_sim", "dws/fp16")]
+    assert sim["n_utterances"] == SIM  # its subset, n beside it
+    assert by[("dws/acc16_none", "dws/fp32")]["verdict"] == "worse"
+    assert by[("dws/acc16_prenorm", "dws/fp32")]["verdict"] != "worse"
+    assert ("dws/acc16_both_uncapped", "dws/acc16_both") in by
+
+
+def test_report_opens_with_the_headline_and_generates_the_doc_blocks(chain_root):
+    from edgeconformer.evidence import BLOCK, stale_blocks
+    from edgeconformer.report import build_report
+
+    root, cfg, _ = chain_root
+    compare(cfg, root)
+    doc = root / "README.md"
+    doc.write_text("intro\n<!-- results:headline -->\nold numbers\n<!-- /results:headline -->\n"
+                   "<!-- results:claims -->\n<!-- /results:claims -->\nend\n")
+    out = build_report(root / "metrics", root / "reports", root / "reports" / "summary.md", docs_root=root)
+    md = out["summary"].read_text()
+    assert md.index("## Headline") < md.index("## Ablation: all figures")
+    headline = md.split("## Headline", 1)[1].split("\n\n")[1]
+    assert "| dws | 3 |" in headline and "] better |" in headline and "(baseline)" in headline
+    assert "it depends on the pre-normalized LayerNorm" in md
+    text = doc.read_text()
+    assert out["docs"] == ["README.md"] and "old numbers" not in text and text.endswith("end\n")
+    blocks = {m.group("name"): m.group("body") for m in BLOCK.finditer(text)}
+    assert "| dws | 3 |" in blocks["headline"]
+    assert "**reproduced**" in blocks["claims"] and "**not measurable here**" in blocks["claims"]
+    assert "DWS − vanilla" in blocks["claims"]
+    # a hand edit of a generated table is stale against the metrics
+    doc.write_text(text.replace("| dws | 3 |", "| dws | 4 |"))
+    from edgeconformer.report import generated_blocks, load_comparisons, load_metrics
+
+    gen = generated_blocks(load_metrics(root / "metrics"), load_comparisons(root / "metrics"))
+    assert stale_blocks(root, gen) == ["README.md"]
+
+
+def test_compare_names_the_missing_run_and_the_stage_to_run(chain_root):
+    root, cfg, _ = chain_root
+    (chain_run("dws", 2, root).utterances).unlink()
+    with pytest.raises(UserError, match=r"evaluate@dws-s2"):
+        compare(cfg, root)
