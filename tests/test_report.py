@@ -274,6 +274,9 @@ def test_notebook_runs_on_fixture_metrics(workdir, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     write_audit(workdir / "reports" / "dws" / "fp16_audit.json", list_audit([1.0, 2e5], {0: 9.0}))
+    (workdir / "metrics" / "comparisons.json").write_text(json.dumps([
+        {"a": "dws/fp32", "b": "vanilla/fp32", "metric": "wer", "diff": 1.25, "ci95": [-0.5, 3.0], "n_seeds": 3,
+         "n_utterances": 240, "verdict": "not distinguishable at this budget"}]))
     monkeypatch.setenv("EDGECONFORMER_METRICS_DIR", str(workdir / "metrics"))
     monkeypatch.setenv("EDGECONFORMER_REPORTS_DIR", str(workdir / "reports"))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
@@ -291,4 +294,5 @@ def test_notebook_runs_on_fixture_metrics(workdir, monkeypatch):
     assert "2 variant(s) from" in text and "vanilla, dws" in text
     assert f"| dws | {fmt(fixture('dws')['wer_fp32'], 'wer')} |" in text
     assert "| params_millions | " in text and "apple-watch-s7" in text
-    assert images == 4  # FLOP shares, WER vs FLOPs, RTF, FP16 audit
+    assert "+1.25 [-0.50, +3.00] n.d." in text  # the headline's paired CI
+    assert images == 5  # the comparisons' CIs, FLOP shares, WER vs FLOPs, RTF, FP16 audit

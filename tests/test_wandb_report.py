@@ -53,3 +53,30 @@ def test_report_spec_panels_filter_the_sweep_group():
     deltas = {m.name for m in grid.panels[3].metrics}
     assert deltas == {"delta/wer_fp16", "delta/wer_fp16_unstabilized", "delta/wer_coreml_sim"}
     assert report_spec("p", None, None).blocks[-1].runsets[0].filters == ""  # no group: every run
+
+
+def test_chain_runs_are_one_per_seed_grouped_per_variant_with_the_comparisons(tmp_path, monkeypatch):
+    from edgeconformer.wandb_report import log_chain
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    seeds = [dict(METRICS, model="small", seed=s, wer_fp32=30.0 + s) for s in (1, 2)]
+    summaries = {"dws": {"variant": "dws", "n_seeds": 2, "wer_fp32_mean": 31.5, "wer_fp32_sd": 0.7, "seeds": seeds}}
+    comparisons = [{"a": "dws/fp16", "b": "dws/fp32", "metric": "wer", "diff": 0.1, "ci95": [-0.2, 0.4],
+                    "n_seeds": 2, "n_utterances": 240, "verdict": "not distinguishable at this budget"}]
+    dirs = log_chain(summaries, comparisons, {"seeds": [1, 2]}, project="p", entity=None, save_dir=str(tmp_path))
+    runs = [read_offline_run(d) for d in dirs]
+    assert [(r["name"], r["group"], r["job_type"]) for r in runs] == [
+        ("dws-s1", "small-dws", "evaluate"), ("dws-s2", "small-dws", "evaluate"),
+        ("comparisons", "comparisons", "compare")]
+    assert runs[1]["summary"]["wer_fp32"] == pytest.approx(32.0) and runs[1]["config"]["seed"] == 2
+    s = runs[2]["summary"]
+    assert s["dws/wer_fp32_sd"] == pytest.approx(0.7)
+    assert s["compare/dws/fp16 - dws/fp32/ci_hi"] == pytest.approx(0.4)
+    assert s["compare/dws/fp16 - dws/fp32/significant"] == 0
+
+
+def test_report_spec_shows_means_over_seeds_with_error_bars():
+    grid = report_spec("edgeconformer", None, None).blocks[2]
+    assert grid.runsets[0].groupby == ["group"] and grid.runsets[0].filters == "JobType == 'evaluate'"
+    assert all(p.groupby_aggfunc == "mean" and p.groupby_rangefunc == "stddev" for p in grid.panels)
+    assert [p.metrics[0].name for p in grid.panels] == ["wer_fp32", "wer_fp16", "wer_fp16_unstabilized"]

@@ -153,6 +153,12 @@ def compare(cfg: DictConfig, root=".") -> dict:
                    for spec in comparison_specs(by_variant, list(cfg.get("compared") or []), cfg.compare)]
     write_json_atomic(metrics_dir / "comparisons.json", comparisons)
     print(format_comparisons(summaries, comparisons))
+    lg = cfg.get("logger") or {}
+    if lg.get("wandb"):  # one W&B run per seed grouped per variant, and the comparisons (offline by default)
+        from edgeconformer.wandb_report import log_chain
+
+        log_chain(summaries, comparisons, {"seeds": list(cfg.get("seeds") or []), "compared": list(cfg.compared)},
+                  project=lg.project, entity=lg.get("entity"), mode=lg.get("wandb_mode", "offline"))
     return {"variants": summaries, "comparisons": comparisons}
 
 

@@ -115,11 +115,23 @@ def run_stage(stage: Callable[[DictConfig], object], config_name: str = "config"
     _main()
 
 
+def check(cfg: DictConfig) -> DictConfig:
+    """Settings a stage would only trip over late, checked before any work starts."""
+    import re
+
+    from edgeconformer.errors import UserError
+
+    max_time = (cfg.get("train") or {}).get("max_time")
+    if max_time is not None and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", str(max_time)):
+        raise UserError(f"train.max_time={max_time!r}: expected DD:HH:MM:SS, e.g. 00:02:00:00, or null for no guard")
+    return cfg
+
+
 def _call(stage: Callable[[DictConfig], object], cfg: DictConfig, given: DictConfig | None):
     from edgeconformer.errors import UserError
 
     try:
-        return stage(apply_variant(cfg, given))
+        return stage(check(apply_variant(cfg, given)))
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -494,6 +494,29 @@ def fig_rtf(metrics: list[dict]):
     return fig
 
 
+def fig_comparisons(comparisons: list[dict]):
+    """Forest plot: every paired difference (a - b, WER points) with its 95% CI; None without comparisons."""
+    have = [c for c in comparisons if _is_number(c.get("diff")) and len(c.get("ci95") or []) == 2]
+    if not have:
+        return None
+    fig = _figure(8, 0.35 * len(have) + 1.2)
+    ax = fig.subplots()
+    ys = list(range(len(have)))[::-1]
+    colors = {"better": "tab:green", "worse": "tab:red"}
+    for y, c in zip(ys, have):
+        lo, hi = c["ci95"]
+        ax.errorbar([c["diff"]], [y], xerr=[[c["diff"] - lo], [hi - c["diff"]]], fmt="o", capsize=3,
+                    color=colors.get(c.get("verdict"), "tab:gray"))
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([f"{c['a']} − {c['b']} (n={c.get('n_utterances')}, seeds={c.get('n_seeds')})"
+                        for c in have], fontsize=7)
+    ax.set_xlabel("WER difference, points (95% CI over utterances and seeds)")
+    ax.set_title("Paired comparisons (green: a better, red: a worse, gray: not distinguishable)")
+    fig.tight_layout()
+    return fig
+
+
 def fig_fp16_audit(audits: dict):
     """Per variant: max |activation| per leaf module (log scale) for each audit stage, LayerNorm sum-of-squares
     peaks as markers, the FP16 maximum as a line. None without audits."""
@@ -609,7 +632,8 @@ def build_report(metrics_dir: str | Path = "metrics", reports_dir: str | Path = 
     generated = generated_blocks(metrics, comparisons)
 
     figures = {"flop_shares": fig_flop_shares(metrics), "wer_vs_flops": fig_wer_vs_flops(metrics),
-               "rtf": fig_rtf(metrics), "fp16_audit": fig_fp16_audit(audits)}
+               "rtf": fig_rtf(metrics), "fp16_audit": fig_fp16_audit(audits),
+               "comparisons": fig_comparisons(comparisons)}
     plots = {name: save_figure(fig, plots_dir / f"{name}.png") for name, fig in figures.items() if fig is not None}
     write_plot_data(metrics, out_md.parent / "plot_data")
 
@@ -641,7 +665,8 @@ def build_report(metrics_dir: str | Path = "metrics", reports_dir: str | Path = 
     table = audit_table(audits)
     md += ["## FP16 range audit", "", table if table else "*No FP16 audits found in "
            f"`{reports_dir}/<variant>/fp16_audit.json`.*", ""]
-    md += ["## Plots", "", image("flop_shares", "FLOP share by module group"), "",
+    md += ["## Plots", "", image("comparisons", "Paired comparisons with 95% CIs"), "",
+           image("flop_shares", "FLOP share by module group"), "",
            image("wer_vs_flops", "WER vs GFLOPs per audio second"), "", image("rtf", "RTF"), "",
            image("fp16_audit", "FP16 audit"), ""]
     md += ["## Measurement setup", ""] + _machine_lines(metrics) + [""]

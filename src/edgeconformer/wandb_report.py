@@ -47,6 +47,30 @@ def log_job(metrics: dict, config: dict, *, project: str, entity: str | None, gr
         run.finish()
 
 
+def log_chain(summaries: dict, comparisons: list[dict], config: dict, *, project: str, entity: str | None,
+              mode: str = "offline", save_dir: str = ".") -> list[str]:
+    """The compare stage's W&B record: one run per seed (job_type "evaluate", named <variant>-s<seed>, grouped per
+    variant like the training runs, so panels grouped by run group show mean and error bars over seeds) and one
+    "compare" run whose summary holds every variant's mean/sd and every paired comparison
+    (`compare/<a> - <b>/diff`, `/ci_lo`, `/ci_hi`, `/significant`: 1 when the CI excludes 0)."""
+    dirs = []
+    for variant, summary in summaries.items():
+        for seed_metrics in summary["seeds"]:
+            group = f"{seed_metrics.get('model', 'model')}-{variant}"
+            dirs.append(log_job(seed_metrics, dict(config, variant=variant, seed=seed_metrics["seed"]),
+                                project=project, entity=entity, group=group,
+                                name=f"{variant}-s{seed_metrics['seed']}", mode=mode, save_dir=save_dir))
+    headline = {f"{variant}/{k}": v for variant, summary in summaries.items() for k, v in summary.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for c in comparisons:
+        name = f"compare/{c['a']} - {c['b']}"
+        headline.update({f"{name}/diff": c["diff"], f"{name}/ci_lo": c["ci95"][0], f"{name}/ci_hi": c["ci95"][1],
+                         f"{name}/significant": int(not c["verdict"].startswith("not"))})
+    dirs.append(log_job(headline, config, project=project, entity=entity, group="comparisons", name="comparisons",
+                        mode=mode, job_type="compare", save_dir=save_dir))
+    return dirs
+
+
 def report_spec(project: str, entity: str | None, group: str | None, title: str | None = None):
     """The Report (not saved): a run set filtered to the sweep's group and its panels (paper 1: WER/FLOPs, FLOP
     share, RTF, FP16 deltas; paper 2: the streaming cost per job)."""
@@ -69,9 +93,20 @@ def report_spec(project: str, entity: str | None, group: str | None, title: str 
         wr.BarPlot(title="Streamed part: GFLOPs per audio second",
                    metrics=[wr.SummaryMetric("gflops_per_audio_second_streamed")], orientation="v"),
     ]
+    # The DVC chain's evaluate runs grouped per variant: bars are means over seeds, error bars their sd.
+    seeds = wr.Runset(entity=entity or "", project=project, name="per variant over seeds",
+                      filters="JobType == 'evaluate'", groupby=["group"])
+    over_seeds = [wr.BarPlot(title=f"{label} (mean over seeds, error bars: sd)", metrics=[wr.SummaryMetric(key)],
+                             orientation="v", groupby_aggfunc="mean", groupby_rangefunc="stddev")
+                  for key, label in (("wer_fp32", "WER FP32"), ("wer_fp16", "WER FP16"),
+                                     ("wer_fp16_unstabilized", "WER FP16 unstabilized"))]
     return wr.Report(project=project, entity=entity or "", title=title or f"edgeconformer: {group or project}",
                      description="WER, FLOPs, RTF and FP16 stability per job of an edgeconformer sweep.",
-                     blocks=[wr.H1("Ablation results"),
+                     blocks=[wr.H1("Variants over seeds"),
+                             wr.P("One run per seed, grouped per variant; the paired comparisons with their 95% "
+                                  "CIs are in the summary of the run named 'comparisons' (metrics/comparisons.json)."),
+                             wr.PanelGrid(runsets=[seeds], panels=over_seeds),
+                             wr.H1("Ablation results"),
                              wr.P("One run per job; metrics as in metrics/<variant>.json."),
                              wr.PanelGrid(runsets=[runset], panels=panels)])
 
