@@ -27,6 +27,7 @@ from edgeconformer.errors import UserError
 from edgeconformer.stats import compare as paired, mean_sd
 
 # Per-seed keys averaged over seeds (mean and sd); headline ones also at the top level of metrics/<variant>.json.
+HEADLINE_DIR = "reports/headline"  # DVC metrics (git-tracked: .gitignore lets this folder of reports/ through)
 STABILIZATION_ARMS = ("acc16_none", "acc16_prenorm", "acc16_lut", "acc16_both", "acc16_both_uncapped")
 RATES = ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "cer_fp32", "cer_fp16", "wer_coreml_sim", "wer_coreml",
          "wer_first_pass_fp32", *(f"wer_{arm}" for arm in STABILIZATION_ARMS))
@@ -75,6 +76,21 @@ def variant_summary(runs: list[Run]) -> dict:
     out["stats"] = stats
     out["seeds"] = [dict(r.evaluation, seed=r.seed) for r in runs]
     return out
+
+
+def headline(summary: dict, comparisons: list[dict], variant: str, base: str | None) -> dict:
+    """reports/headline/<variant>.json, the only file DVC registers as metrics: a few short keys so that `dvc
+    metrics show` and `dvc exp show --only-metrics` fit a 120-column terminal (one row per variant). Everything
+    else is in metrics/<variant>.json and metrics/comparisons.json."""
+    def r(v, digits):
+        return None if v is None else round(float(v), digits)
+
+    vs = next((c for c in comparisons if c["a"] == f"{variant}/fp32" and c["b"] == f"{base}/fp32"), None)
+    return {"seeds": summary["n_seeds"], "wer": r(summary.get("wer_fp32_mean"), 2),
+            "wer_sd": r(summary.get("wer_fp32_sd"), 2), "vs_base": r(vs["diff"], 2) if vs else None,
+            "ci95": f"[{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs else None,
+            "gflops": r(summary.get("gflops_per_audio_second"), 3), "params_m": r(summary.get("params_millions"), 2),
+            "rtf": r(summary.get("rtf_cpu"), 4)}
 
 
 def side(runs: list[Run], mode: str, ids: list[str]) -> np.ndarray:
@@ -152,6 +168,10 @@ def compare(cfg: DictConfig, root=".") -> dict:
     comparisons = [run_comparison(by_variant, spec, cfg.compare)
                    for spec in comparison_specs(by_variant, list(cfg.get("compared") or []), cfg.compare)]
     write_json_atomic(metrics_dir / "comparisons.json", comparisons)
+    base = next((v for v in cfg.get("compared") or [] if v in by_variant), None)
+    for variant, summary in summaries.items():
+        write_json_atomic(Path(root) / HEADLINE_DIR / f"{variant}.json",
+                          headline(summary, comparisons, variant, base))
     print(format_comparisons(summaries, comparisons))
     lg = cfg.get("logger") or {}
     if lg.get("wandb"):  # one W&B run per seed grouped per variant, and the comparisons (offline by default)
