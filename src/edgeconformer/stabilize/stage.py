@@ -214,8 +214,8 @@ def stabilize(cfg: DictConfig) -> dict:
     # 6. Stabilization ablation under FP16 accumulation.
     ablation, softmax_k = {}, None
     if s.get("ablation", {}).get("enabled", False):
-        arms = {name: precision_model(module.model, "fp16", module.cmvn, **dict(options, **arm),
-                                      accumulate=s.ablation.accumulate) for name, arm in ablation_arms(options).items()}
+        arms = run_arms(module, utts, {name: dict(options, **arm) for name, arm in ablation_arms(options).items()},
+                        s.ablation.accumulate, workers=int(cfg.trainer.num_threads))
         ablation = transcribe_modes(arms, utts, tokenizer)
         softmax_k = softmax_k_distribution(module, utts, options)
         lap("ablation")
@@ -257,6 +257,60 @@ def stabilize(cfg: DictConfig) -> dict:
     print(format_summary(summary))
     print(json.dumps({k: summary[k] for k in ("variant", "wer", "wer_delta_fp16", "stress")}))
     return summary
+
+
+def _arm_outputs(job) -> tuple[list[torch.Tensor], dict]:
+    """In a worker process: one arm's CTC log-probs (FP16 simulated, one thread) for a share of the utterances."""
+    from edgeconformer.stabilize.precision import precision_model
+
+    asr, cmvn, options, accumulate, feats = job
+    torch.set_num_threads(1)
+    model = precision_model(asr, "fp16", cmvn, **options, accumulate=accumulate)
+    return [model(f) for f in feats], model.summary()
+
+
+class Replayed:
+    """A precision mode whose log-probs were computed elsewhere (run_arms), served for the same input tensors, so
+    transcribe_modes scores it like a model it runs itself."""
+
+    def __init__(self, outputs: dict[int, torch.Tensor], summaries: list[dict]):
+        from collections import Counter
+
+        self.outputs = outputs
+        self.report = {"mode": "fp16", "calls": sum(r["calls"] for r in summaries)}
+        for key in ("fallback_ops", "wide_accumulation_ops", "emulated_reductions"):
+            self.report[key] = dict(sum((Counter(r[key]) for r in summaries), Counter()))
+
+    def __call__(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.outputs[id(feats)]
+
+    def summary(self) -> dict:
+        return self.report
+
+
+def run_arms(module, utterances, arms: dict[str, dict], accumulate: str, workers: int) -> dict[str, Replayed]:
+    """{arm: options of the FP16 graph} -> {arm: Replayed}. The FP16 simulation runs on one thread (a CPU half
+    kernel stalls on two, precision.one_thread) and costs ~0.3-0.7 s per utterance with FP16 accumulation, so the
+    arms x utterance shares run in `workers` spawned processes side by side, one core each."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    shares = [utterances[i::workers] for i in range(max(1, workers))]
+    jobs = [(module.model, module.cmvn, options, accumulate, [u.feats for u in share])
+            for options in arms.values() for share in shares]
+    if workers <= 1:
+        results = [_arm_outputs(job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(_arm_outputs, jobs))
+    out = {}
+    for i, name in enumerate(arms):
+        outputs, summaries = {}, []
+        for share, (log_probs, summary) in zip(shares, results[i * len(shares): (i + 1) * len(shares)]):
+            outputs.update({id(u.feats): lp for u, lp in zip(share, log_probs)})
+            summaries.append(summary)
+        out[name] = Replayed(outputs, summaries)
+    return out
 
 
 def ablation_arms(options: dict) -> dict:
