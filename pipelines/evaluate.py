@@ -1,5 +1,5 @@
-"""DVC stage `evaluate@<variant>`: WER per precision (incl. the Core ML program, simulated off macOS), RTF, device
-estimates, FLOPs -> metrics/<variant>.json and reports/<variant>/utterances.jsonl.
+"""DVC stage `evaluate@<variant>-s<seed>`: WER per precision (incl. the Core ML program, simulated off macOS), RTF, device
+estimates, FLOPs -> reports/runs/<variant>/s<seed>/{evaluation.json,utterances.jsonl}.
 
     python pipelines/evaluate.py variant=dws eval.max_utterances=50
 """

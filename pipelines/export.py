@@ -1,5 +1,5 @@
-"""DVC stage `export@<variant>`: models/<variant>/stabilized.pt -> models/<variant>/model.mlpackage (Core ML ML
-program) and reports/<variant>/conversion.json. Works on Linux and macOS.
+"""DVC stage `export@<variant>-s<seed>`: models/<variant>/s<seed>/stabilized.pt -> model.mlpackage beside it (Core ML
+ML program) and reports/runs/<variant>/s<seed>/conversion.json. Works on Linux and macOS.
 
     python pipelines/export.py variant=dws export.precision=fp32
 """

@@ -1,7 +1,7 @@
-"""DVC stage `stabilize@<variant>`: models/<variant>/best.ckpt -> models/<variant>/stabilized.pt,
-reports/<variant>/fp16_audit.json (+ .png) and reports/<variant>/stabilize.json. No retraining.
+"""DVC stage `stabilize@<variant>-s<seed>`: models/<variant>/s<seed>/best.ckpt -> stabilized.pt beside it,
+reports/runs/<variant>/s<seed>/fp16_audit.json (+ .png), stabilize.json and precision_modes.json. No retraining.
 
-    python pipelines/stabilize.py variant=dws stabilize.prenorm=linf
+    python pipelines/stabilize.py variant=dws seed=1 stabilize.prenorm=linf
 """
 
 from edgeconformer.config import run_stage

@@ -139,6 +139,9 @@ def test_report_opens_with_the_headline_and_generates_the_doc_blocks(chain_root)
 
     gen = generated_blocks(load_metrics(root / "metrics"), load_comparisons(root / "metrics"))
     assert stale_blocks(root, gen) == ["README.md"]
+    doc.write_text(text + "<!-- results:fp16 -->\nno closing marker\n")  # a broken block is an error, not skipped
+    with pytest.raises(KeyError, match="README.md: 3 results markers"):
+        stale_blocks(root, gen)
 
 
 def test_compare_names_the_missing_run_and_the_stage_to_run(chain_root):

@@ -5,7 +5,8 @@ and metrics (grouped per sweep). Under Hydra multirun every job writes into its 
     python pipelines/ablate.py -m hydra/launcher=local_parallel trainer.num_threads=1 model.subsampling=vanilla,dws
     python pipelines/ablate.py -m hydra/launcher=slurm trainer=gpu model=conformer_m data=librispeech ...
 
-The DVC chain (dvc.yaml) runs the same stage functions on the fixed paths models/<variant>, reports/<variant>.
+The DVC chain (dvc.yaml) runs the same stage functions on the fixed paths models/<variant>/s<seed> and
+reports/runs/<variant>/s<seed> (artifacts.py); seeds are a sweep axis here too: `-m seed=1,2,3`.
 """
 
 from __future__ import annotations

@@ -150,7 +150,8 @@ def run_transcribe(module, inputs: list[str], settings, output_format: str = "ts
     failed = 0
     for o in transcribe_items(module, items, settings, batch_size):
         bar.update(1)
-        outcomes.append(o)
+        if score:
+            outcomes.append(o)
         if o.error:
             failed += 1
             say(f"error: {o.error}")

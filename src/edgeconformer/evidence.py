@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 DOC_FILES = ("README.md", "docs/training.md", "docs/practical.md", "docs/stabilization.md", "docs/evaluation.md")
 ARMS = {"acc16_none": "none (plain LayerNorm, exact softmax)", "acc16_prenorm": "pre-normalized LayerNorm only",
         "acc16_lut": "LUT softmax only", "acc16_both": "both (the stabilized graph)",
@@ -166,6 +166,10 @@ def fill(text: str, generated: dict[str, str], where: str = "") -> str:
         if name not in generated:
             raise KeyError(f"{where}: unknown results block {name!r} (known: {', '.join(generated)})")
         return f"{m.group(1)}{generated[name].rstrip()}\n{m.group(4)}"
+    opened = len(re.findall(r"^<!-- results:", text, re.M))
+    if opened != len(BLOCK.findall(text)):
+        raise KeyError(f"{where}: {opened} results markers, not all of them a well-formed block "
+                       "(<!-- results:NAME --> ... <!-- /results:NAME -->, NAME in a-z, 0-9, _)")
     return BLOCK.sub(sub, text)
 
 

@@ -1,7 +1,7 @@
 """Human-readable results: reports/summary.md and PNG plots from metrics/<variant>.json and the FP16 audits.
 
 Inputs (docs/evaluation.md has the schema): metrics/<variant>.json, one per evaluated variant, and optionally
-reports/<variant>/fp16_audit.json (per-module records; read defensively: a missing or odd audit costs its section,
+the first seed's reports/runs/<variant>/s<seed>/fp16_audit.json (per-module records; read defensively: a missing or odd audit costs its section,
 not the report). Outputs, all written atomically: the summary and, next to it in plots/, flop_shares.png,
 wer_vs_flops.png, rtf.png and fp16_audit.png (a plot without data is skipped and the summary says so).
 Missing or null values print as "n/a".
@@ -682,17 +682,34 @@ def build_report(metrics_dir: str | Path = "metrics", reports_dir: str | Path = 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """python -m edgeconformer.report [metrics_dir] [reports_dir] [--docs | --check-docs]: the summary and plots;
+    --docs also rewrites the results blocks of README.md and docs/*.md (as the report stage does); --check-docs
+    only says which blocks differ from what the metrics generate (exit 1 when any do)."""
     import sys
 
+    from edgeconformer.config import REPO
+    from edgeconformer.evidence import stale_blocks
+
     args = sys.argv[1:] if argv is None else argv
+    flags = {a for a in args if a.startswith("--")}
+    args = [a for a in args if not a.startswith("--")]
     metrics_dir = args[0] if args else "metrics"
     reports_dir = args[1] if len(args) > 1 else "reports"
     try:
-        result = build_report(metrics_dir, reports_dir, Path(reports_dir) / "summary.md")
+        if "--check-docs" in flags:
+            stale = stale_blocks(REPO, generated_blocks(load_metrics(metrics_dir), load_comparisons(metrics_dir)))
+            for name in stale:
+                print(f"{name}: results blocks differ from {metrics_dir}; run `python -m edgeconformer.report "
+                      "--docs` (or `dvc repro report`)", file=sys.stderr)
+            return 1 if stale else 0
+        result = build_report(metrics_dir, reports_dir, Path(reports_dir) / "summary.md",
+                              docs_root=REPO if "--docs" in flags else None)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {result['summary']} and {len(result['plots'])} plot(s)")
+    print(f"wrote {result['summary']} and {len(result['plots'])} plot(s)"
+          + (f"; results blocks updated in {', '.join(result['docs']) or 'no file (already current)'}"
+             if "--docs" in flags else ""))
     return 0
 
 

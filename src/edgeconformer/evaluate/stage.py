@@ -1,11 +1,12 @@
-"""Stage `evaluate@<variant>`: WER per precision (PyTorch FP32, FP16 without and with stabilization, the exported
+"""Stage `evaluate@<variant>-s<seed>`: WER per precision (PyTorch FP32, FP16 without and with stabilization, the exported
 Core ML program simulated on Linux or run on macOS), RTF, device estimates, FLOPs -> metrics/<variant>.json.
 
-The PyTorch precision modes were decoded by the stabilize stage (reports/<variant>/precision_modes.json, checked to
+The PyTorch precision modes were decoded by the stabilize stage (<run report dir>/precision_modes.json, checked to
 match the stabilized graph's options); this stage adds the exported program (MIL-simulated on the first
 `eval.coreml_sim_utterances`, parity against the PyTorch FP16 graph), Core ML on macOS, RTF, estimates and FLOPs.
 
-Per-utterance results (reference, hypothesis and errors of every mode) go to reports/<variant>/utterances.jsonl.
+Per-utterance results (reference, hypothesis and errors of every mode) go to <run report dir>/utterances.jsonl
+(reports/runs/<variant>/s<seed>/ in the DVC chain, artifacts.run_paths); every figure to evaluation.json there.
 WER is in percent (0-100). What cannot be measured on this machine is null, never a guess: wer_coreml and
 rtf_coreml need macOS; rtf_device_estimate is labelled an estimate by construction (evaluate/device.py).
 
@@ -243,7 +244,7 @@ def format_metrics(m: dict) -> str:
 
     streamed = m.get("gflops_per_audio_second_streamed")
     lines = [
-        f"evaluate@{m['variant']}: {m['n_utterances']} utterances ({m['audio_hours'] * 60:.1f} min) of {m['split']}",
+        f"evaluate@{m['variant']}-s{m.get('seed')}: {m['n_utterances']} utterances ({m['audio_hours'] * 60:.1f} min) of {m['split']}",
         f"  WER %  fp32 {pct(m['wer_fp32'])}  fp16 {pct(m['wer_fp16'])}  fp16 unstabilized "
         f"{pct(m['wer_fp16_unstabilized'])}  Core ML (simulated) {pct(m['wer_coreml_sim'])}  Core ML "
         f"{pct(m['wer_coreml'])}",

@@ -1,11 +1,11 @@
-"""Stage `stabilize@<variant>`: a trained model -> its FP16-stable ANE-layout graph, checked and audited.
+"""Stage `stabilize@<variant>-s<seed>`: a trained model -> its FP16-stable ANE-layout graph, checked and audited.
 
-No retraining. Steps, each recorded in reports/<variant>/stabilize.json:
+No retraining. Steps, each recorded in the run's reports/runs/<variant>/s<seed>/stabilize.json:
 1. the ANE-layout (B, C, 1, S) graph built from the trained weights must equal the original in FP32 (encoder
    outputs within `stabilize.equivalence_atol`, identical CTC greedy transcripts on the test split), else the stage
    fails: an export of a graph that computes something else would be worse than none;
 2. the three precision modes (fp32, fp16 without stabilization, fp16 with the configured pre-normalizer and LUT
-   softmax) transcribe the test split, WER per mode -> reports/<variant>/precision_modes.json (every transcript;
+   softmax) transcribe the test split, WER per mode -> precision_modes.json (every transcript;
    the evaluate stage reports these rather than decoding the split a second time);
 3. FP16 range audits (per module, on the first `stabilize.audit_utterances`) of the original model and of both
    FP16 graphs -> fp16_audit.json + plot;
