@@ -76,3 +76,28 @@ def test_documentation_tables_are_generated_from_the_committed_metrics():
     generated = generated_blocks(load_metrics(REPO / "metrics"), load_comparisons(REPO / "metrics"))
     assert stale_blocks(REPO, generated) == [], ("results blocks differ from metrics/*.json: run "
                                                  "`dvc repro report` (or python pipelines/report.py) and commit")
+
+
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this object would create the marker file
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_with_the_file_named(tmp_path, capsys):
+    import torch
+
+    from edgeconformer.cli import main
+
+    run = tmp_path / "dws" / "s1"
+    run.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {}, "payload": _RunsACommand(marker)}, run / "best.ckpt")
+    assert main(["transcribe", "a.flac", "--model", str(tmp_path / "dws")]) == 1
+    err = capsys.readouterr().err
+    assert f"{run / 'best.ckpt'}: refused to load" in err and "Traceback" not in err
+    assert not marker.exists()

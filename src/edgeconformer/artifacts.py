@@ -20,6 +20,7 @@ in the default chain), so `edgeconformer transcribe --model models/dws` keeps wo
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import dataclass
@@ -158,6 +159,11 @@ def load_trained(model_dir: str | Path, checkpoint: str = "best", seed: int | No
         found = sorted(p.name for p in model_dir.glob("*.ckpt")) if model_dir.is_dir() else []
         raise UserError(f"{ckpt}: checkpoint not found (found: {found or 'none'}); train one with "
                         "`dvc repro train@<variant>-s<seed>` or pass --checkpoint last")
-    module = ASRModule.load_from_checkpoint(str(ckpt), map_location="cpu")
+    try:  # Lightning loads with torch.load(weights_only=True): tensors and plain containers, no code
+        module = ASRModule.load_from_checkpoint(str(ckpt), map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{ckpt}: refused to load: the checkpoint holds objects other than tensors and plain "
+                        f"containers, which could run code when unpickled ({str(e).splitlines()[-1][:200]}); "
+                        "load only checkpoints written by edgeconformer's training") from None
     module.tokenizer = Tokenizer(model_dir / "tokenizer.model")
     return module.eval()
