@@ -102,6 +102,9 @@ def test_evaluate_metrics_follow_the_schema_and_coreml_sim_matches(chain):
     assert abs(sum(m["flops_shares"].values()) - 1) < 1e-6
     rows = [json.loads(line) for line in (out / "reports" / "utterances.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {"fp32", "fp16", "fp16_unstabilized", "coreml_sim"} <= set(rows[0])
+    # the stabilization ablation's arms (FP16 accumulation emulated) on the same utterances, and the k counts
+    assert {"acc16_none", "acc16_prenorm", "acc16_lut", "acc16_both", "acc16_both_uncapped"} <= set(rows[0])
+    assert all(0 <= m[f"wer_{arm}"] for arm in ("acc16_none", "acc16_both")) and m["softmax_k"]["rows"] > 0
     assert rows[0]["fp32"]["errors"] >= 0 and rows[0]["reference"]
 
 

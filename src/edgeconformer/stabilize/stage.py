@@ -12,7 +12,8 @@ No retraining. Steps, each recorded in the run's reports/runs/<variant>/s<seed>/
 4. the stress case: activations scaled by `stabilize.stress_gain` (FP32 outputs unchanged by LayerNorm's scale
    invariance; "auto" picks a gain that overflows unstabilized FP16 LayerNorm by construction); unstabilized FP16 is expected to fail, stabilized FP16 to stay with FP32;
 5. the LUT softmax error table for the configured table sizes;
-6. the stabilization ablation (`stabilize.ablation`), where it matters: FP16 accumulation emulated (every sum
+6. the stabilization ablation (`stabilize.ablation`, for the variants in `stabilize.ablation.variants`: the ones
+   with seeds by default), where it matters: FP16 accumulation emulated (every sum
    rounded to FP16 after each addition, as on an accelerator that accumulates in FP16), the whole test split, arms
    acc16_none (plain LayerNorm, exact softmax), acc16_prenorm (the pre-normalizer only), acc16_lut (the LUT softmax
    only), acc16_both, and acc16_both_uncapped (the paper's conditional re-scaling as described: k from the row's
@@ -213,7 +214,8 @@ def stabilize(cfg: DictConfig) -> dict:
 
     # 6. Stabilization ablation under FP16 accumulation.
     ablation, softmax_k = {}, None
-    if s.get("ablation", {}).get("enabled", False):
+    ab = s.get("ablation") or {}
+    if ab.get("enabled", False) and (ab.get("variants") is None or paths.variant in ab.variants):
         arms = run_arms(module, utts, {name: dict(options, **arm) for name, arm in ablation_arms(options).items()},
                         s.ablation.accumulate, workers=int(cfg.trainer.num_threads))
         ablation = transcribe_modes(arms, utts, tokenizer)
