@@ -101,3 +101,20 @@ def test_a_checkpoint_that_would_run_code_is_refused_with_the_file_named(tmp_pat
     err = capsys.readouterr().err
     assert f"{run / 'best.ckpt'}: refused to load" in err and "Traceback" not in err
     assert not marker.exists()
+
+
+def test_dvc_composes_the_runs_from_conf_in_its_own_process(tmp_path):
+    # `dvc exp run -S 'seeds=[4,5]'` composes conf/ in DVC's process, which finds the runs resolver through
+    # hydra_plugins/ (DVC's hydra.plugins_path) without importing edgeconformer itself.
+    import subprocess
+    import sys
+
+    out = tmp_path / "params.yaml"
+    code = ("from dvc.utils.hydra import compose_and_dump; "
+            f"compose_and_dump({str(out)!r}, {str(REPO / 'conf')!r}, None, 'config', {str(REPO)!r}, "
+            "['seeds=[4,5]', 'ablation_seeds=[1,2]'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = OmegaConf.load(out).runs
+    assert list(runs) == ["vanilla-s4", "vanilla-s5", "dws-s4", "dws-s5", "practical-s1", "practical-s2"]
+    assert runs["dws-s5"].dir == "dws/s5"

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--chunk-seconds", type=float, default=None,
                    help="long inputs: encoder window advance (default 8)")
     t.add_argument("--context-seconds", type=float, default=None,
-                   help="long inputs: context encoded on each side of a window's chunk (default 2)")
+                   help="long inputs: context encoded on each side of a window's chunk (default 1)")
     t.add_argument("--max-segment-seconds", type=float, default=None,
                    help="longest stretch decoded in one piece; longer inputs are windowed (default 20)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (shown for more than 5 inputs)")
