@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from edgeconformer.artifacts import resolve_model_dir
 from edgeconformer.data.features import GlobalCMVN
 from edgeconformer.decoding.ctc import ctc_greedy
 from edgeconformer.models.asr import DualDecoderASR
@@ -375,7 +376,7 @@ def test_coreml_conversion():
             assert ops["transpose"] == 2 + 3
 
 
-TRAINED = REPO / "models/dws/best.ckpt"
+TRAINED = resolve_model_dir(REPO / "models/dws") / "best.ckpt"
 TEST_MANIFEST = REPO / "data/prepared/manifests/test.jsonl"
 
 

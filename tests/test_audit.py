@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from edgeconformer.artifacts import resolve_model_dir
 from edgeconformer.models.asr import DualDecoderASR
 from edgeconformer.models.conformer import ConformerEncoder
 from edgeconformer.stabilize.ane import ANEConformer, ExactSoftmax
@@ -210,9 +211,10 @@ def test_compare_audits_ratios():
         compare_audits(a, _report({"ctc": 1.0}))
 
 
-@pytest.mark.skipif(not all((REPO / p).exists() for p in ("models/vanilla/best.ckpt", "models/dws/best.ckpt",
+@pytest.mark.skipif(not all((REPO / p).exists() for p in (resolve_model_dir(REPO / "models/vanilla") / "best.ckpt",
+                                                         resolve_model_dir(REPO / "models/dws") / "best.ckpt",
                                                            "data/prepared/manifests/test.jsonl")),
-                    reason="needs the trained checkpoints models/{vanilla,dws}/best.ckpt and the prepared test "
+                    reason="needs trained checkpoints models/{vanilla,dws}/s<seed>/best.ckpt and the prepared test "
                            "split (dvc repro train)")
 def test_trained_front_ends_vanilla_vs_dws():
     # Paper 1, claim 7, measured on the shipped checkpoints: the DWS front end has the smaller peak activation.

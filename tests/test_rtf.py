@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgeconformer.artifacts import resolve_model_dir
 from edgeconformer.evaluate.rtf import machine_info, measure_rtf, percentile, pick_by_duration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def test_pick_by_duration_spreads_over_lengths_deterministically():
         pick_by_duration(rows, 0)
 
 
-@pytest.mark.skipif(not (REPO / "models/dws/best.ckpt").exists()
+@pytest.mark.skipif(not (resolve_model_dir(REPO / "models/dws") / "best.ckpt").exists()
                     or not (REPO / "data/prepared/manifests/test.jsonl").exists(),
                     reason="needs the trained models/dws checkpoint and the prepared test split (dvc repro)")
 def test_cli_measures_a_trained_model(capsys, monkeypatch):

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgeconformer.artifacts import resolve_model_dir
 from edgeconformer.data.features import GlobalCMVN
 from edgeconformer.models.asr import DualDecoderASR
 from edgeconformer.models.conformer import ConformerEncoder
@@ -122,11 +123,11 @@ def test_stress_breaks_unstabilized_fp16_and_not_stabilized():
     assert mad["layernorm_rows_over"] == 0 and mad["worst_layernorm_sumsq"]["headroom_bits"] > 0
 
 
-TRAINED = [REPO / "models/dws/best.ckpt", REPO / "data/prepared/manifests/test.jsonl"]
+TRAINED = [resolve_model_dir(REPO / "models/dws") / "best.ckpt", REPO / "data/prepared/manifests/test.jsonl"]
 
 
 @pytest.mark.skipif(not all(p.exists() for p in TRAINED),
-                    reason="needs the trained checkpoint models/dws/best.ckpt and the prepared test split "
+                    reason="needs a trained checkpoint models/dws/s<seed>/best.ckpt and the prepared test split "
                            "data/prepared/manifests/test.jsonl (dvc repro train@dws)")
 def test_trained_model_under_stress():
     from edgeconformer.cli import load_trained
