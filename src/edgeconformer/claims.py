@@ -49,13 +49,15 @@ def dws_wer(by, comps):
     return ("reproduced" if c["verdict"] != "worse" else "not reproduced"), f"DWS − vanilla {diff_cell(c)}"
 
 
-def fp16_wer(by, comps):
-    cs = [(v, find(comps, f"{v}/fp16", f"{v}/fp32")) for v in by]
-    cs = [(v, c) for v, c in cs if c]
-    if not cs:
-        return "not run", "n/a"
-    ok = all(c["verdict"] != "worse" for _, c in cs)
-    return ("reproduced" if ok else "not reproduced"), "; ".join(f"{v} {diff_cell(c)}" for v, c in cs)
+def _no_variant_worse(mode):
+    """Reproduced when no variant's `mode` − FP32 is worse (CI above 0)."""
+    def check(by, comps):
+        cs = [(v, c) for v in by if (c := find(comps, f"{v}/{mode}", f"{v}/fp32"))]
+        if not cs:
+            return "not run", "n/a"
+        ok = all(c["verdict"] != "worse" for _, c in cs)
+        return ("reproduced" if ok else "not reproduced"), "; ".join(f"{v} {diff_cell(c)}" for v, c in cs)
+    return check
 
 
 def prenorm_needed(by, comps):
@@ -68,15 +70,6 @@ def prenorm_needed(by, comps):
     if not cells:
         return "not run", "n/a"
     return ("reproduced" if all(verdicts) else "not reproduced"), "; ".join(cells)
-
-
-def lut_softmax(by, comps):
-    cs = [(v, find(comps, f"{v}/acc16_lut", f"{v}/fp32")) for v in by]
-    cs = [(v, c) for v, c in cs if c]
-    if not cs:
-        return "not run", "n/a"
-    ok = all(c["verdict"] != "worse" for _, c in cs)
-    return ("reproduced" if ok else "not reproduced"), "; ".join(f"{v} {diff_cell(c)}" for v, c in cs)
 
 
 def dws_range(by, comps):
@@ -110,8 +103,8 @@ def not_measurable(by, comps):
     return "not measurable here", "n/a"
 
 
-CHECKS = {"dws_flop_share": dws_flop_share, "dws_wer": dws_wer, "fp16_wer": fp16_wer,
-          "prenorm_needed": prenorm_needed, "lut_softmax": lut_softmax, "dws_range": dws_range,
+CHECKS = {"dws_flop_share": dws_flop_share, "dws_wer": dws_wer, "fp16_wer": _no_variant_worse("fp16"),
+          "prenorm_needed": prenorm_needed, "lut_softmax": _no_variant_worse("acc16_lut"), "dws_range": dws_range,
           "ablation_conv_only": _ablation("conv_only"), "ablation_performer": _ablation("performer"),
           "cascade": cascade, "not_measurable": not_measurable}
 

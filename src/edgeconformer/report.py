@@ -173,18 +173,23 @@ def variant_view(d: dict) -> dict:
     return view
 
 
+def _read_json(path: Path, kind: type, what: str, fix: str):
+    """A JSON file holding a `kind` (dict or list); UserError naming the file and the fix otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable JSON ({e}); {fix}") from e
+    if not isinstance(data, kind):
+        raise UserError(f"{path}: expected {what}, got {type(data).__name__}")
+    return data
+
+
 def load_comparisons(metrics_dir: str | Path) -> list[dict]:
     """metrics/comparisons.json (the compare stage's paired differences), [] when absent."""
     path = Path(metrics_dir) / "comparisons.json"
     if not path.exists():
         return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not readable JSON ({e}); re-run `dvc repro compare`") from e
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a list of comparisons, got {type(data).__name__}")
-    return data
+    return _read_json(path, list, "a list of comparisons", "re-run `dvc repro compare`")
 
 
 def load_metrics(metrics_dir: str | Path) -> list[dict]:
@@ -196,13 +201,8 @@ def load_metrics(metrics_dir: str | Path) -> list[dict]:
         raise UserError(f"{metrics_dir}: no metrics files (<variant>.json); run `dvc repro compare` first")
     out = []
     for path in paths:
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: not readable JSON ({e}); re-run the evaluate stage for this variant") from e
-        if not isinstance(d, dict):
-            raise UserError(f"{path}: expected a JSON object of metrics, got {type(d).__name__}")
-        d = variant_view(d)
+        d = variant_view(_read_json(path, dict, "a JSON object of metrics",
+                                    "re-run the evaluate stage for this variant"))
         d.setdefault("variant", path.stem)
         many = len(d["seeds"]) > 1
         d["_problems"] = [f"seed {s.get('seed')}: {p}" if many else p
