@@ -131,7 +131,8 @@ def softmax_k_lines(metrics: list[dict]) -> list[str]:
             continue
         share = k["rows_needing_rescaling"] / k["rows"]
         dist = ", ".join(f"k={key}: {n:,}" for key, n in k["uncapped"].items())
-        lines.append(f"- {m['variant']} (seed {m.get('seed', 'n/a')}): {k['rows']:,} attention rows; the row's range "
+        seed = (m.get("seeds") or [m])[0].get("seed", "n/a")  # the k counts are the first seed's
+        lines.append(f"- {m['variant']} (seed {seed}): {k['rows']:,} attention rows; the row's range "
                      f"exceeds R={k['range']:g} in {share:.2%} of them (uncapped k: {dist}); the capped rule "
                      f"(max_squarings={k['setting']}) allows k <= {k['cap']}.")
     return lines

@@ -165,7 +165,7 @@ def variant_view(d: dict) -> dict:
     view = dict(seeds[0])
     for key, first in seeds[0].items():
         values = [s.get(key) for s in seeds]
-        if _is_number(first) and all(_is_number(v) for v in values):
+        if key != "seed" and _is_number(first) and all(_is_number(v) for v in values):
             view[key] = (sorted(values)[len(values) // 2] if key.startswith("rtf") and len(values) % 2
                          else sum(values) / len(values))
     view.update({k: v for k, v in d.items() if k != "seeds"})
