@@ -33,9 +33,7 @@ from edgeconformer.transcribe_io import AudioError, Item, ReadStats, StreamResam
 METHODS = ("ctc_greedy", "ctc_beam", "attention", "joint", "rescoring")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # every test on one torch thread
 
 
 @pytest.fixture(scope="module")

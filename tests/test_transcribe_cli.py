@@ -17,9 +17,7 @@ from tiny_asr import bursts, save_model_dir, tiny_module, write_audio
 from edgeconformer.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # every test on one torch thread
 
 
 @pytest.fixture(scope="module")
