@@ -118,3 +118,34 @@ def test_dvc_composes_the_runs_from_conf_in_its_own_process(tmp_path):
     runs = OmegaConf.load(out).runs
     assert list(runs) == ["vanilla-s4", "vanilla-s5", "dws-s4", "dws-s5", "practical-s1", "practical-s2"]
     assert runs["dws-s5"].dir == "dws/s5"
+
+
+def test_malformed_max_time_is_a_user_error_even_without_the_config_check():
+    from edgeconformer.training import TimeGuard
+
+    for bad in ("10 minutes", "00:10:00", "00:xx:00:00", "1:2:3:4:5"):
+        with pytest.raises(UserError, match="DD:HH:MM:SS"):
+            TimeGuard(bad)
+    assert TimeGuard("01:00:00:05").limit == 86405
+
+
+@pytest.mark.parametrize("purpose", ["init_from", "averaging"])
+def test_fine_tuning_and_averaging_refuse_a_checkpoint_that_would_run_code(tmp_path, purpose):
+    import torch
+
+    from edgeconformer.models.lightning import load_matching_weights
+    from edgeconformer.training import average_into_best
+
+    marker = tmp_path / "ran"
+    planted = {"state_dict": {"w": torch.zeros(2)}, "payload": _RunsACommand(marker)}
+    if purpose == "init_from":
+        torch.save(planted, tmp_path / "best.ckpt")
+        with pytest.raises(UserError, match=rf"{tmp_path / 'best.ckpt'}: refused to load for train.init_from"):
+            load_matching_weights(torch.nn.Linear(2, 2), tmp_path)
+    else:
+        (tmp_path / "epochs").mkdir()
+        torch.save({"w": torch.zeros(2)}, tmp_path / "epochs" / "epoch001.pt")
+        torch.save(planted, tmp_path / "epochs" / "epoch002.pt")
+        with pytest.raises(UserError, match=r"epoch002.pt: refused to load for weight averaging"):
+            average_into_best(tmp_path, tmp_path / "best.ckpt", None, None, None)
+    assert not marker.exists()

@@ -148,6 +148,19 @@ def resolve_model_dir(model_dir: str | Path, seed: int | None = None) -> Path:
     return model_dir / f"s{seeds[0]}"
 
 
+def load_weights(path: str | Path, purpose: str):
+    """torch.load of a checkpoint or weights file with weights_only=True: tensors and plain containers only, so a
+    planted pickle cannot run code. `purpose` names what asked for it (e.g. "train.init_from") in the error."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused to load for {purpose}: the file holds objects other than tensors and "
+                        f"plain containers, which could run code when unpickled ({str(e).splitlines()[-1][:200]}); "
+                        "load only checkpoints written by edgeconformer's training") from None
+
+
 def load_trained(model_dir: str | Path, checkpoint: str = "best", seed: int | None = None):
     """models/<variant>[/s<seed>] -> ASRModule in eval mode with its tokenizer attached."""
     from edgeconformer.data.tokenizer import Tokenizer

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from edgeconformer.data.dataset import (TOKEN_PAD, ASRDataset, DurationBucketSampler, collate,
                                          filter_by_duration, load_audio)
 from edgeconformer.data.features import LogMelFilterbank
-from edgeconformer.artifacts import run_paths, write_json_atomic
+from edgeconformer.artifacts import load_weights, run_paths, write_json_atomic
 from edgeconformer.config import variant_name
 from edgeconformer.data.manifest import read_jsonl
 from edgeconformer.data.tokenizer import Tokenizer
@@ -238,8 +238,8 @@ class TimeGuard(Callback):
     machine was. Lightning's own max_time would end the fit quietly after fewer epochs."""
 
     def __init__(self, max_time: str):
-        parts = [int(x) for x in str(max_time).split(":")]
-        if len(parts) != 4:
+        parts = [int(x) for x in str(max_time).split(":") if x.strip().isdigit()]
+        if len(parts) != 4 or len(str(max_time).split(":")) != 4:
             raise UserError(f"train.max_time={max_time!r}: expected DD:HH:MM:SS (or null for no guard)")
         days, hours, minutes, seconds = parts
         self.limit = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
@@ -293,7 +293,7 @@ def average_into_best(out: Path, best_path: Path, module, dev_set, best_wer: flo
     paths = sorted((out / "epochs").glob("epoch*.pt"))
     if len(paths) < 2:
         return {}
-    averaged = average_state_dicts([torch.load(p, map_location="cpu") for p in paths])
+    averaged = average_state_dicts([load_weights(p, "weight averaging") for p in paths])
     module.load_state_dict(averaged)
     module.eval()
     refs, hyps = decode_dataset(module, dev_set, "ctc_greedy")
@@ -301,7 +301,7 @@ def average_into_best(out: Path, best_path: Path, module, dev_set, best_wer: flo
     info = {"averaged_epochs": [int(p.stem[5:]) for p in paths], "averaged_val_wer": wer,
             "best_is_average": best_wer is None or wer < best_wer}
     if info["best_is_average"]:
-        ckpt = torch.load(best_path, map_location="cpu", weights_only=False)
+        ckpt = load_weights(best_path, "weight averaging")
         ckpt["state_dict"] = averaged
         tmp = best_path.with_suffix(".tmp")
         torch.save(ckpt, tmp)

@@ -112,6 +112,7 @@ def load_matching_weights(module: torch.nn.Module, path: str | Path) -> dict:
     folder, then its best.ckpt) whose name and shape match into `module`; the others keep their initial values.
     Returns what happened: counts and the names of missing (not in the checkpoint, or another shape),
     unexpected (only in the checkpoint) and shape-mismatched tensors. Training counters are not copied."""
+    from edgeconformer.artifacts import load_weights
     from edgeconformer.errors import UserError
 
     path = Path(path)
@@ -119,7 +120,7 @@ def load_matching_weights(module: torch.nn.Module, path: str | Path) -> dict:
     if not ckpt_path.is_file():
         raise UserError(f"train.init_from={str(path)!r}: no checkpoint there; give a .ckpt file or a trained model "
                         "folder (models/<variant>) holding best.ckpt")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_weights(ckpt_path, "train.init_from")
     state = {k: v for k, v in ckpt.get("state_dict", ckpt).items() if k not in NOT_INITIALISED}
     own = module.state_dict()
     loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
