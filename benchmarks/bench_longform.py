@@ -46,7 +46,7 @@ SAMPLE_RATE = 16000
 
 # ------------------------------------------------------------------------------------------------ recordings
 def utterances(manifest: str | None, seed: int = 0) -> list[dict]:
-    from edgeconformer.data.manifest import read_jsonl
+    from edgeconformer.files import read_jsonl
 
     return read_jsonl(Path(manifest)) if manifest else []
 
@@ -83,7 +83,7 @@ def build_recording(rows: list[dict], path: Path, minutes: float) -> tuple[str, 
 
 def paired_delta(refs: list[str], one: list[str], long: list[str], resamples: int = 2000) -> dict:
     """Long-form minus one-by-one WER (points) over the same utterances, with a 95% bootstrap CI over them."""
-    from edgeconformer.evaluate.wer import score
+    from edgeconformer.scoring import score
 
     ids = [str(i) for i in range(len(refs))]
     a = np.array([u["errors"] for u in score(refs, one, ids)["utterances"]])
@@ -178,7 +178,8 @@ def wer_part(args, rows, tmp: Path) -> dict:
     import torch
 
     from edgeconformer.cli import load_trained
-    from edgeconformer.evaluate.wer import score
+    from edgeconformer.data.tokenizer import BLANK_ID
+    from edgeconformer.decoding import decode
     from edgeconformer.longform import (
         Settings,
         decoding_defaults,
@@ -187,9 +188,8 @@ def wer_part(args, rows, tmp: Path) -> dict:
         transcribe_items,
         transcribe_long,
     )
+    from edgeconformer.scoring import score
     from edgeconformer.transcribe_io import Item, read_audio, read_blocks
-    from edgeconformer.data.tokenizer import BLANK_ID
-    from edgeconformer.decoding import decode
 
     torch.set_num_threads(args.threads)
     module = load_trained(args.model)

@@ -5,7 +5,7 @@ ML program) and reports/runs/<variant>/s<seed>/conversion.json. Works on Linux a
 """
 
 from edgeconformer.config import run_stage
-from edgeconformer.export.stage import export
+from edgeconformer.stages.export import export
 
 if __name__ == "__main__":
     run_stage(export)

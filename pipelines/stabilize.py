@@ -5,7 +5,7 @@ reports/runs/<variant>/s<seed>/fp16_audit.json (+ .png), stabilize.json and prec
 """
 
 from edgeconformer.config import run_stage
-from edgeconformer.stabilize.stage import stabilize
+from edgeconformer.stages.stabilize import stabilize
 
 if __name__ == "__main__":
     run_stage(stabilize)

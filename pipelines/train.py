@@ -4,7 +4,7 @@ Hydra multirun works too: `python pipelines/train.py -m model.subsampling=vanill
 """
 
 from edgeconformer.config import run_stage
-from edgeconformer.training import train
+from edgeconformer.stages.train import train
 
 if __name__ == "__main__":
     run_stage(train)

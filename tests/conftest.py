@@ -74,3 +74,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def package_metadata(path) -> dict:
+    """A saved .mlpackage's metadata as an app reads it: standard fields plus the user-defined values, the JSON
+    ones decoded, integers as integers and the SentencePiece model as bytes (docs/export.md)."""
+    import base64
+    import json
+
+    import coremltools as ct
+
+    meta = ct.utils.load_spec(str(path)).description.metadata
+    user = dict(meta.userDefined)
+    out = {"author": meta.author, "license": meta.license, "short_description": meta.shortDescription,
+           "version": meta.versionString, **user}
+    for key in ("features", "cmvn_folded", "vocabulary"):
+        if key in user:
+            out[key] = json.loads(user[key])
+    for key in ("sample_rate", "subsampling_factor", "blank_id"):
+        if key in user:
+            out[key] = int(user[key])
+    if "sentencepiece_model" in user:
+        out["sentencepiece_model"] = base64.b64decode(user["sentencepiece_model"])
+    return out

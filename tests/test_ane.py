@@ -135,7 +135,8 @@ def test_prenorm_is_exact_in_fp32(prenorm):
     torch.testing.assert_close(lp, lp_ref, atol=ATOL, rtol=0)
 
 
-LUT_ATOL = 1e-3  # 256-entry table over [-16, 0], linear interpolation: measured 1.6e-4 / 2.9e-4 (docs/stabilization.md section 3)
+# 256-entry table over [-16, 0], linear interpolation: measured 1.6e-4 / 2.9e-4 (docs/stabilization.md section 3)
+LUT_ATOL = 1e-3
 
 
 def test_lut_softmax_close():

@@ -220,7 +220,7 @@ def test_trained_front_ends_vanilla_vs_dws():
     # Paper 1, claim 7, measured on the shipped checkpoints: the DWS front end has the smaller peak activation.
     from edgeconformer.cli import load_trained
     from edgeconformer.data.dataset import load_audio
-    from edgeconformer.data.manifest import read_jsonl
+    from edgeconformer.files import read_jsonl
 
     rows = read_jsonl(REPO / "data/prepared/manifests/test.jsonl")[:3]
     reports = {}

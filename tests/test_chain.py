@@ -12,6 +12,8 @@ import torch
 from conftest import REPO, TINY_DATA, TINY_MODEL
 from edgeconformer.config import compose
 
+pytestmark = pytest.mark.slow  # the whole chain on a tiny corpus: CI runs it; `-m "not slow"` skips it
+
 FAST_EVAL = ["eval.rtf.utterances=2", "eval.rtf.repeats=1", "eval.rtf.warmup=1", "eval.flops.seconds=2.0",
              "eval.device_estimate.seconds=2.0", "stabilize.stress_utterances=4",
              "stabilize.softmax.error_table_sizes=[16,256]", "export.shapes.policy=ranged"]
@@ -24,10 +26,10 @@ def chain_cfg(data_dir, out, *extra):
 
 @pytest.fixture(scope="module")
 def chain(data_dir, tmp_path_factory):
-    from edgeconformer.evaluate.stage import evaluate
-    from edgeconformer.export.stage import export
-    from edgeconformer.stabilize.stage import stabilize
-    from edgeconformer.training import train
+    from edgeconformer.stages.evaluate import evaluate
+    from edgeconformer.stages.export import export
+    from edgeconformer.stages.stabilize import stabilize
+    from edgeconformer.stages.train import train
 
     out = tmp_path_factory.mktemp("chain") / "dws"
     cfg = chain_cfg(data_dir, out, "model.subsampling=dws", "train.max_epochs=2", "train.test_after_fit=false")
@@ -62,8 +64,8 @@ def test_stress_case_breaks_unstabilized_fp16_only(chain):
 def test_load_stabilized_catches_a_retrained_checkpoint(chain, tmp_path):
     import shutil
 
+    from edgeconformer.artifacts import load_stabilized
     from edgeconformer.errors import UserError
-    from edgeconformer.stabilize.stage import load_stabilized
 
     copy = tmp_path / "dws"
     shutil.copytree(chain["out"], copy, ignore=shutil.ignore_patterns("*.mlpackage"))
@@ -78,13 +80,13 @@ def test_load_stabilized_catches_a_retrained_checkpoint(chain, tmp_path):
 
 
 def test_export_writes_the_package_and_its_report(chain):
-    from edgeconformer.export.coreml import read_metadata
+    from conftest import package_metadata
 
     out, rep = chain["out"], chain["export"]
     assert (out / "model.mlpackage").is_dir()
     saved = json.loads((out / "reports" / "conversion.json").read_text())
     assert saved["n_ops"] == rep["n_ops"] > 0 and saved["variant"] == "dws"
-    meta = read_metadata(out / "model.mlpackage")
+    meta = package_metadata(out / "model.mlpackage")
     stab = meta["stabilization"]
     stab = json.loads(stab) if isinstance(stab, str) else stab
     assert stab["prenorm"] == chain["cfg"].stabilize.prenorm and meta["vocabulary"][0]  # an app can decode

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from edgeconformer.artifacts import chain_run, runs_table
-from edgeconformer.compare import compare
+from edgeconformer.artifacts import chain_run
+from edgeconformer.config import runs_table
 from edgeconformer.errors import UserError
+from edgeconformer.stages.compare import compare
 
 MODES = ("fp32", "fp16", "fp16_unstabilized", "acc16_none", "acc16_prenorm", "acc16_lut", "acc16_both",
          "acc16_both_uncapped")

@@ -10,11 +10,10 @@ from edgeconformer.data.dataset import (
     DurationBucketSampler,
     collate,
     filter_by_duration,
-    make_dataloader,
 )
-from edgeconformer.data.manifest import write_jsonl_atomic
 from edgeconformer.data.tokenizer import Tokenizer, train_tokenizer
 from edgeconformer.errors import UserError
+from edgeconformer.files import write_jsonl_atomic
 
 TEXTS = ["AND THE LORD SAID", "IN THE BEGINNING WAS THE WORD", "LET THERE BE LIGHT", "AND THERE WAS LIGHT",
          "THE EARTH WAS WITHOUT FORM", "AND GOD SAW THE LIGHT THAT IT WAS GOOD", "HE CALLED THE DRY LAND EARTH"]
@@ -102,9 +101,13 @@ def test_collate_shapes_and_padding(rows, tokenizer):
         assert torch.equal(batch["tokens"][i, : u[i]], it["tokens"]) and (batch["tokens"][i, u[i]:] == -1).all()
 
 
-def test_make_dataloader_covers_all(rows, tokenizer):
-    loader = make_dataloader(rows, tokenizer, max_batch_seconds=1.5, shuffle=True, seed=1, max_duration=1.0)
-    assert loader.dataset.dropped_ids == ["7-8-0003"]
+def test_a_loader_as_training_builds_it_covers_every_kept_utterance(rows, tokenizer):
+    from torch.utils.data import DataLoader
+
+    dataset = ASRDataset(rows, tokenizer, max_duration=1.0)
+    assert dataset.dropped_ids == ["7-8-0003"]
+    loader = DataLoader(dataset, collate_fn=collate,
+                        batch_sampler=DurationBucketSampler(dataset.durations, 1.5, shuffle=True, seed=1))
     ids = []
     for batch in loader:
         assert len(batch["ids"]) * batch["audio"].shape[1] / 16000 <= 1.5 + 1e-9

@@ -8,7 +8,6 @@ from edgeconformer.evaluate.device import (
     count_ops,
     estimate_all,
     estimate_rtf,
-    format_estimate,
     load_profile,
     roofline,
 )
@@ -148,11 +147,6 @@ def test_bad_profile_or_precision_is_refused():
         estimate_rtf(model, 1.0, "apple-watch-s7", precision="int4")
     with pytest.raises(ValueError, match="seconds must be > 0"):
         estimate_rtf(model, 0.0, "apple-watch-s7")
-
-
-def test_format_estimate_names_device_and_marks_it_as_estimate():
-    text = format_estimate(estimate_rtf(tiny(), 1.0, "mac-m1"))
-    assert text.startswith("mac-m1: RTF ") and "[estimate]" in text and "-bound" in text
 
 
 def test_estimate_all_counts_once_and_matches_single_estimates():

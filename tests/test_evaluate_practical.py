@@ -1,5 +1,5 @@
 """Practical-Conformer figures of the evaluate stage: the attention state a streaming step reads
-(evaluate/state.py), the cascade's first pass evaluated alone (evaluate/stage.py) and their printout."""
+(evaluate/state.py), the cascade's first pass evaluated alone (stages/evaluate.py) and their printout."""
 
 import json
 from pathlib import Path
@@ -147,14 +147,14 @@ def tiny_module(cascade: bool):
 
 def utterances(module, n=3):
     # Random waveforms of 0.5-0.9 s as the evaluate stage holds them: raw log-mels (1, T, F), batch 1.
-    from edgeconformer.evaluate.utterances import Utterance
+    from edgeconformer.scoring import EvalUtterance
 
     gen = torch.Generator().manual_seed(1)
     audios = [0.1 * torch.randn(8000 + 2000 * i, generator=gen) for i in range(n)]
     utts = []
     for i, audio in enumerate(audios):
         feats, _ = module.fbank(audio[None], torch.tensor([audio.numel()]))
-        utts.append(Utterance(f"u{i}", "U W1 W2", audio.numel() / 16000, feats))
+        utts.append(EvalUtterance(f"u{i}", "U W1 W2", audio.numel() / 16000, feats))
     return utts, [(a, a.numel() / 16000) for a in audios]
 
 
@@ -165,8 +165,8 @@ def count_calls(module):
 
 
 def test_first_pass_metrics_of_a_cascade_decode_the_first_pass_alone():
-    from edgeconformer.evaluate.stage import first_pass_metrics
-    from edgeconformer.evaluate.wer import score
+    from edgeconformer.scoring import score
+    from edgeconformer.stages.evaluate import first_pass_metrics
 
     module = tiny_module(cascade=True)
     utts, audio = utterances(module)
@@ -189,7 +189,7 @@ def test_first_pass_metrics_of_a_cascade_decode_the_first_pass_alone():
 
 
 def test_first_pass_metrics_are_null_without_a_cascade():
-    from edgeconformer.evaluate.stage import first_pass_metrics, is_cascade
+    from edgeconformer.stages.evaluate import first_pass_metrics, is_cascade
 
     module = tiny_module(cascade=False)
     utts, audio = utterances(module, n=1)
@@ -205,7 +205,7 @@ def metrics_fixture(**extra):
 
 
 def test_format_metrics_prints_the_practical_figures_and_reads_old_metrics():
-    from edgeconformer.evaluate.stage import format_metrics
+    from edgeconformer.stages.evaluate import format_metrics
 
     state = {"seconds": 10.0, "attention": 51_200, "positions": 0, "conv": 26_880}
     text = format_metrics(metrics_fixture(gflops_per_audio_second_streamed=0.0799, attention_state_bytes=state,

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from conftest import package_metadata
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import coremltools as ct
@@ -28,7 +30,6 @@ from edgeconformer.export.coreml import (
     export_coreml,
     front_end,
     input_shape,
-    read_metadata,
     write_report,
 )
 from edgeconformer.export.milsim import MILExecutor, load_program
@@ -146,7 +147,7 @@ def test_metadata_round_trips(exported, tokenizer):
         warnings.simplefilter("ignore")
         model = ct.models.MLModel(str(path), skip_model_load=True)
     assert model.user_defined_metadata["blank_id"] == "0"
-    decoded = read_metadata(path)
+    decoded = package_metadata(path)
     assert decoded["sample_rate"] == 16000 and decoded["subsampling_factor"] == 4 and decoded["blank_id"] == 0
     assert decoded["cmvn_folded"] is True and decoded["precision"] == "fp16"
     assert decoded["features"] == front_end(80)
@@ -249,10 +250,12 @@ def test_write_report_is_json_and_atomic(exported, tmp_path, monkeypatch):
     path = write_report(report, tmp_path / "reports" / "export.json")
     assert json.loads(path.read_text()) == json.loads(json.dumps(report))
 
-    def broken_dump(*args, **kwargs):
+    def broken_write(self, text, *args, **kwargs):  # half the report reaches the disk, then the disk is full
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(coreml.json, "dump", broken_dump)
+    monkeypatch.setattr(Path, "write_text", broken_write)
     with pytest.raises(OSError):
         write_report(report, path)
     assert json.loads(path.read_text()) == json.loads(json.dumps(report))  # the old report is untouched
@@ -297,7 +300,7 @@ def test_failed_save_leaves_no_partial_package(tmp_path, monkeypatch):
     assert after == before  # the previous package is untouched
 
     export_coreml(Small(), path, precision="fp16", metadata=META, shapes=fixed)  # a successful replacement
-    assert read_metadata(path)["precision"] == "fp16"
+    assert package_metadata(path)["precision"] == "fp16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.mlpackage"]
 
 
@@ -380,7 +383,7 @@ def test_lowerings_keep_pytorch_semantics(tmp_path):
             np.testing.assert_allclose(got_rec, reciprocal.numpy(), rtol=2e-3)
             f16 = np.float16
             with np.errstate(over="ignore"):  # each op rounds its result to fp16
-                expected = np.isinf(((x.numpy().astype(f16) + f16(1.0)) * f16(6e4)))
+                expected = np.isinf((x.numpy().astype(f16) + f16(1.0)) * f16(6e4))
             assert 0 < expected.mean() < 0.5
             np.testing.assert_array_equal(got_inf, expected)
     assert {name: registry.get(name) for name in coreml.LOWERINGS} == before  # coremltools' registry restored
@@ -404,7 +407,8 @@ def test_practical_model_exports_and_runs(tokenizer, tmp_path, precision):
     path = tmp_path / "practical.mlpackage"
     report = export_coreml(ane, path, precision=precision, shapes={"policy": "enumerated", "lengths": LENGTHS},
                            tokenizer_model=tokenizer.model_path,
-                           metadata={"author": "tests", "license": "MIT", "subsampling_factor": 4, "cmvn_folded": False})
+                           metadata={"author": "tests", "license": "MIT", "subsampling_factor": 4,
+                                     "cmvn_folded": False})
     assert report["n_ops"] > 0
     run = MILExecutor(load_program(path))
     for T in LENGTHS:

@@ -23,7 +23,6 @@ from edgeconformer.data.librispeech import (
     UnsafeArchiveError,
     download,
     file_md5,
-    find_librispeech_root,
     prepare_librispeech,
     safe_extract,
 )
@@ -472,13 +471,6 @@ def test_prepare_rejects_unknown_subsets(tmp_path):
     assert "train-clean-1000" in str(info.value)
 
 
-def test_find_librispeech_root(tmp_path):
-    corpus = tmp_path / "LibriSpeech"
-    (corpus / "dev-clean").mkdir(parents=True)
-    assert find_librispeech_root(tmp_path) == corpus
-    assert find_librispeech_root(corpus) == corpus
-    with pytest.raises(FileNotFoundError, match="LibriSpeech"):
-        find_librispeech_root(tmp_path / "nowhere")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # 3.12+ warns about unfiltered extraction

@@ -16,8 +16,6 @@ import soundfile as sf
 import torch
 
 from conftest import REPO
-from tiny_asr import bursts, save_model_dir, tiny_module, write_audio
-
 from edgeconformer.longform import (
     Geometry,
     Settings,
@@ -29,6 +27,7 @@ from edgeconformer.longform import (
     windowed_frames,
 )
 from edgeconformer.transcribe_io import AudioError, Item, ReadStats, StreamResampler, read_audio, read_blocks
+from tiny_asr import bursts, save_model_dir, tiny_module, write_audio
 
 METHODS = ("ctc_greedy", "ctc_beam", "attention", "joint", "rescoring")
 
@@ -90,13 +89,13 @@ def test_non_finite_samples_are_an_error_naming_file_and_time(tmp_path):
 def test_windows_tile_the_input_exactly(tmp_path, factor):
     # A convolution-only encoder reads a bounded stretch of input, so with enough context every stitched frame
     # equals the whole-input frame: this checks the sample / frame bookkeeping of the windows and their ends.
-    from tiny_asr import KINDS, TINY
+    from omegaconf import OmegaConf
 
     from edgeconformer.config import compose
     from edgeconformer.data.tokenizer import Tokenizer, train_tokenizer
     from edgeconformer.longform import encode
     from edgeconformer.models.lightning import ASRModule
-    from omegaconf import OmegaConf
+    from tiny_asr import KINDS, TINY
 
     cfg = compose([*TINY, *KINDS["conv"], f"model.subsampling_factor={factor}"])
     tok = Tokenizer(train_tokenizer(["A B C"] * 4, tmp_path, vocab_size=8))
@@ -290,9 +289,9 @@ def build_recording(rows: list[dict], path: Path, minutes: float, gap: float = 0
 def test_wer_of_a_20_minute_recording_is_within_a_point_of_utterance_decoding(tmp_path):
     # greedy CTC, the models' default (docs/transcribe.md: dws seed 2 +0.88 points, vanilla seed 3 +0.47)
     from edgeconformer.cli import load_trained
-    from edgeconformer.data.manifest import read_jsonl
-    from edgeconformer.evaluate.wer import score
+    from edgeconformer.files import read_jsonl
     from edgeconformer.longform import decoding_defaults
+    from edgeconformer.scoring import score
 
     model_dir, manifest = trained_model_and_manifest()
     module = load_trained(model_dir)
@@ -313,7 +312,7 @@ def test_benchmark_script_smoke(models, tmp_path, capsys):
     # benchmarks/bench_longform.py on the tiny model: both parts run and report their ratios (no timing claims)
     import importlib.util
 
-    from edgeconformer.data.manifest import write_jsonl_atomic
+    from edgeconformer.files import write_jsonl_atomic
 
     spec = importlib.util.spec_from_file_location("bench_longform", REPO / "benchmarks" / "bench_longform.py")
     bench = importlib.util.module_from_spec(spec)

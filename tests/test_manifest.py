@@ -8,7 +8,8 @@ import numpy as np
 import soundfile as sf
 
 from conftest import REPO, write_chapter, write_flac
-from edgeconformer.data.manifest import Checks, find_candidates, read_jsonl, scan_split, split_summary
+from edgeconformer.data.manifest import Checks, find_candidates, scan_split, split_summary
+from edgeconformer.files import read_jsonl
 
 
 def _tree(root: Path) -> Path:
@@ -19,7 +20,7 @@ def _tree(root: Path) -> Path:
                                               "0003": "DIGITS 42", "0004": "GOOD ONE"})
     trans = chap / "20-300.trans.txt"
     lines = trans.read_text().splitlines()
-    lines = [l for l in lines if not l.startswith("20-300-0000")]      # audio without transcript
+    lines = [line for line in lines if not line.startswith("20-300-0000")]      # audio without transcript
     lines += ["20-300-0009 LINE WITHOUT AUDIO", "20-300-0004 DUPLICATE LINE"]
     trans.write_text("\n".join(lines) + "\n")
     (chap / "20-300-0005.flac").write_bytes(b"not a flac file at all")  # corrupt audio

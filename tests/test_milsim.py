@@ -1,7 +1,6 @@
 """MIL-sim: saved Core ML programs executed on Linux match PyTorch, with the program's own precision."""
 
 import warnings
-
 from pathlib import Path
 
 import numpy as np

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from edgeconformer.data.manifest import read_jsonl
+from edgeconformer.files import read_jsonl
+
+pytestmark = pytest.mark.slow  # `dvc repro` in a scratch repository: CI runs it; `-m "not slow"` skips it
 
 TINY = ["data.synth.train_hours=0.01", "data.synth.dev_utterances=4", "data.synth.test_utterances=4",
         "data.synth.train_espeak_speakers=4", "data.synth.train_flite_speakers=4",

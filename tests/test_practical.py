@@ -427,8 +427,8 @@ TEXTS = ["SING UNTO THE LORD", "ALL THE EARTH", "AND GOD SAID", "LET THERE BE LI
 def tiny_data(tmp_path_factory):
     """Manifests of tone+noise clips (no synthesis: seconds, not minutes) and a tokenizer trained on them."""
     from conftest import write_flac
-    from edgeconformer.data.manifest import write_jsonl_atomic
     from edgeconformer.data.prepare import tokenize
+    from edgeconformer.files import write_jsonl_atomic
 
     root = tmp_path_factory.mktemp("practical")
     for split, n in (("train", 6), ("dev", 2), ("test", 2)):
@@ -439,8 +439,9 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_train_cascade_reports_both_passes_and_fine_tunes_into_the_performer(tiny_data, tmp_path, capsys):
-    from edgeconformer.training import train
+    from edgeconformer.stages.train import train
 
     base = ["+experiment=practical", f"data.out_dir={tiny_data / 'prepared'}", *TINY_PRACTICAL]
     softmax = tmp_path / "softmax"

@@ -8,11 +8,24 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgeconformer.stabilize.prenorm import (
-    FORMATS, PRENORMS, PreNormLayerNorm, bounds, centered, computed_lp_sum, cumsum_in_format, first_overflow_d,
-    layer_norm, overflow_safe_scale, prenormalizer, scale_floor, sum_in_format, worst_case_row,
+    FORMATS,
+    PRENORMS,
+    PreNormLayerNorm,
+    bounds,
+    centered,
+    computed_lp_sum,
+    cumsum_in_format,
+    first_overflow_d,
+    layer_norm,
+    overflow_safe_scale,
+    prenormalizer,
+    scale_floor,
+    sum_in_format,
+    worst_case_row,
 )
 
 EPS = 1e-5
@@ -196,8 +209,9 @@ def test_bounds_numbers():
         safe = bounds("mad", 2, "fp16", 8)[key]
         assert safe < limit
         centered_only = key == "largest_safe_d_centered"
-        ok = lambda d: bounds("mad", 2, "fp16", d)["max_sum_exact" if centered_only else "max_sum_computed"] * \
-            bounds("mad", 2, "fp16", d)["rounding_growth"] <= 65504
+        def ok(d, centered_only=centered_only):
+            b = bounds("mad", 2, "fp16", d)
+            return b["max_sum_exact" if centered_only else "max_sum_computed"] * b["rounding_growth"] <= 65504
         assert ok(safe) and not ok(safe + 1)
     assert bounds("mad", 2, "fp16", 144)["overflow_free"] and not bounds("mad", 2, "fp16", 256)["overflow_free"]
     assert bounds("mad", 2, "fp32", 4096)["overflow_free"] and bounds("linf", 2, "fp16", 4096)["overflow_free"]
@@ -346,7 +360,8 @@ def test_optimal_scale_is_the_smallest_safe_power_of_two(p, fmt):
     s = overflow_safe_scale(amax, p, fmt, d)
     assert torch.equal(torch.exp2(torch.log2(s).round()), s)                          # powers of two
     gamma = bounds("optimal", p, fmt, d)["rounding_growth"]
-    worst = lambda scale: gamma * d * (amax / scale) ** p                             # all |y_i| = max (even d)
+    def worst(scale):
+        return gamma * d * (amax / scale) ** p  # all |y_i| = max (even d)
     assert (worst(s) <= f.max).all() and (worst(s / 2) > f.max).all()
 
 

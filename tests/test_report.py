@@ -1,4 +1,3 @@
-import copy
 import json
 import shutil
 from pathlib import Path

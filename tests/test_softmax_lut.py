@@ -5,12 +5,20 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgeconformer.stabilize.prenorm import FORMATS
 from edgeconformer.stabilize.softmax import (
-    LUTSoftmax, adversarial_rows, diff_table, error_bound, exp_table, lut_softmax, measure_error,
-    resolve_max_squarings, squarings,
+    LUTSoftmax,
+    adversarial_rows,
+    diff_table,
+    error_bound,
+    exp_table,
+    lut_softmax,
+    measure_error,
+    resolve_max_squarings,
+    squarings,
 )
 
 FLOOR = 1e-3

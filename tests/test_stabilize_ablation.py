@@ -11,7 +11,7 @@ from conftest import TINY_MODEL
 from edgeconformer.config import compose
 from edgeconformer.models.lightning import ASRModule
 from edgeconformer.stabilize.precision import precision_model
-from edgeconformer.stabilize.stage import ablation_arms, ane_options, run_arms, softmax_k_distribution
+from edgeconformer.stages.stabilize import ablation_arms, ane_options, run_arms, softmax_k_distribution
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ from edgeconformer.artifacts import resolve_model_dir
 from edgeconformer.data.features import GlobalCMVN
 from edgeconformer.models.asr import DualDecoderASR
 from edgeconformer.models.conformer import ConformerEncoder
+from edgeconformer.scoring import greedy_text
 from edgeconformer.stabilize.ane import ANEConformer
 from edgeconformer.stabilize.audit import audit
-from edgeconformer.stabilize.precision import greedy_transcripts, precision_model
+from edgeconformer.stabilize.precision import precision_model
 from edgeconformer.stabilize.stress import safe_gain, scale_activations
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ TRAINED = [resolve_model_dir(REPO / "models/dws") / "best.ckpt", REPO / "data/pr
 def test_trained_model_under_stress():
     from edgeconformer.cli import load_trained
     from edgeconformer.data.dataset import load_audio
-    from edgeconformer.data.manifest import read_jsonl
+    from edgeconformer.files import read_jsonl
 
     module = load_trained(REPO / "models/dws")
     asr, cmvn, tok = module.model, module.cmvn, module.tokenizer
@@ -155,8 +156,8 @@ def test_trained_model_under_stress():
     assert err["fp32"] < 1e-3  # measured 9e-5: LayerNorm's eps
     assert err["fp16"] < 0.1  # measured 0.039 at every gain (FP16 rounding and the LUT softmax)
 
-    def hypotheses(log_probs):  # greedy_transcripts on the log-probs computed above
-        return [h["hypothesis"] for h in greedy_transcripts(lambda f: log_probs[id(f)], utts, tok)]
+    def hypotheses(log_probs):  # CTC greedy on the log-probs computed above, one utterance at a time
+        return [greedy_text(log_probs[id(u["feats"])][0], tok) for u in utts]
 
     ref_hyps = hypotheses(ref)
     assert hypotheses(out["fp32"]) == ref_hyps and hypotheses(out["fp16"]) == ref_hyps

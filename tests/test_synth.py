@@ -7,8 +7,13 @@ import re
 
 import soundfile as sf
 
-from edgeconformer.data.synth import (ESPEAK_HELDOUT_VARIANTS, ESPEAK_TRAIN_VARIANTS, SynthConfig,
-                                      build_mini_corpus, plan_corpus)
+from edgeconformer.data.synth import (
+    ESPEAK_HELDOUT_VARIANTS,
+    ESPEAK_TRAIN_VARIANTS,
+    SynthConfig,
+    build_mini_corpus,
+    plan_corpus,
+)
 from edgeconformer.data.texts import load_pool
 
 TINY = SynthConfig(train_hours=0.01, dev_utterances=4, test_utterances=4, train_espeak_speakers=4,
@@ -69,6 +74,7 @@ def test_tiny_corpus_has_librispeech_layout_and_is_deterministic(tmp_path):
     assert len(flacs) == len(plan)
     for flac in flacs:
         split, spk, chap = flac.parent.parent.parent.name, flac.parent.parent.name, flac.parent.name
+        assert split in {"dev", "test", "train"}
         assert re.fullmatch(rf"{spk}-{chap}-\d{{4}}\.flac", flac.name)
         info = sf.info(flac)
         assert info.samplerate == 16000 and info.channels == 1 and info.format == "FLAC"

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_DATA, TINY_MODEL, write_flac
+from conftest import REPO, TINY_DATA, TINY_MODEL
 from edgeconformer.config import compose
+
+pytestmark = pytest.mark.slow  # trainings on a tiny corpus: CI runs it; `-m "not slow"` skips it
+
 
 def tiny_cfg(data_dir: Path, out: Path, *extra: str):
     return compose([*TINY_DATA, f"data.root={data_dir / 'raw'}", f"data.out_dir={data_dir / 'prepared'}",
@@ -24,7 +27,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_equals_uninterrupted(data_dir, tmp_path):
-    from edgeconformer.training import train
+    from edgeconformer.stages.train import train
 
     full = train(tiny_cfg(data_dir, tmp_path / "full", "train.max_epochs=3", "train.test_after_fit=false"))
     train(tiny_cfg(data_dir, tmp_path / "split", "train.max_epochs=1", "train.test_after_fit=false"))
@@ -42,7 +45,7 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
 
 def test_resume_refuses_a_changed_config(data_dir, tmp_path):
     from edgeconformer.errors import UserError
-    from edgeconformer.training import train
+    from edgeconformer.stages.train import train
 
     train(tiny_cfg(data_dir, tmp_path / "run", "train.max_epochs=1", "train.test_after_fit=false"))
     with pytest.raises(UserError, match="train.lr"):
@@ -51,7 +54,7 @@ def test_resume_refuses_a_changed_config(data_dir, tmp_path):
 
 def test_nonfinite_loss_skips_the_batch_and_counts_it(data_dir, tmp_path, monkeypatch):
     from edgeconformer.models.asr import DualDecoderASR
-    from edgeconformer.training import train
+    from edgeconformer.stages.train import train
 
     forward = DualDecoderASR.forward
     calls = {"n": 0}
@@ -73,7 +76,7 @@ def test_nonfinite_loss_skips_the_batch_and_counts_it(data_dir, tmp_path, monkey
 
 
 def test_train_writes_the_model_folder_and_transcribe_uses_it(data_dir, tmp_path):
-    from edgeconformer.training import train
+    from edgeconformer.stages.train import train
 
     out = tmp_path / "model"
     metrics = train(tiny_cfg(data_dir, out, "train.max_epochs=2"))
@@ -95,7 +98,7 @@ def test_train_writes_the_model_folder_and_transcribe_uses_it(data_dir, tmp_path
                            "--method", "joint"], capture_output=True, text=True)
     assert proc.returncode == 1  # one file failed, the others were transcribed
     lines = proc.stdout.splitlines()
-    assert [l.split("\t")[0] for l in lines] == [str(a) for a in audio]
+    assert [line.split("\t")[0] for line in lines] == [str(a) for a in audio]
     assert f"{bad}: cannot read audio" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([str(exe), "transcribe", str(audio[0]), "--model", str(tmp_path / "nowhere")],
                           capture_output=True, text=True)
@@ -133,7 +136,7 @@ def test_multirun_gives_one_wandb_run_per_job_in_one_group(data_dir, tmp_path):
 
 
 def test_average_state_dicts_is_the_elementwise_mean():
-    from edgeconformer.training import average_state_dicts
+    from edgeconformer.stages.train import average_state_dicts
 
     a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
     b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}
@@ -145,7 +148,7 @@ def test_average_state_dicts_is_the_elementwise_mean():
 def test_ddp_spawn_on_two_cpu_processes_shards_the_batches(data_dir, tmp_path):
     # trainer=ddp_cpu: two processes, gradients all-reduced; each rank takes every other batch of the epoch's
     # list, so one epoch is half the optimizer steps of a single-process epoch.
-    from edgeconformer.training import train
+    from edgeconformer.stages.train import train
 
     train(tiny_cfg(data_dir, tmp_path / "ddp", "trainer=ddp_cpu", "train.max_epochs=1", "train.test_after_fit=false",
                    "train.average_last=1"))
@@ -160,7 +163,7 @@ def test_ddp_spawn_on_two_cpu_processes_shards_the_batches(data_dir, tmp_path):
 def test_features_on_the_fly_train_like_precomputed_ones(data_dir, tmp_path):
     # train.precompute_features=false (LibriSpeech scale: audio decoded per batch, features computed by the module)
     # must train the same model as the in-memory features of the default.
-    from edgeconformer.training import train
+    from edgeconformer.stages.train import train
 
     for run, flag in (("pre", "true"), ("fly", "false")):
         train(tiny_cfg(data_dir, tmp_path / run, f"train.precompute_features={flag}", "train.max_epochs=1",

@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tiny_asr import bursts, save_model_dir, tiny_module, write_audio
-
 from edgeconformer.cli import main
-
+from tiny_asr import bursts, save_model_dir, tiny_module, write_audio
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # every test on one torch thread
 
@@ -82,7 +80,7 @@ def test_directories_recursively_and_manifests(model_dir, clips, tmp_path, capsy
 
 
 def test_score_prints_wer_cer_and_per_utterance_rows(model_dir, clips, tmp_path, capsys):
-    from edgeconformer.evaluate.wer import score
+    from edgeconformer.scoring import score
 
     manifest = tmp_path / "test.jsonl"
     refs = ["SING UNTO THE LORD", "ALL THE EARTH", "LET THERE BE LIGHT"]

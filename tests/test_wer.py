@@ -1,11 +1,10 @@
-import json
 import string
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeconformer.evaluate.wer import score, write_utterances
+from edgeconformer.scoring import score
 
 
 def edit_distance(a: list[str], b: list[str]) -> int:
@@ -71,13 +70,3 @@ def test_per_utterance_rows_add_up_to_the_corpus_figures(pairs):
 def test_bad_input_is_refused_with_a_clear_error(refs, hyps, ids, match):
     with pytest.raises(ValueError, match=match):
         score(refs, hyps, ids)
-
-
-def test_write_utterances_is_atomic_jsonl(tmp_path):
-    rows = score(["A B", "C"], ["A", "C D"], ["x", "y"])["utterances"]
-    path = tmp_path / "out" / "utterances.jsonl"
-    path.parent.mkdir()
-    path.write_text("stale\n")
-    assert write_utterances(rows, path) == path
-    assert [json.loads(line) for line in path.read_text().splitlines()] == rows
-    assert sorted(p.name for p in path.parent.iterdir()) == ["utterances.jsonl"]  # no temp file left behind

@@ -11,12 +11,19 @@ reports/runs/<variant>/s<seed> (artifacts.py); seeds are a sweep axis here too: 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from edgeconformer.config import variant_name
 from edgeconformer.errors import UserError
+from edgeconformer.stages.evaluate import evaluate
+from edgeconformer.stages.export import export
+from edgeconformer.stages.stabilize import stabilize
+from edgeconformer.stages.train import sweep_group, train
+from edgeconformer.wandb_report import SUMMARY_KEYS, log_job
 
 
 def _is_sweep(value: str) -> bool:
@@ -34,13 +41,10 @@ def job_name(cfg: DictConfig, argv: list[str] | None = None) -> str:
     """The job's values of the swept keys (e.g. "model.subsampling=dws,stabilize.prenorm=mad"): the keys given a
     sweep on the command line; every override of the job when those are not known (e.g. in a launcher's worker
     process); model-variant outside Hydra."""
-    import sys
 
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         task = list(HydraConfig.get().overrides.task)
-    except (ImportError, ValueError):
+    except ValueError:  # not inside a Hydra job
         return f"{cfg.model.name}-{variant_name(cfg)}"
     swept = {a.split("=", 1)[0].lstrip("+~") for a in (sys.argv[1:] if argv is None else argv)
              if "=" in a and _is_sweep(a.split("=", 1)[1])}
@@ -52,20 +56,13 @@ def job_dir(cfg: DictConfig) -> Path:
     if cfg.get("out_dir"):
         return Path(cfg.out_dir)
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return Path(HydraConfig.get().runtime.output_dir)
-    except (ImportError, ValueError):
+    except ValueError:  # not inside a Hydra job
         raise UserError("ablate needs out_dir=<folder> when it is not run through Hydra (it must not overwrite "
                         "the DVC outputs in models/)") from None
 
 
 def ablate(cfg: DictConfig) -> dict:
-    from edgeconformer.evaluate.stage import evaluate
-    from edgeconformer.export.stage import export
-    from edgeconformer.stabilize.stage import stabilize
-    from edgeconformer.training import sweep_group, train
-    from edgeconformer.wandb_report import SUMMARY_KEYS, log_job
 
     out = job_dir(cfg)
     with open_dict(cfg):

@@ -19,18 +19,27 @@ in the default chain), so `edgeconformer transcribe --model models/dws` keeps wo
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
-from edgeconformer.config import variant_name
-from edgeconformer.data.manifest import write_json_atomic, write_jsonl_atomic  # noqa: F401  (the one atomic writer)
+from edgeconformer.config import run_name, variant_name  # noqa: F401  (run_name: re-exported)
+from edgeconformer.data.tokenizer import Tokenizer
 from edgeconformer.errors import UserError
+from edgeconformer.files import (  # noqa: F401
+    load_weights,
+    read_jsonl,
+    save_torch_atomic,
+    write_json_atomic,
+    write_jsonl_atomic,  # (re-exported: the one writer)
+    write_text_atomic,
+)
+from edgeconformer.models.lightning import ASRModule
+from edgeconformer.stabilize.ane import ANEConformer
 
 SEED_DIR = re.compile(r"^s(\d+)$")
 
@@ -48,28 +57,18 @@ class RunPaths:
         return self.report_dir / "utterances.jsonl"
 
     @property
+    def stabilized(self) -> Path:
+        return self.model_dir / "stabilized.pt"
+
+    @property
+    def package(self) -> Path:
+        """The Core ML program (export); a folder."""
+        return self.model_dir / "model.mlpackage"
+
+    @property
     def name(self) -> str:
         """The run's DVC item name, e.g. "dws-s2" (stages train@dws-s2, stabilize@dws-s2, ...)."""
         return run_name(self.variant, self.seed)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Writes a text file through a temporary file in the same folder and a rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
-def run_name(variant: str, seed: int) -> str:
-    return f"{variant}-s{int(seed)}"
 
 
 def run_label(model_dir: str | Path) -> str:
@@ -97,27 +96,6 @@ def chain_run(variant: str, seed: int, root: str | Path = ".") -> RunPaths:
 
 def variant_metrics_path(variant: str, metrics_dir: str | Path = "metrics") -> Path:
     return Path(metrics_dir) / f"{variant}.json"
-
-
-def runs_table(variants, compared, seeds, ablation_seeds) -> dict:
-    """The DVC chain's runs: every variant in `compared` with every seed in `seeds`, every other variant with
-    `ablation_seeds`. -> {"dws-s2": {"variant": "dws", "seed": 2, "dir": "dws/s2"}, ...} in variant order.
-    Registered as the OmegaConf resolver `edgeconformer.runs` (conf/config.yaml's `runs`)."""
-    def seed_list(name, values):
-        out = [int(s) for s in values]
-        if not out or len(set(out)) != len(out) or min(out) < 0:
-            raise UserError(f"{name}={list(values)}: give distinct non-negative integer seeds, e.g. [1,2,3]")
-        return out
-
-    seeds, ablation_seeds = seed_list("seeds", seeds), seed_list("ablation_seeds", ablation_seeds)
-    unknown = [v for v in compared if v not in variants]
-    if unknown:
-        raise UserError(f"compared={list(compared)} names variants not in variants={list(variants)}: {unknown}")
-    table = {}
-    for variant in variants:
-        for seed in (seeds if variant in compared else ablation_seeds):
-            table[run_name(variant, seed)] = {"variant": str(variant), "seed": seed, "dir": f"{variant}/s{seed}"}
-    return table
 
 
 def seeds_in(variant_dir: str | Path) -> list[int]:
@@ -148,24 +126,8 @@ def resolve_model_dir(model_dir: str | Path, seed: int | None = None) -> Path:
     return model_dir / f"s{seeds[0]}"
 
 
-def load_weights(path: str | Path, purpose: str):
-    """torch.load of a checkpoint or weights file with weights_only=True: tensors and plain containers only, so a
-    planted pickle cannot run code. `purpose` names what asked for it (e.g. "train.init_from") in the error."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: refused to load for {purpose}: the file holds objects other than tensors and "
-                        f"plain containers, which could run code when unpickled ({str(e).splitlines()[-1][:200]}); "
-                        "load only checkpoints written by edgeconformer's training") from None
-
-
 def load_trained(model_dir: str | Path, checkpoint: str = "best", seed: int | None = None):
     """models/<variant>[/s<seed>] -> ASRModule in eval mode with its tokenizer attached."""
-    from edgeconformer.data.tokenizer import Tokenizer
-    from edgeconformer.models.lightning import ASRModule
-
     model_dir = resolve_model_dir(model_dir, seed)
     ckpt = model_dir / f"{checkpoint}.ckpt"
     if not ckpt.exists():
@@ -180,3 +142,25 @@ def load_trained(model_dir: str | Path, checkpoint: str = "best", seed: int | No
                         "load only checkpoints written by edgeconformer's training") from None
     module.tokenizer = Tokenizer(model_dir / "tokenizer.model")
     return module.eval()
+
+
+def save_stabilized(ane, options: dict, path: str | Path) -> Path:
+    """The stabilized graph's weights and the options it was built with (RunPaths.stabilized)."""
+    return save_torch_atomic({"options": options, "state_dict": ane.state_dict()}, path)
+
+
+def load_stabilized(model_dir: str | Path, checkpoint: str = "best"):
+    """A run's folder -> (ASRModule, stabilized ANEConformer in FP32, options); the weights are checked against
+    what stabilize saved, so a retrained checkpoint without a re-run of stabilize is caught."""
+    model_dir = Path(model_dir)
+    path = model_dir / "stabilized.pt"
+    if not path.exists():
+        raise UserError(f"{path}: not found; run `dvc repro stabilize@{run_label(model_dir)}` first")
+    saved = load_weights(path, "the stabilized model")
+    module = load_trained(model_dir, checkpoint)
+    ane = ANEConformer.from_asr(module.model, module.cmvn, **saved["options"]).eval()
+    for name, value in ane.state_dict().items():
+        if not torch.equal(value, saved["state_dict"][name]):
+            raise UserError(f"{path}: weights differ from {model_dir / (checkpoint + '.ckpt')} ({name}); the model "
+                            f"was retrained after stabilization: run `dvc repro stabilize@{run_label(model_dir)}`")
+    return module, ane, saved["options"]

@@ -15,25 +15,43 @@ the number of failed files (at most 125); docs/transcribe.md has the details.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from tqdm import tqdm
+
+from edgeconformer.artifacts import load_trained as load
 from edgeconformer.decoding import METHODS
+from edgeconformer.errors import UserError
+from edgeconformer.longform import (
+    CTC_METHODS,
+    Settings,
+    decoding_defaults,
+    transcribe_items,
+)
+from edgeconformer.models.cascade import CascadedASR
+from edgeconformer.models.lightning import FIRST_PASS_METHODS
+from edgeconformer.transcribe_io import (
+    expand_inputs,
+    json_row,
+    score_outcomes,
+    utterance_score,
+)
 
 
 def load_trained(model_dir: str | Path, checkpoint: str = "best", seed: int | None = None):
     """models/<variant>[/s<seed>] -> ASRModule in eval mode (artifacts.load_trained: the default seed's run when
     no seed is given)."""
-    from edgeconformer.artifacts import load_trained as load
 
     return load(model_dir, checkpoint, seed)
 
 
 def read_any_audio(path: str, sample_rate: int = 16000):
     """Any file soundfile reads -> (N,) float32 mono at `sample_rate` (downmixed and resampled as needed)."""
-    import soundfile as sf
-    import torch
-    import torchaudio.functional as AF
 
     audio, sr = sf.read(path, dtype="float32", always_2d=True)  # (N, C)
     x = torch.from_numpy(audio.mean(axis=1))
@@ -78,10 +96,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def transcribe_command(args) -> int:
-    import torch
-
-    from edgeconformer.errors import UserError
-    from edgeconformer.longform import CTC_METHODS, Settings, decoding_defaults
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.batch_size < 1:
@@ -93,8 +107,6 @@ def transcribe_command(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.first_pass:
-        from edgeconformer.models.cascade import CascadedASR
-        from edgeconformer.models.lightning import FIRST_PASS_METHODS
 
         if not isinstance(module.model, CascadedASR):
             print(f"error: --first-pass: {args.model} is not a cascaded model (model.cascade.enabled=false); "
@@ -125,12 +137,6 @@ def transcribe_command(args) -> int:
 def run_transcribe(module, inputs: list[str], settings, output_format: str = "tsv", score: bool = False,
                    batch_size: int = 16, progress: bool = True) -> int:
     """Transcribes `inputs` with a loaded model, printing results in input order; returns the exit status."""
-    import json
-
-    from tqdm import tqdm
-
-    from edgeconformer.longform import transcribe_items
-    from edgeconformer.transcribe_io import expand_inputs, json_row, score_outcomes, utterance_score
 
     items = expand_inputs(inputs)
     if score and not any((i.reference or "").strip() for i in items):

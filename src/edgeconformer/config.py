@@ -9,23 +9,28 @@ command line's own overrides: the DVC chain's `foreach` runs every stage once pe
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+import hydra
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+
+from edgeconformer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO / "conf"
 
 
 def register_resolvers() -> None:
-    """`${edgeconformer.runs:variants,compared,seeds,ablation_seeds}`: the chain's runs (artifacts.runs_table).
+    """`${edgeconformer.runs:variants,compared,seeds,ablation_seeds}`: the chain's runs (runs_table).
     Registered on import of this module and by hydra_plugins/edgeconformer_resolvers.py (DVC's composition)."""
     if not OmegaConf.has_resolver("edgeconformer.runs"):
         def runs(variants, compared, seeds, ablation_seeds):
-            from edgeconformer.artifacts import runs_table
-
             # a DictConfig: OmegaConf.resolve (DVC's composition) cannot store a plain dict in the node
             return OmegaConf.create(runs_table(variants, compared, seeds, ablation_seeds))
 
@@ -35,10 +40,33 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def run_name(variant: str, seed: int) -> str:
+    return f"{variant}-s{int(seed)}"
+
+
+def runs_table(variants, compared, seeds, ablation_seeds) -> dict:
+    """The DVC chain's runs: every variant in `compared` with every seed in `seeds`, every other variant with
+    `ablation_seeds`. -> {"dws-s2": {"variant": "dws", "seed": 2, "dir": "dws/s2"}, ...} in variant order.
+    Registered as the OmegaConf resolver `edgeconformer.runs` (conf/config.yaml's `runs`)."""
+    def seed_list(name, values):
+        out = [int(s) for s in values]
+        if not out or len(set(out)) != len(out) or min(out) < 0:
+            raise UserError(f"{name}={list(values)}: give distinct non-negative integer seeds, e.g. [1,2,3]")
+        return out
+
+    seeds, ablation_seeds = seed_list("seeds", seeds), seed_list("ablation_seeds", ablation_seeds)
+    unknown = [v for v in compared if v not in variants]
+    if unknown:
+        raise UserError(f"compared={list(compared)} names variants not in variants={list(variants)}: {unknown}")
+    table = {}
+    for variant in variants:
+        for seed in (seeds if variant in compared else ablation_seeds):
+            table[run_name(variant, seed)] = {"variant": str(variant), "seed": seed, "dir": f"{variant}/s{seed}"}
+    return table
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """The config a stage would see for these overrides (used by tests and notebooks)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
@@ -71,8 +99,6 @@ def apply_variant(cfg: DictConfig, given: DictConfig | None = None) -> DictConfi
     if not variant or (variant not in table and variant == cfg.model.get("subsampling")):
         return cfg
     if variant not in table:
-        from edgeconformer.errors import UserError
-
         raise UserError(f"variant={variant!r} is not one of variant_overrides ({', '.join(table) or 'none'}); add "
                         f"conf/variant_overrides/{variant}.yaml and its line in conf/config.yaml's defaults, then "
                         "run `python -m edgeconformer.params`")
@@ -84,7 +110,6 @@ def apply_variant(cfg: DictConfig, given: DictConfig | None = None) -> DictConfi
 def _hydra_given(cfg: DictConfig) -> DictConfig:
     # The keys a Hydra job's command line set (key=value, not config-group choices or deletions), with the values
     # Hydra composed for them, to re-apply after the variant's overrides.
-    from hydra.core.hydra_config import HydraConfig
 
     given, absent = OmegaConf.create({}), object()
     for o in HydraConfig.get().overrides.task:
@@ -106,7 +131,6 @@ def run_stage(stage: Callable[[DictConfig], object], config_name: str = "config"
         cfg, given = load_params(argv[i + 1], argv[:i] + argv[i + 2:])
         _call(stage, cfg, given)
         return
-    import hydra
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def _main(cfg: DictConfig):
@@ -117,9 +141,6 @@ def run_stage(stage: Callable[[DictConfig], object], config_name: str = "config"
 
 def check(cfg: DictConfig) -> DictConfig:
     """Settings a stage would only trip over late, checked before any work starts."""
-    import re
-
-    from edgeconformer.errors import UserError
 
     max_time = (cfg.get("train") or {}).get("max_time")
     if max_time is not None and not re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", str(max_time)):
@@ -128,8 +149,6 @@ def check(cfg: DictConfig) -> DictConfig:
 
 
 def _call(stage: Callable[[DictConfig], object], cfg: DictConfig, given: DictConfig | None):
-    from edgeconformer.errors import UserError
-
     try:
         return stage(check(apply_variant(cfg, given)))
     except (UserError, FileNotFoundError) as e:

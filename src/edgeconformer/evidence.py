@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from edgeconformer.files import write_text_atomic
+
 BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 DOC_FILES = ("README.md", "docs/training.md", "docs/practical.md", "docs/stabilization.md", "docs/evaluation.md")
 ARMS = {"acc16_none": "none (plain LayerNorm, exact softmax)", "acc16_prenorm": "pre-normalized LayerNorm only",
@@ -186,7 +188,6 @@ def stale_blocks(repo: Path, generated: dict[str, str]) -> list[str]:
 
 def update_docs(repo: Path, generated: dict[str, str]) -> list[str]:
     """Rewrites the results blocks of DOC_FILES (atomically); returns the files changed."""
-    from edgeconformer.artifacts import write_text_atomic
 
     changed = []
     for name in DOC_FILES:

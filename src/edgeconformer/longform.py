@@ -33,16 +33,22 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from edgeconformer.data.tokenizer import BLANK_ID, SOS_EOS_ID
 from edgeconformer.decoding import METHODS, decode
-
-if TYPE_CHECKING:
-    from edgeconformer.transcribe_io import AudioInfo, Item
+from edgeconformer.transcribe_io import (
+    AudioError,
+    AudioInfo,
+    Item,
+    ReadStats,
+    audio_notes,
+    probe,
+    read_audio,
+    read_blocks,
+)
 
 CTC_METHODS = ("ctc_greedy", "ctc_beam")  # need only the CTC head (a cascade's first pass has nothing else)
 # A pause is a stretch the CTC head is sure holds no token. Measured on the dws model over a 10-minute recording of
@@ -119,7 +125,7 @@ class Geometry:
     pause: int
 
     @classmethod
-    def of(cls, module, s: Settings) -> "Geometry":
+    def of(cls, module, s: Settings) -> Geometry:
         sub = module.model.encoder.subsampling
         receptive = 1
         for _ in range(sub.n_convs):  # each 3x3 stride-2 convolution: r -> 2r + 1
@@ -449,7 +455,6 @@ def transcribe_items(module, items: list, s: Settings, batch_size: int = 16) -> 
     """Items (transcribe_io.expand_inputs) -> Outcomes in the same order. Inputs up to max_segment_seconds are
     read whole and decoded in padded batches of up to batch_size, sorted by length within a look-ahead of
     8 batches so that little padding is computed; longer ones are streamed through transcribe_long."""
-    from edgeconformer.transcribe_io import AudioError, ReadStats, audio_notes, probe, read_audio, read_blocks
 
     s.check()
     g = Geometry.of(module, s)

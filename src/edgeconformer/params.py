@@ -11,11 +11,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dvc.utils.hydra import compose_and_dump
+
 from edgeconformer.config import CONF_DIR, REPO
 
 
 def composed_yaml(overrides: list[str] | None = None) -> str:
-    from dvc.utils.hydra import compose_and_dump
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "params.yaml"

@@ -1,24 +1,31 @@
 """Human-readable results: reports/summary.md and PNG plots from metrics/<variant>.json and the FP16 audits.
 
 Inputs (docs/evaluation.md has the schema): metrics/<variant>.json, one per evaluated variant, and optionally
-the first seed's reports/runs/<variant>/s<seed>/fp16_audit.json (per-module records; read defensively: a missing or odd audit costs its section,
-not the report). Outputs, all written atomically: the summary and, next to it in plots/, flop_shares.png,
-wer_vs_flops.png, rtf.png and fp16_audit.png (a plot without data is skipped and the summary says so).
-Missing or null values print as "n/a".
+the first seed's reports/runs/<variant>/s<seed>/fp16_audit.json (per-module records; read defensively: a missing
+or odd audit costs its section, not the report). Outputs, all written atomically: the summary and, next to it in
+plots/, flop_shares.png, wer_vs_flops.png, rtf.png and fp16_audit.png (a plot without data is skipped and the
+summary says so). Missing or null values print as "n/a".
 
     python -m edgeconformer.report [metrics_dir] [reports_dir]
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable
+import sys
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from edgeconformer.claims import claims_table
+from edgeconformer.config import REPO
 from edgeconformer.errors import UserError
+from edgeconformer.evidence import blocks, stale_blocks, update_docs
+from edgeconformer.files import atomic_path, write_text_atomic
 
 FP16_MAX = 65504.0
 PAPER = {"vanilla_share": 0.328, "dws_share": 0.040, "watch_rtf": 0.19}  # Xu et al. 2023
@@ -416,7 +423,6 @@ def audit_table(audits: dict) -> str | None:
 # ------------------------------------------------------------------------------------------------ plots
 def _figure(width=7.0, height=4.0):
     # A bare Figure (no pyplot): no global state, rendered by the Agg canvas whatever the backend.
-    from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=110)
 
@@ -543,21 +549,10 @@ def fig_fp16_audit(audits: dict):
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def _atomic(path: Path, write: Callable, mode: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
 def save_figure(fig, path: str | Path) -> Path:
-    return _atomic(Path(path), lambda f: fig.savefig(f, format="png"), "wb")
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
 
 
 def _machine_lines(metrics: list[dict]) -> list[str]:
@@ -574,8 +569,6 @@ def _machine_lines(metrics: list[dict]) -> list[str]:
 def write_plot_data(metrics: list[dict], folder: str | Path) -> dict[str, Path]:
     """CSV files for `dvc plots show` (dvc.yaml `plots:`): FLOP share per variant and part, WER vs GFLOPs per
     variant and precision, RTF per variant and where it was measured or estimated. Written atomically."""
-    import csv
-    import io
 
     def table(rows, header):
         buf = io.StringIO()
@@ -602,14 +595,12 @@ def write_plot_data(metrics: list[dict], folder: str | Path) -> dict[str, Path]:
     files = {"flop_shares": (shares, ["label", "variant", "part", "share"]),
              "wer_vs_flops": (wer, ["variant", "precision", "gflops_per_audio_second", "wer"]),
              "rtf": (rtf, ["label", "variant", "where", "rtf"])}
-    return {name: _atomic(folder / f"{name}.csv", lambda f, t=table(rows, header): f.write(t), "w")
+    return {name: write_text_atomic(folder / f"{name}.csv", table(rows, header))
             for name, (rows, header) in files.items()}
 
 
 def generated_blocks(metrics: list[dict], comparisons: list[dict]) -> dict[str, str]:
     """The results blocks of the docs and README (evidence.blocks), claims table included."""
-    from edgeconformer.claims import claims_table
-    from edgeconformer.evidence import blocks
 
     return blocks(metrics, comparisons, claims_table(metrics, comparisons))
 
@@ -620,7 +611,6 @@ def build_report(metrics_dir: str | Path = "metrics", reports_dir: str | Path = 
     """Reads every metrics/<variant>.json, metrics/comparisons.json and the FP16 audits; writes `out_md` and the
     plots (default: a plots/ folder next to it); with `docs_root`, rewrites the results blocks of its README and
     docs (evidence.update_docs). Returns {"summary", "plots": {name: path}, "variants", "problems", "docs"}."""
-    from edgeconformer.evidence import update_docs
 
     out_md = Path(out_md)
     plots_dir = Path(plots_dir) if plots_dir is not None else out_md.parent / "plots"
@@ -675,7 +665,7 @@ def build_report(metrics_dir: str | Path = "metrics", reports_dir: str | Path = 
         md += ["## Problems found in the inputs", ""]
         md += [f"- `{v}`: {p}" for v, ps in problems.items() for p in ps]
         md += [f"- {p}" for p in audit_problems] + [""]
-    _atomic(out_md, lambda f: f.write("\n".join(md)), "w")
+    write_text_atomic(out_md, "\n".join(md))
     docs = update_docs(Path(docs_root), generated) if docs_root is not None else []
     return {"summary": out_md, "plots": plots, "variants": variants, "docs": docs,
             "problems": {**problems, **({"audits": audit_problems} if audit_problems else {})}}
@@ -685,10 +675,6 @@ def main(argv: list[str] | None = None) -> int:
     """python -m edgeconformer.report [metrics_dir] [reports_dir] [--docs | --check-docs]: the summary and plots;
     --docs also rewrites the results blocks of README.md and docs/*.md (as the report stage does); --check-docs
     only says which blocks differ from what the metrics generate (exit 1 when any do)."""
-    import sys
-
-    from edgeconformer.config import REPO
-    from edgeconformer.evidence import stale_blocks
 
     args = sys.argv[1:] if argv is None else argv
     flags = {a for a in args if a.startswith("--")}

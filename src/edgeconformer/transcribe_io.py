@@ -19,7 +19,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import soundfile as sf
 import torch
+import torchaudio
+
+from edgeconformer.scoring import score
 
 # Extensions a directory is searched for (soundfile reads all of these; the comparison ignores case).
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf", ".w64")
@@ -119,7 +123,6 @@ def read_manifest(path: Path) -> list[Item]:
 # ------------------------------------------------------------------------------------------------ audio
 def probe(path: str) -> AudioInfo:
     """Header facts of an audio file; AudioError for a file that is missing, unreadable or empty."""
-    import soundfile as sf
 
     if not Path(path).exists():
         raise AudioError(f"{path}: no such file")
@@ -143,7 +146,6 @@ class StreamResampler:
     """
 
     def __init__(self, orig: int, new: int):
-        import torchaudio
 
         self.resample = torchaudio.transforms.Resample(orig, new)
         g = math.gcd(orig, new)
@@ -179,7 +181,6 @@ def read_blocks(path: str, sample_rate: int = 16000, stats: ReadStats | None = N
                 block_seconds: float = BLOCK_SECONDS) -> Iterator[torch.Tensor]:
     """(n,) float32 mono blocks at `sample_rate` (channels averaged, resampled as needed); raises AudioError
     naming the file for unreadable audio and for NaN/Inf samples."""
-    import soundfile as sf
 
     stats = stats if stats is not None else ReadStats()
     info = stats.info = probe(path)
@@ -252,16 +253,14 @@ def json_row(outcome) -> dict:
 
 def utterance_score(reference: str, hypothesis: str) -> dict:
     """Errors of one utterance against its reference: errors (S + D + I), ref_words, wer (percent)."""
-    from edgeconformer.evaluate.wer import score
 
     r = score([reference], [hypothesis], ["u"])["utterances"][0]
     return {"errors": r["errors"], "ref_words": r["ref_words"], "wer": round(r["wer"], 2)}
 
 
 def score_outcomes(outcomes: list) -> tuple[dict | None, list[str]]:
-    """Corpus WER/CER (evaluate.wer.score) of the transcribed items that have a non-empty reference, and the
+    """Corpus WER/CER (scoring.score) of the transcribed items that have a non-empty reference, and the
     report lines: one per utterance, then the corpus figures and what was left out."""
-    from edgeconformer.evaluate.wer import score
 
     scored = [o for o in outcomes if o.transcript is not None and (o.item.reference or "").strip()]
     failed = sum(o.transcript is None and bool((o.item.reference or "").strip()) for o in outcomes)

@@ -9,6 +9,7 @@ recorded.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -25,7 +26,7 @@ def log_job(metrics: dict, config: dict, *, project: str, entity: str | None, gr
     """One W&B run holding a job's config and its metrics as summary (FLOP shares flattened to
     `flops_share/<part>`, FP16 deltas added); finished before returning, so multirun jobs never share a run.
     Returns the run's local directory."""
-    import wandb
+    import wandb  # lazy: only W&B logging needs it (logger=csv does not), ~1 s to import
 
     os.environ.setdefault("WANDB_SILENT", "true")
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -74,7 +75,7 @@ def log_chain(summaries: dict, comparisons: list[dict], config: dict, *, project
 def report_spec(project: str, entity: str | None, group: str | None, title: str | None = None):
     """The Report (not saved): a run set filtered to the sweep's group and its panels (paper 1: WER/FLOPs, FLOP
     share, RTF, FP16 deltas; paper 2: the streaming cost per job)."""
-    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.reports.v2 as wr  # lazy: only building a W&B report needs it
 
     runset = wr.Runset(entity=entity or "", project=project, name=group or "all runs",
                        filters=f"Group == '{group}'" if group else "")
@@ -113,7 +114,7 @@ def report_spec(project: str, entity: str | None, group: str | None, title: str 
 
 def create_report(project: str, entity: str | None, group: str | None, title: str | None = None) -> str:
     """Saves the Report to W&B (needs `wandb login` and synced runs) and returns its URL."""
-    import wandb
+    import wandb  # lazy: only W&B logging needs it (logger=csv does not), ~1 s to import
 
     if wandb.Api().api_key is None:
         raise UserError("creating a W&B Report needs an account: run `wandb login`, then `wandb sync "
@@ -154,9 +155,8 @@ def _records(path: Path):
 
 def read_offline_run(run_dir: str | Path) -> dict:
     """{"group", "name", "job_type", "config": {...}, "summary": {...}} of a local (offline) run folder."""
-    import json
 
-    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.proto import wandb_internal_pb2 as pb  # lazy: only W&B logging needs it
 
     run_dir = Path(run_dir)
     files = sorted(run_dir.glob("*.wandb"))

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import soundfile as sf
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
 
-from edgeconformer.data.manifest import read_jsonl
 from edgeconformer.data.tokenizer import Tokenizer
 from edgeconformer.errors import UserError
+from edgeconformer.files import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class ASRDataset(Dataset):
         self.tokens = [tokenizer.encode(r["text"]) for r in self.rows]
 
     @classmethod
-    def from_manifest(cls, path: str | Path, tokenizer: Tokenizer, **kwargs) -> "ASRDataset":
+    def from_manifest(cls, path: str | Path, tokenizer: Tokenizer, **kwargs) -> ASRDataset:
         path = Path(path)
         if not path.exists():
             raise UserError(f"{path}: manifest not found; run data preparation (`python pipelines/prepare.py`)")
@@ -114,10 +115,10 @@ class DurationBucketSampler(Sampler[list[int]]):
     """Batches of similar-duration utterances whose padded cost (size x longest duration) is <= max_batch_seconds.
 
     Utterances are sorted by duration and grouped into buckets whose longest item is at most `bucket_ratio` times
-    the shortest (wider where needed for a bucket to fill one batch). Each bucket gets a fixed batch size, floor(max_batch_seconds / its longest duration) (and at most
-    `max_batch_size`), and is split into ceil(n / size) near-equal batches. So the batch count depends only on
-    the durations, never on the epoch: `len()` is exact and learning-rate schedules sized from it hold. An
-    utterance longer than the cap forms its own batch.
+    the shortest (wider where needed for a bucket to fill one batch). Each bucket gets a fixed batch size,
+    floor(max_batch_seconds / its longest duration) (and at most `max_batch_size`), and is split into ceil(n / size)
+    near-equal batches. So the batch count depends only on the durations, never on the epoch: `len()` is exact and
+    learning-rate schedules sized from it hold. An utterance longer than the cap forms its own batch.
 
     shuffle=True: each epoch, rng(seed + epoch) shuffles the order inside every bucket (new batch compositions)
     and the order of the batches. shuffle=False: a fixed order sorted by duration, for validation.
@@ -198,7 +199,6 @@ class DurationBucketSampler(Sampler[list[int]]):
         built before the processes exist (Lightning's ddp_spawn) still shards."""
         if self.num_replicas is not None:
             return self.num_replicas, self.rank
-        import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             return dist.get_world_size(), dist.get_rank()
@@ -214,25 +214,3 @@ class DurationBucketSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return math.ceil(self.num_batches / self.replicas()[0])
-
-
-def make_dataloader(rows: Sequence[dict], tokenizer: Tokenizer, *, max_batch_seconds: float, shuffle: bool,
-                    seed: int, num_workers: int = 0, max_batch_size: int | None = None,
-                    min_duration: float | None = None, max_duration: float | None = None,
-                    num_replicas: int = 1, rank: int = 0, manifest: str | Path | None = None,
-                    bucket_ratio: float = 1.1, pin_memory: bool = False) -> DataLoader:
-    """DataLoader over an ASRDataset with a DurationBucketSampler as batch sampler and `collate`.
-
-    Dropped ids (duration filter) are logged here and stay on `loader.dataset.dropped_ids`. Under Lightning,
-    set `use_distributed_sampler=False` and pass num_replicas/rank: the sampler shards itself.
-    """
-    dataset = ASRDataset(rows, tokenizer, manifest=manifest, min_duration=min_duration, max_duration=max_duration)
-    if dataset.dropped_ids:
-        log.warning("%s: dropped %d of %d utterances outside the duration range [%s, %s] s: %s%s",
-                    manifest or "manifest", len(dataset.dropped_ids), len(rows), min_duration, max_duration,
-                    ", ".join(dataset.dropped_ids[:10]), " ..." if len(dataset.dropped_ids) > 10 else "")
-    sampler = DurationBucketSampler(dataset.durations, max_batch_seconds, max_batch_size=max_batch_size,
-                                    shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank,
-                                    bucket_ratio=bucket_ratio)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0)

@@ -6,16 +6,10 @@ utterance's length are always 0, so a padded batch gives each utterance exactly 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torchaudio
 
-from edgeconformer.data.dataset import load_audio
 from edgeconformer.errors import UserError
 
 SAMPLE_RATE = 16000
@@ -93,11 +87,6 @@ class GlobalCMVN(nn.Module):
         if mean is not None or std is not None:
             self.set_stats(mean, std)
 
-    @classmethod
-    def from_file(cls, path: str | Path, min_std: float = 1e-5) -> "GlobalCMVN":
-        mean, std = load_cmvn(path)
-        return cls(mean.numel(), mean, std, min_std)
-
     def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         mean, std = torch.as_tensor(mean), torch.as_tensor(std)
         if mean.shape != self.mean.shape or std.shape != self.mean.shape:
@@ -113,73 +102,23 @@ class GlobalCMVN(nn.Module):
         return x.masked_fill(~valid_mask(lengths, feats.shape[1])[:, :, None], 0.0)
 
 
-@torch.no_grad()
-def compute_cmvn_stats(manifest_rows: list[dict], fbank: LogMelFilterbank, max_utterances: int | None = None,
-                       manifest: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-bin mean and (population) std of fbank features over the first `max_utterances` rows.
-
-    Streams one utterance at a time and accumulates sum, sum of squares and count in float64, so the result
-    depends only on the rows and their order, not on batching or memory.
-    """
-    rows = manifest_rows if max_utterances is None else manifest_rows[:max_utterances]
-    was_training = fbank.training
-    fbank.eval()
-    total = torch.zeros(fbank.n_mels, dtype=torch.float64)
-    total_sq = torch.zeros(fbank.n_mels, dtype=torch.float64)
-    count = 0
-    for row in rows:
-        audio = load_audio(row["audio_filepath"], uid=row.get("id", "?"), manifest=manifest,
-                           sample_rate=fbank.sample_rate)
-        feats, _ = fbank(audio[None])               # (1, T, F); a single utterance has no padding
-        x = feats[0].to(torch.float64)
-        total += x.sum(0)
-        total_sq += (x * x).sum(0)
-        count += x.shape[0]
-    fbank.train(was_training)
-    if count == 0:
-        where = f" in {manifest}" if manifest else ""
-        raise UserError(f"no feature frames to compute CMVN stats from{where}: the manifest is empty or every "
-                        f"utterance is shorter than {fbank.win_length / fbank.sample_rate * 1000:.0f} ms")
-    mean = total / count
-    var = (total_sq / count - mean * mean).clamp(min=0.0)  # rounding can push a near-constant bin below 0
-    return mean, var.sqrt()
-
-
-def save_cmvn(path: str | Path, mean: torch.Tensor, std: torch.Tensor, meta: dict | None = None) -> None:
-    """JSON {"dim", "mean", "std", **meta}, written to a temp file and renamed so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {"dim": int(mean.numel()), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
-           **(meta or {})}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_cmvn(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (mean, std) as float64 tensors of shape (F,)."""
-    path = Path(path)
-    fix = "recompute it from the train manifest (compute_cmvn_stats + save_cmvn)"
-    if not path.exists():
-        raise UserError(f"{path}: CMVN stats file not found; {fix}")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-        mean = torch.tensor(obj["mean"], dtype=torch.float64)
-        std = torch.tensor(obj["std"], dtype=torch.float64)
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: not a CMVN stats file ({type(e).__name__}: {e}); {fix}") from e
-    if mean.dim() != 1 or mean.shape != std.shape or mean.numel() != obj.get("dim", mean.numel()):
-        raise UserError(f"{path}: mean/std lengths {mean.numel()}/{std.numel()} disagree; {fix}")
-    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()) or (std < 0).any():
-        raise UserError(f"{path}: CMVN stats contain non-finite or negative values; {fix}")
-    return mean, std
+def cmvn_stats(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global per-bin mean and (population) std over all frames of `feats` [(T_i, F)], accumulated in float64 so
+    the result depends only on the frames and their order, not on batching; returned as float32."""
+    if not feats or sum(f.size(0) for f in feats) == 0:
+        raise UserError("no feature frames to compute CMVN statistics from: the training manifest is empty or "
+                        "every utterance is shorter than one analysis window")
+    total = torch.zeros(feats[0].size(1), dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    n = 0
+    for f in feats:
+        f = f.double()
+        total += f.sum(0)
+        squares += (f * f).sum(0)
+        n += f.size(0)
+    mean = total / n
+    std = (squares / n - mean * mean).clamp(min=1e-10).sqrt()  # rounding can push a constant bin below 0
+    return mean.float(), std.float()
 
 
 class SpecAugment(nn.Module):

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from edgeconformer.errors import ConfigError, UserError
+from edgeconformer.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,7 @@ def _stat_key(path: Path) -> dict[str, int]:
 
 def _write_sidecar(path: Path, md5: str) -> None:
     side = _sidecar(path)
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps({**_stat_key(path), "md5": md5}))
-    os.replace(tmp, side)
+    write_text_atomic(side, json.dumps({**_stat_key(path), "md5": md5}))
 
 
 def file_md5(path: str | os.PathLike[str]) -> str:
@@ -457,19 +456,6 @@ def _check_subsets(subsets: Iterable[str] | str) -> list[str]:
 
 def _holds_subsets(folder: Path, subsets: Iterable[str]) -> bool:
     return all((folder / s).is_dir() for s in subsets)
-
-
-def find_librispeech_root(path: str | os.PathLike[str]) -> Path:
-    """Return the `LibriSpeech/` folder given either that folder or its parent."""
-    path = Path(path)
-    if (path / "LibriSpeech").is_dir():
-        return path / "LibriSpeech"
-    if path.is_dir() and (path.name == "LibriSpeech" or any((path / s).is_dir() for s in SUBSETS)):
-        return path
-    raise FileNotFoundError(
-        f"no LibriSpeech corpus at {path}: expected a 'LibriSpeech' folder, or a folder holding subset "
-        f"folders such as {', '.join(SUBSETS)}. Run prepare_librispeech() to download it."
-    )
 
 
 def subset_urls(subset: str, base_urls: Sequence[str] | None = None) -> list[str]:

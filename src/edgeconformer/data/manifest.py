@@ -6,11 +6,9 @@ Every candidate item (an audio file or a transcript line) ends up either kept in
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import re
-import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from edgeconformer.files import atomic_path
 
 AUDIO_SUFFIXES = (".flac", ".wav")
 
@@ -41,38 +43,6 @@ class Candidate:
     audio: str | None        # absolute path, None when only a transcript line exists
     text: str | None         # None when the audio has no transcript line
     origin: str              # where the item was found, for error messages (file or file:line)
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON object ({e}); regenerate the manifest with "
-                                 "`python pipelines/prepare.py`") from e
-    return rows
 
 
 def find_candidates(split_dir: Path) -> tuple[list[Candidate], list[dict]]:
@@ -113,8 +83,8 @@ def _read_transcript(path: Path, texts: dict[str, tuple[str, str]], rejected: li
             uid, _, text = line.strip().partition(" ")
             origin = f"{path}:{lineno}"
             if uid in texts:
-                rejected.append({"id": uid, "path": origin,
-                                 "code": "duplicate", "reason": f"duplicate transcript line (first at {texts[uid][1]})"})
+                rejected.append({"id": uid, "path": origin, "code": "duplicate",
+                                 "reason": f"duplicate transcript line (first at {texts[uid][1]})"})
                 continue
             texts[uid] = (text.strip(), origin)
 
@@ -130,7 +100,8 @@ def check_candidate(c: Candidate, checks: Checks, converted_dir: str) -> dict:
         return reject("no_transcript", f"audio without transcript line; add `{c.id} <TEXT>` to "
                       f"{c.speaker}-{c.chapter}.trans.txt")
     if not c.id.startswith(f"{c.speaker}-{c.chapter}-"):
-        return reject("name_mismatch", f"file name does not match its folders <speaker>/<chapter> = {c.speaker}/{c.chapter}")
+        return reject("name_mismatch",
+                      f"file name does not match its folders <speaker>/<chapter> = {c.speaker}/{c.chapter}")
     if not c.text:
         return reject("empty_transcript", f"empty transcript ({c.origin})")
     bad = sorted(set(re.sub(f"[{checks.charset}]", "", c.text)))
@@ -144,13 +115,14 @@ def check_candidate(c: Candidate, checks: Checks, converted_dir: str) -> dict:
     converted = []
     if audio.shape[1] > 1:
         if not checks.downmix:
-            return reject("channels", f"{audio.shape[1]} channels; set data.validate.downmix=true to average them to mono")
+            return reject("channels",
+                          f"{audio.shape[1]} channels; set data.validate.downmix=true to average them to mono")
         audio = audio.mean(axis=1, keepdims=True)
         converted.append("downmixed")
     if sr != checks.sample_rate:
         if not checks.resample:
-            return reject("sample_rate", f"sample rate {sr} Hz != {checks.sample_rate} Hz; set data.validate.resample=true to "
-                          "convert")
+            return reject("sample_rate", f"sample rate {sr} Hz != {checks.sample_rate} Hz; "
+                          "set data.validate.resample=true to convert")
         audio = _resample(audio[:, 0], sr, checks.sample_rate)[:, None]
         sr = checks.sample_rate
         converted.append("resampled")
@@ -162,10 +134,8 @@ def check_candidate(c: Candidate, checks: Checks, converted_dir: str) -> dict:
                       "(data.validate.min_duration/max_duration)")
     if converted:
         path = os.path.join(converted_dir, f"{c.id}.flac")
-        os.makedirs(converted_dir, exist_ok=True)
-        tmp = path + ".tmp.flac"
-        sf.write(tmp, audio, sr, format="FLAC", subtype="PCM_16")
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".flac") as tmp:
+            sf.write(tmp, audio, sr, format="FLAC", subtype="PCM_16")
     row = {"id": c.id, "audio_filepath": path, "duration": round(duration, 4), "text": c.text,
            "speaker": c.speaker, "chapter": c.chapter}
     if converted:
@@ -175,8 +145,6 @@ def check_candidate(c: Candidate, checks: Checks, converted_dir: str) -> dict:
 
 
 def _resample(x: np.ndarray, sr: int, target: int) -> np.ndarray:
-    import torch
-    import torchaudio.functional as AF
 
     return AF.resample(torch.from_numpy(np.ascontiguousarray(x)), sr, target).numpy()
 

@@ -7,9 +7,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from edgeconformer.data.librispeech import prepare_librispeech
+from edgeconformer.data.manifest import (
+    Checks,
+    format_summary,
+    scan_split,
+    split_summary,
+)
+from edgeconformer.data.synth import SynthConfig, build_mini_corpus
+from edgeconformer.data.tokenizer import Tokenizer, train_tokenizer
 from edgeconformer.errors import UserError
-from edgeconformer.data.manifest import (Checks, format_summary, read_jsonl, scan_split, split_summary,
-                                         write_json_atomic, write_jsonl_atomic)
+from edgeconformer.files import read_jsonl, write_json_atomic, write_jsonl_atomic
 
 
 class PrepareError(UserError):
@@ -19,12 +27,10 @@ class PrepareError(UserError):
 def corpus_root(data: DictConfig) -> Path:
     """Returns the `LibriSpeech/` folder holding the splits, building or downloading it when needed."""
     if data.corpus == "mini":
-        from edgeconformer.data.synth import SynthConfig, build_mini_corpus
 
         synth = SynthConfig(**OmegaConf.to_container(data.synth, resolve=True), jobs=data.jobs)
         return build_mini_corpus(Path(data.root), synth)
     if data.corpus == "librispeech":
-        from edgeconformer.data.librispeech import prepare_librispeech
 
         return prepare_librispeech(list(data.splits), Path(data.root), download=data.download)
     raise UserError(f"data.corpus={data.corpus!r}: choose mini or librispeech")
@@ -67,7 +73,6 @@ def prepare(cfg: DictConfig) -> dict:
 
 
 def tokenize(cfg: DictConfig) -> Path:
-    from edgeconformer.data.tokenizer import Tokenizer, train_tokenizer
 
     data = cfg.data
     out = Path(data.out_dir)

@@ -32,9 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from tqdm import tqdm
 
-from edgeconformer.errors import UserError
 from edgeconformer.data.texts import load_pool, pool_path, restrict_vocabulary
+from edgeconformer.errors import UserError
+from edgeconformer.files import atomic_folder, atomic_path
 
 SAMPLE_RATE = 16000
 ESPEAK_ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
@@ -82,7 +86,7 @@ class Speaker:
 
 
 @dataclass(frozen=True)
-class Utterance:
+class PlannedUtterance:
     speaker: Speaker
     chapter: int
     index: int
@@ -156,11 +160,11 @@ def estimate_seconds(text: str, speaker: Speaker) -> float:
     return 0.42 + 0.24 * words * speaker.rate
 
 
-def plan_corpus(cfg: SynthConfig) -> list[Utterance]:
+def plan_corpus(cfg: SynthConfig) -> list[PlannedUtterance]:
     rng = random.Random(cfg.seed)
     speakers = plan_speakers(cfg, rng)
     texts = split_sentences(cfg, rng)
-    utterances: list[Utterance] = []
+    utterances: list[PlannedUtterance] = []
     for split in SPLITS:
         split_speakers = [s for s in speakers if s.split == split]
         pool = texts[split][:]
@@ -172,13 +176,13 @@ def plan_corpus(cfg: SynthConfig) -> list[Utterance]:
         while (budget_s is not None and total < budget_s) or (count is not None and k < count):
             spk = split_speakers[k % len(split_speakers)]
             text = pool[k % len(pool)]
-            utterances.append(Utterance(spk, spk.id * 10 + 1, k // len(split_speakers), text))
+            utterances.append(PlannedUtterance(spk, spk.id * 10 + 1, k // len(split_speakers), text))
             total += estimate_seconds(text, spk)
             k += 1
     return utterances
 
 
-def engine_command(u: Utterance, wav: str) -> list[str]:
+def engine_command(u: PlannedUtterance, wav: str) -> list[str]:
     s, text = u.speaker, u.text.lower()  # lower case: engines spell out some all-caps words as acronyms
     if s.engine == "espeak-ng":
         return ["espeak-ng", "-v", f"{s.voice}+{s.variant}", "-s", str(int(s.rate)), "-p", str(int(s.pitch)),
@@ -191,13 +195,11 @@ def engine_command(u: Utterance, wav: str) -> list[str]:
 def _resample(audio: np.ndarray, sr: int) -> np.ndarray:
     if sr == SAMPLE_RATE:
         return audio
-    import torch
-    import torchaudio.functional as AF
 
     return AF.resample(torch.from_numpy(audio), sr, SAMPLE_RATE).numpy()
 
 
-def synthesize(u: Utterance, root: Path) -> tuple[str, float]:
+def synthesize(u: PlannedUtterance, root: Path) -> tuple[str, float]:
     """Renders one utterance to `root/<relpath>`; returns (id, seconds)."""
     out = root / u.relpath()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,9 +212,8 @@ def synthesize(u: Utterance, root: Path) -> tuple[str, float]:
     audio = _resample(audio.mean(axis=1), sr)
     peak = float(np.abs(audio).max()) or 1.0
     audio = (audio * (0.9 / peak)).astype(np.float32)  # same loudness for all voices, no clipping
-    tmp_out = out.with_suffix(".tmp.flac")
-    sf.write(tmp_out, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-    os.replace(tmp_out, out)
+    with atomic_path(out, suffix=".flac") as tmp:
+        sf.write(tmp, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
     return u.id, len(audio) / SAMPLE_RATE
 
 
@@ -224,9 +225,9 @@ def engine_versions() -> dict[str, str]:
         except FileNotFoundError:
             versions[engine] = "missing"
             continue
-        lines = [l.strip() for l in out.splitlines() if l.strip()]
+        lines = [text.strip() for text in out.splitlines() if text.strip()]
         # espeak-ng: "eSpeak NG text-to-speech: 1.51  Data at: ..."; flite: "... version: flite-2.2-current ..."
-        line = next((l for l in lines if "version" in l.lower() or "text-to-speech" in l), lines[0] if lines else "")
+        line = next((t for t in lines if "version" in t.lower() or "text-to-speech" in t), lines[0] if lines else "")
         versions[engine] = line.split("  Data at")[0].replace("version: ", "") or "unknown"
     return versions
 
@@ -261,24 +262,16 @@ def build_mini_corpus(out_root: Path, cfg: SynthConfig, progress: bool = True) -
     check_engines()
     plan = plan_corpus(cfg)
     out_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".LibriSpeech.", dir=out_root))
-    try:
+    with atomic_folder(final) as staging:
         seconds = _render(plan, staging, cfg.jobs, progress)
         _write_transcripts(plan, staging)
         card = corpus_card(cfg, plan, seconds, digest)
         (staging / "corpus.json").write_text(json.dumps(card, indent=2) + "\n")
         (staging / "CORPUS.md").write_text(card_markdown(card))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
-def _render(plan: list[Utterance], root: Path, jobs: int, progress: bool) -> dict[str, float]:
-    from tqdm import tqdm
+def _render(plan: list[PlannedUtterance], root: Path, jobs: int, progress: bool) -> dict[str, float]:
 
     workers = jobs or os.cpu_count() or 1
     seconds: dict[str, float] = {}
@@ -292,7 +285,7 @@ def _render(plan: list[Utterance], root: Path, jobs: int, progress: bool) -> dic
     return seconds
 
 
-def _write_transcripts(plan: list[Utterance], root: Path) -> None:
+def _write_transcripts(plan: list[PlannedUtterance], root: Path) -> None:
     chapters: dict[Path, list[str]] = {}
     for u in plan:
         chapter_dir = (root / u.relpath()).parent
@@ -302,7 +295,7 @@ def _write_transcripts(plan: list[Utterance], root: Path) -> None:
         (chapter_dir / f"{spk}-{chap}.trans.txt").write_text("\n".join(sorted(lines)) + "\n")
 
 
-def corpus_card(cfg: SynthConfig, plan: list[Utterance], seconds: dict[str, float], digest: str) -> dict:
+def corpus_card(cfg: SynthConfig, plan: list[PlannedUtterance], seconds: dict[str, float], digest: str) -> dict:
     splits = {}
     for split in SPLITS:
         items = [u for u in plan if u.speaker.split == split]
@@ -338,7 +331,7 @@ def card_markdown(card: dict) -> str:
         lines.append(f"| {split} | {s['utterances']} | {s['hours']} | {s['speakers']} | {s['sentences']} | "
                      f"{s['vocabulary']} | {', '.join(s['engines'])} |")
     lines += ["", f"- Texts: {card['text_source']}.",
-              f"- Engines: " + "; ".join(f"{k} {v}" for k, v in card["engines"].items()) + ".",
+              "- Engines: " + "; ".join(f"{k} {v}" for k, v in card["engines"].items()) + ".",
               "- Dev/test speakers are held out (unseen espeak-ng variants, unseen flite prosodies); dev/test "
               "sentences never occur in train.",
               f"- Config: `{json.dumps(card['config'])}` (hash {card['config_hash']}).", ""]

@@ -8,13 +8,12 @@ no input sampling or shuffling, so the same transcripts give byte-identical mode
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
 
 from edgeconformer.errors import UserError
+from edgeconformer.files import write_bytes_atomic
 
 BLANK_ID, UNK_ID, SOS_EOS_ID = 0, 1, 2
 
@@ -71,13 +70,6 @@ def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 128
         raise
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size()))
-    _write_atomic(out_dir / "tokenizer.model", model.getvalue())
-    _write_atomic(out_dir / "tokenizer.vocab", vocab.encode("utf-8"))
+    write_bytes_atomic(out_dir / "tokenizer.model", model.getvalue())
+    write_bytes_atomic(out_dir / "tokenizer.vocab", vocab.encode("utf-8"))
     return out_dir / "tokenizer.model"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -21,7 +21,7 @@ def available() -> tuple[bool, str]:
     if platform.system() != "Darwin":
         return False, f"Core ML prediction needs macOS (this is {platform.system()}); conversion works everywhere"
     try:
-        import coremltools as ct  # noqa: F401
+        import coremltools as ct  # noqa: F401  # lazy: prediction exists on macOS only; probed here
         from coremltools.libcoremlpython import _MLModelProxy  # noqa: F401
     except ImportError as e:
         return False, f"coremltools cannot predict here ({e})"
@@ -43,7 +43,7 @@ def allowed_lengths(spec) -> tuple[str, list[int] | tuple[int, int] | None]:
 
 def input_dtype(spec):
     """numpy dtype of the `feats` input (FP16 programs from iOS16 on take float16 arrays)."""
-    from coremltools.proto import FeatureTypes_pb2
+    from coremltools.proto import FeatureTypes_pb2  # lazy: coremltools is needed only when a package is run
 
     arr = next(i for i in spec.description.input if i.name == "feats").type.multiArrayType
     return np.float16 if arr.dataType == FeatureTypes_pb2.ArrayFeatureType.FLOAT16 else np.float32
@@ -78,7 +78,7 @@ def evaluate_compute_units(package: str, utterances: list[tuple[np.ndarray, floa
 
     utterances: [(feats (1, T, F) float32 raw log-mels, audio seconds)]; out_frames(T) -> valid output frames.
     """
-    import coremltools as ct
+    import coremltools as ct  # lazy: coremltools is needed only when a package is run
 
     results = {}
     for unit in units:

@@ -27,12 +27,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import yaml
+from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from edgeconformer.evaluate.flops import AGGREGATES, BLOCK_PARTS, Utterance
+from edgeconformer.config import compose
+from edgeconformer.evaluate.flops import AGGREGATES, BLOCK_PARTS, WholeUtterance
+from edgeconformer.models.lightning import build_model
 
 PRECISION_BYTES = {"fp32": 4, "fp16": 2}
 PROFILES_DIR = Path(__file__).parent / "devices"
@@ -197,7 +200,7 @@ def roofline(records: list[dict], peak_flops: float, bandwidth: float) -> dict:
 
 
 def part_of(module_path: str) -> str:
-    """Module path below Utterance ("asr.encoder.blocks.3.mhsa.linear_q") -> part name as in evaluate/flops.py."""
+    """Module path below WholeUtterance ("asr.encoder.blocks.3.mhsa.linear_q") -> part name as in evaluate/flops.py."""
     parts = module_path.split(".")
     if module_path.startswith("asr.encoder.subsampling"):
         return "subsampling"
@@ -230,7 +233,7 @@ def utterance_ops(model, seconds: float, precision: str = "fp16", frame_shift_s:
     was_training = model.training
     model.eval()
     try:
-        return count_ops(Utterance(model), feats, lengths, ys_in, precision=precision)
+        return count_ops(WholeUtterance(model), feats, lengths, ys_in, precision=precision)
     finally:
         model.train(was_training)
 
@@ -305,21 +308,9 @@ def estimate_all(model, seconds: float, profiles: list[str] | None = None, preci
     return {name: estimate_from_ops(records, seconds, name, precision) for name in profiles}
 
 
-def format_estimate(est: dict) -> str:
-    return (f"{est['device']}: RTF {est['rtf']:.4f} ({est['bound']}-bound, {est['precision']}; compute-only "
-            f"{est['rtf_compute_only']:.4f}, memory-only {est['rtf_memory_only']:.4f}), "
-            f"{est['flops_per_audio_second'] / 1e9:.3f} GFLOPs and {est['bytes_per_audio_second'] / 1e6:.1f} MB "
-            f"per audio second [{est['note']}]")
-
-
-
 def comparison_table(models=("small", "paper"), seconds=10.0, vocab_size=256, precision="fp16") -> str:
     """Markdown table of docs/evaluation.md: per model config and subsampling, counted work and the estimated
     RTF on every bundled profile (models built on the meta device)."""
-    from omegaconf import OmegaConf
-
-    from edgeconformer.config import compose
-    from edgeconformer.models.lightning import build_model
 
     profiles = available_profiles()
     lines = ["| model | subsampling | GFLOPs / audio s | MB moved / audio s | weights MB | "

@@ -14,12 +14,17 @@ subsampling + the (first-pass) blocks and the projections between them + the CTC
 that is the first pass and `ctc_first`, otherwise the whole encoder and `ctc`.
 """
 
+import json
+
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from edgeconformer.config import compose
 from edgeconformer.models.cascade import CascadedASR
+from edgeconformer.models.lightning import build_model
 
 AGGREGATES = ("subsampling", "ffn", "mhsa", "conv", "projection", "ctc_head", "attention_decoder", "other")
 
@@ -47,7 +52,7 @@ def counted_flops(module, *args, **kwargs):
     return counter.get_total_flops(), per_module
 
 
-class Utterance(nn.Module):
+class WholeUtterance(nn.Module):
     """Everything one utterance goes through, as one module call so all parts get paths below `asr.`."""
 
     def __init__(self, asr):
@@ -69,7 +74,7 @@ class Utterance(nn.Module):
 
 
 def streamed_paths(model) -> list[str]:
-    """Module paths (below Utterance) of the streamed part: subsampling, the (first-pass) blocks, the projections
+    """Module paths (below WholeUtterance) of the streamed part: subsampling, the (first-pass) blocks, the projections
     in front of blocks 1..N-1 of them (a projection in front of the first second-pass block belongs to the second
     pass, as in ConformerEncoder.stream) and the CTC head they feed."""
     encoder = model.encoder
@@ -81,7 +86,7 @@ def streamed_paths(model) -> list[str]:
 
 def streamed_flops(model, per_module: dict) -> int:
     """FLOPs of the streamed part (see the module docstring) from counted_flops' per-module counts of one
-    Utterance(model) call. A block path's count includes all of the block's ops."""
+    WholeUtterance(model) call. A block path's count includes all of the block's ops."""
     return sum(per_module.get(path, 0) for path in streamed_paths(model))
 
 
@@ -106,7 +111,7 @@ def count_flops(model, seconds, frame_shift_s=0.01, idim=80, decoder_tokens=None
     was_training = model.training
     model.eval()
     try:
-        total, per_module = counted_flops(Utterance(model), feats, lengths, ys_in)
+        total, per_module = counted_flops(WholeUtterance(model), feats, lengths, ys_in)
     finally:
         model.train(was_training)
 
@@ -170,11 +175,6 @@ def format_table(result, per_block=False):
 def flops_report(cfg) -> dict:
     """Stage function behind `python pipelines/flops.py model=... model.subsampling=...`: counts the configured
     model (built on the meta device, so paper sizes cost nothing) and prints the table then one JSON line."""
-    import json
-
-    from omegaconf import OmegaConf
-
-    from edgeconformer.models.lightning import build_model
 
     f = cfg.eval.flops
     with torch.device("meta"):
@@ -198,10 +198,6 @@ PAPER_SHARES = {"vanilla": 0.328, "dws": 0.040}  # Xu et al. 2023: subsampling s
 def comparison_table(models=("small", "conformer_s", "conformer_m", "conformer_l", "paper"), seconds=10.0,
                      vocab_size=256) -> str:
     """Markdown table: counted subsampling FLOPs and shares, vanilla vs DWS, per model config."""
-    from omegaconf import OmegaConf
-
-    from edgeconformer.config import compose
-    from edgeconformer.models.lightning import build_model
 
     lines = ["| model | params (M) | vanilla subsampling GFLOPs | vanilla share | DWS subsampling GFLOPs | DWS share "
              "| subsampling cut | total GFLOPs/audio s vanilla -> DWS |", "|---|---|---|---|---|---|---|---|"]
@@ -214,7 +210,8 @@ def comparison_table(models=("small", "conformer_s", "conformer_m", "conformer_l
             row[variant] = count_flops(model, seconds, idim=cfg.model.n_mels)
         v, d = row["vanilla"], row["dws"]
         lines.append(
-            f"| {name} | {v['params'] / 1e6:.1f} | {v['flops']['subsampling'] / 1e9:.2f} | {v['shares']['subsampling']:.1%} "
+            f"| {name} | {v['params'] / 1e6:.1f} | {v['flops']['subsampling'] / 1e9:.2f} "
+            f"| {v['shares']['subsampling']:.1%} "
             f"| {d['flops']['subsampling'] / 1e9:.2f} | {d['shares']['subsampling']:.1%} "
             f"| {v['flops']['subsampling'] / d['flops']['subsampling']:.2f}x "
             f"| {v['gflops_per_audio_second']:.3f} -> {d['gflops_per_audio_second']:.3f} |")

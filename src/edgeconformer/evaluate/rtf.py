@@ -15,6 +15,8 @@ Protocol (docs/evaluation.md):
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import statistics
@@ -24,6 +26,11 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+
+from edgeconformer.artifacts import load_trained
+from edgeconformer.data.dataset import load_audio
+from edgeconformer.errors import UserError
+from edgeconformer.files import read_jsonl
 
 PROTOCOL = ("batch 1; {warmup} untimed warm-up calls; each utterance timed {repeats}x (median) with "
             "time.perf_counter; RTF = compute s / audio s; median and p90 over utterances; "
@@ -165,16 +172,10 @@ def recognizer_fn(module, method: str = "ctc_greedy", first_pass: bool = False) 
 
 def main(argv: list[str] | None = None) -> int:
     """python -m edgeconformer.evaluate.rtf --model models/dws [--manifest ...] [--utterances 10]: prints JSON."""
-    import argparse
-    import json
-
-    from edgeconformer.artifacts import load_trained
-    from edgeconformer.data.dataset import load_audio
-    from edgeconformer.data.manifest import read_jsonl
-    from edgeconformer.errors import UserError
 
     p = argparse.ArgumentParser(prog="python -m edgeconformer.evaluate.rtf")
-    p.add_argument("--model", required=True, help="a trained model folder, e.g. models/dws (its default seed) or models/dws/s2")
+    p.add_argument("--model", required=True,
+                   help="a trained model folder, e.g. models/dws (its default seed) or models/dws/s2")
     p.add_argument("--manifest", default="data/prepared/manifests/test.jsonl")
     p.add_argument("--utterances", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -30,17 +27,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 import torch
 
 from edgeconformer import __version__
 from edgeconformer.data.features import HOP_LENGTH, LOG_EPS, SAMPLE_RATE, WIN_LENGTH
 from edgeconformer.errors import ConfigError
+from edgeconformer.export.milsim import load_program
+from edgeconformer.files import atomic_folder, write_json_atomic
+from edgeconformer.stabilize.ane import ANEConformer
 
 with warnings.catch_warnings():  # coremltools warns about the torch version and the missing macOS runtime
     warnings.simplefilter("ignore")
     import coremltools as ct
     from coremltools.converters.mil.frontend.torch.ops import _get_inputs
-    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import (
+        _TORCH_OPS_REGISTRY,
+    )
     from coremltools.converters.mil.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 
@@ -141,7 +144,6 @@ def _sentencepiece_bytes(tokenizer_model) -> bytes | None:
 
 
 def _pieces(sp_bytes: bytes) -> list[str]:
-    import sentencepiece as spm
 
     try:
         sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
@@ -261,26 +263,12 @@ def _stable_lowerings():
 
 
 def _save_atomic(mlmodel, path: Path) -> None:
-    # An .mlpackage is a folder: saved under a temp folder next to it, then renamed into place. A failure leaves
-    # no partial package (and an existing one untouched); replacing swaps folders with two renames.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        staged = tmp / path.name
+    # An .mlpackage is a folder: saved into a staging folder next to it, then swapped into place.
+    with atomic_folder(path) as staged:
+        staged.rmdir()  # coremltools creates the package folder itself
         mlmodel.save(str(staged))
         if not (staged / "Manifest.json").is_file():
             raise RuntimeError(f"coremltools wrote no package at {staged}")
-        previous = tmp / "previous"
-        if path.exists():
-            os.replace(path, previous)
-        try:
-            os.replace(staged, path)
-        except BaseException:
-            if previous.exists():
-                os.replace(previous, path)  # put the old package back
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_coreml(module: torch.nn.Module, path: str | Path, *, n_mels: int = 80, shapes: Mapping | None = None,
@@ -352,7 +340,6 @@ def export_trained(asr_module, path: str | Path, export_cfg: Mapping, stabilize:
     stabilize: ANEConformer.from_asr options (prenorm, p, softmax, lut_size, lut_range); CMVN is folded in.
     export_cfg: conf/export/*.yaml (precision, shapes, minimum_target, metadata).
     """
-    from edgeconformer.stabilize.ane import ANEConformer
 
     stabilize = dict(stabilize or {})
     encoder = asr_module.model.encoder
@@ -438,7 +425,6 @@ def _io_spec(feature) -> dict:
 
 def conversion_report(path: str | Path) -> dict:
     """Describe a saved .mlpackage: ops, dtypes, weights, I/O and the ops known to keep it off the ANE."""
-    from edgeconformer.export.milsim import load_program
 
     path = Path(path)
     program = load_program(path)
@@ -498,38 +484,6 @@ def conversion_report(path: str | Path) -> dict:
 
 
 def write_report(report: Mapping, path: str | Path) -> Path:
-    """The report as indented JSON, written to a temp file and renamed (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def read_metadata(path: str | Path) -> dict:
-    """A saved package's metadata: standard fields plus user-defined values (JSON ones decoded, SentencePiece
-    model as bytes) - what an app reads to build its front end and decoder."""
-    spec = ct.utils.load_spec(str(path))
-    meta = spec.description.metadata
-    user = dict(meta.userDefined)
-    out = {"author": meta.author, "license": meta.license, "short_description": meta.shortDescription,
-           "version": meta.versionString, **user}
-    for key in ("features", "cmvn_folded", "vocabulary"):
-        if key in user:
-            out[key] = json.loads(user[key])
-    for key in ("sample_rate", "subsampling_factor", "blank_id"):
-        if key in user:
-            out[key] = int(user[key])
-    if "sentencepiece_model" in user:
-        out["sentencepiece_model"] = base64.b64decode(user["sentencepiece_model"])
-    return out
+    return write_json_atomic(path, dict(report), indent=1)
 
 

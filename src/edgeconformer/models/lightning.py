@@ -18,6 +18,8 @@ import torch
 from edgeconformer.data.features import GlobalCMVN, LogMelFilterbank, SpecAugment
 from edgeconformer.data.tokenizer import BLANK_ID, SOS_EOS_ID
 from edgeconformer.decoding import decode
+from edgeconformer.errors import ConfigError, UserError
+from edgeconformer.files import load_weights, write_json_atomic
 from edgeconformer.models.asr import DualDecoderASR
 from edgeconformer.models.cascade import CascadedASR
 from edgeconformer.models.conformer import ATTENTION, ConformerEncoder
@@ -29,7 +31,6 @@ FIRST_PASS_METHODS = ("ctc_greedy", "ctc_beam")  # the attention decoder reads t
 
 
 def _config_error(message):
-    from edgeconformer.errors import ConfigError
 
     return ConfigError(message)
 
@@ -112,9 +113,6 @@ def load_matching_weights(module: torch.nn.Module, path: str | Path) -> dict:
     folder, then its best.ckpt) whose name and shape match into `module`; the others keep their initial values.
     Returns what happened: counts and the names of missing (not in the checkpoint, or another shape),
     unexpected (only in the checkpoint) and shape-mismatched tensors. Training counters are not copied."""
-    from edgeconformer.artifacts import load_weights
-    from edgeconformer.errors import UserError
-
     path = Path(path)
     ckpt_path = path / "best.ckpt" if path.is_dir() else path
     if not ckpt_path.is_file():
@@ -195,7 +193,6 @@ class ASRModule(L.LightningModule):
         print(f"init_from {r['path']}: loaded {r['loaded']} of {r['total']} tensors; missing {r['missing']}; "
               f"unexpected {r['unexpected']}; shape mismatch {r['shape_mismatch']}")
         if self.trainer.is_global_zero:
-            from edgeconformer.data.manifest import write_json_atomic
 
             write_json_atomic(Path(self.trainer.default_root_dir) / "init_from.json", r)
 

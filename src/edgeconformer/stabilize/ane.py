@@ -35,7 +35,9 @@ from edgeconformer.models.attention import (
     chunk_attention_mask,
     sinusoid,
 )
-from edgeconformer.models.attention import RelPositionalEncoding as OriginalRelPositionalEncoding
+from edgeconformer.models.attention import (
+    RelPositionalEncoding as OriginalRelPositionalEncoding,
+)
 from edgeconformer.models.performer import TINY as TRAINED_TINY
 from edgeconformer.models.performer import PerformerAttention as OriginalPerformer
 from edgeconformer.models.subsampling import KERNEL, STRIDE, conv_out_size
@@ -410,7 +412,7 @@ class ANEConformer(nn.Module):
     @classmethod
     def from_asr(cls, asr, cmvn=None, prenorm="none", p=2, fmt="fp16", softmax="exact", lut_size=256,
                  lut_range=16.0, lut_interp="linear", lut_max_squarings=None, performer_shift=False,
-                 max_len=None) -> "ANEConformer":
+                 max_len=None) -> ANEConformer:
         """A trained DualDecoderASR's encoder + CTC head (and GlobalCMVN, if given) -> ANEConformer in eval mode.
 
         performer_shift: the FP16-safe arithmetic of Performer blocks (see `Performer`); False is the trained
@@ -454,7 +456,8 @@ class ANEConformer(nn.Module):
             causal=first.conv.causal, chunk_size=enc.chunk_size, left_chunks=enc.left_chunks,
             norm="batch" if isinstance(first.conv.norm, nn.BatchNorm1d) else "layer", conv_only_layers=conv_only,
             block_dims=dims, first_pass_layers=getattr(enc, "first_pass_layers", 0),
-            max_len=max_len or (pos_enc.max_len if rel else pos_enc.pe.size(0)), cmvn=cmvn is not None, prenorm=prenorm, p=p,
+            max_len=max_len or (pos_enc.max_len if rel else pos_enc.pe.size(0)), cmvn=cmvn is not None,
+            prenorm=prenorm, p=p,
             fmt=fmt, softmax=softmax, lut_size=lut_size, lut_range=lut_range,
             lut_interp=lut_interp, lut_max_squarings=lut_max_squarings, performer_blocks=performers,
             performer_features=n_features.pop() if n_features else 64, performer_shift=performer_shift,

@@ -28,17 +28,18 @@ statistics otherwise.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from matplotlib.figure import Figure
 
+from edgeconformer.files import atomic_path, write_json_atomic
+from edgeconformer.models.asr import DualDecoderASR
 from edgeconformer.stabilize.prenorm import get_format, prenormalizer
+
 
 def format_limits(fmt: str) -> dict[str, float]:
     """fmt ("fp16", "bf16", "fp32") -> {"max", "min_normal", "min_subnormal"}: 65504, 2^-14, 2^-24 for FP16."""
@@ -217,7 +218,6 @@ def default_forward(model: nn.Module, batch) -> torch.Tensor:
     """One batch through the model: a DualDecoderASR runs encoder + CTC head (CMVN-normalised features in),
     anything else (an ANEConformer: raw log-mels in) is called on the features. `batch` is feats (B, T, F) or
     (feats, lengths)."""
-    from edgeconformer.models.asr import DualDecoderASR
 
     feats, lengths = batch if isinstance(batch, (tuple, list)) else (batch, None)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), feats.dtype)
@@ -298,24 +298,10 @@ def audit(model: nn.Module, batches: Iterable, fmt: str = "fp16",
             "summary": summary, "notes": notes}
 
 
-def _atomic_write(path: str | Path, write: Callable, mode: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
 def write_audit(report: dict, path_json: str | Path) -> Path:
     """Writes the report as JSON (temp file + os.replace: a reader never sees half a file)."""
     # allow_nan=False: strict JSON; audit() stores None, never inf/NaN, so this only guards against misuse.
-    return _atomic_write(path_json, lambda f: json.dump(report, f, indent=1, allow_nan=False), "w")
+    return write_json_atomic(path_json, report, indent=1, allow_nan=False)
 
 
 def _front_end(records: dict[str, dict], prefix: str) -> dict[str, dict]:
@@ -374,11 +360,6 @@ def _merged_order(lists: list[list[str]]) -> list[str]:
 def plot_audit(reports: dict[str, dict], path_png: str | Path) -> Path:
     """PNG: per module log2 of the peak |activation| (top) and of the LayerNorm sum-of-squares peak (bottom),
     one bar colour per report (e.g. vanilla vs DWS), the format's max marked. Written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not reports:
         raise ValueError("plot_audit: no reports given")
     names = _merged_order([_leaf_names(r) for r in reports.values()])
@@ -390,7 +371,9 @@ def plot_audit(reports: dict[str, dict], path_png: str | Path) -> Path:
         return math.log2(v) if v and v > 0 else float("nan")
 
     width = 0.8 / len(reports)
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.12 * len(names) * len(reports)), 10))
+    # A Figure without pyplot: no global figure registry, no backend selection (headless by construction).
+    fig = Figure(figsize=(max(8.0, 0.12 * len(names) * len(reports)), 10))
+    axes = fig.subplots(2, 1)
     panels = [(axes[0], names, lambda rec: max(rec["out_max_abs"], rec["in_max_abs"]), "log2 max |activation|"),
               (axes[1], norms, lambda rec: rec.get("ln_accumulated_peak", 0.0),
                "log2 peak LayerNorm sum of squares")]
@@ -405,7 +388,6 @@ def plot_audit(reports: dict[str, dict], path_png: str | Path) -> Path:
         ax.legend(fontsize=7)
     axes[0].set_title(f"{fmt} range audit: " + " vs ".join(reports))
     fig.tight_layout()
-    try:
-        return _atomic_write(path_png, lambda f: fig.savefig(f, format="png", dpi=110), "wb")
-    finally:
-        plt.close(fig)
+    with atomic_path(path_png, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return Path(path_png)

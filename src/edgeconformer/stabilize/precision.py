@@ -22,8 +22,8 @@
 The pipeline's precision modes (`MODES`): "fp32" is the original PyTorch model; "fp16_unstabilized" the
 ANE-layout model with plain LayerNorm, exact softmax and the Performer's own (unshifted) features in float16;
 "fp16" the ANE-layout model with the configured pre-normalizer, the LUT softmax and shifted Performer features
-in float16. `precision_model` builds one, `greedy_transcripts`
-decodes utterances with it and counts non-finite log-probs per utterance.
+in float16. `precision_model` builds one; the stabilize stage decodes the test split with each mode and counts the
+utterances with non-finite log-probs.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._pytree import tree_map
+
+from edgeconformer.models.asr import DualDecoderASR
+from edgeconformer.stabilize.ane import ANEConformer
+from edgeconformer.stabilize.prenorm import PreNormLayerNorm
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fp32", "fp16_unstabilized", "fp16")
@@ -354,9 +358,6 @@ def precision_model(asr, mode: str, cmvn: nn.Module | None = None, prenorm: str 
     prenorm/p/fmt/softmax/lut_*/performer_shift configure the stabilized "fp16" mode; "fp16_unstabilized" always
     uses prenorm "none", the exact softmax and the Performer's unshifted features; accumulate/force_fp32 configure
     the simulation of both FP16 modes."""
-    from edgeconformer.models.asr import DualDecoderASR
-    from edgeconformer.stabilize.ane import ANEConformer
-    from edgeconformer.stabilize.prenorm import PreNormLayerNorm
 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
@@ -390,34 +391,3 @@ def precision_model(asr, mode: str, cmvn: nn.Module | None = None, prenorm: str 
             if isinstance(m, PreNormLayerNorm):
                 m.accumulate = "sequential"
     return PrecisionModel(mode, half, half, {"accumulate": accumulate, "force_fp32": tuple(force_fp32)})
-
-
-def _feats_of(utterance) -> tuple[str | None, torch.Tensor]:
-    if torch.is_tensor(utterance):
-        return None, utterance
-    if isinstance(utterance, dict):
-        return utterance.get("id"), utterance["feats"]
-    return getattr(utterance, "id", None), utterance.feats
-
-
-def greedy_transcripts(model_fn: Callable[[torch.Tensor], torch.Tensor], utterances: Iterable,
-                       tokenizer) -> list[dict]:
-    """CTC greedy transcripts, one utterance at a time (batch 1, no padding).
-
-    utterances: feats tensors (1, T, F), dicts with "feats" (and "id"), or objects with .feats (and .id), e.g.
-    evaluate/utterances.Utterance. Returns [{"id", "hypothesis", "frames", "nonfinite"}], nonfinite = the number of
-    inf/NaN log-prob values of the utterance (an overflowing model shows up here, or as collapsed transcripts)."""
-    from edgeconformer.decoding import ctc_greedy
-
-    out = []
-    for i, utt in enumerate(utterances):
-        uid, feats = _feats_of(utt)
-        if feats.dim() != 3 or feats.size(0) != 1:
-            raise ValueError(f"utterance {uid if uid is not None else i}: expected features of shape (1, T, F), "
-                             f"got {tuple(feats.shape)}")
-        log_probs = model_fn(feats)[0].float()  # (T', V)
-        out.append({"id": uid if uid is not None else str(i),
-                    "hypothesis": tokenizer.decode(ctc_greedy(log_probs)),
-                    "frames": log_probs.size(0),
-                    "nonfinite": int((~torch.isfinite(log_probs)).sum())})
-    return out

@@ -10,7 +10,8 @@ No retraining. Steps, each recorded in the run's reports/runs/<variant>/s<seed>/
 3. FP16 range audits (per module, on the first `stabilize.audit_utterances`) of the original model and of both
    FP16 graphs -> fp16_audit.json + plot;
 4. the stress case: activations scaled by `stabilize.stress_gain` (FP32 outputs unchanged by LayerNorm's scale
-   invariance; "auto" picks a gain that overflows unstabilized FP16 LayerNorm by construction); unstabilized FP16 is expected to fail, stabilized FP16 to stay with FP32;
+   invariance; "auto" picks a gain that overflows unstabilized FP16 LayerNorm by construction); unstabilized FP16
+   is expected to fail, stabilized FP16 to stay with FP32;
 5. the LUT softmax error table for the configured table sizes;
 6. the stabilization ablation (`stabilize.ablation`, for the variants in `stabilize.ablation.variants`: the ones
    with seeds by default), where it matters: FP16 accumulation emulated (every sum
@@ -27,18 +28,32 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
-from pathlib import Path
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from edgeconformer.artifacts import (
+    load_trained,
+    run_paths,
+    save_stabilized,
+    write_json_atomic,
+)
 from edgeconformer.errors import UserError
-from edgeconformer.artifacts import load_trained, run_label, run_paths, write_json_atomic
-from edgeconformer.evaluate.utterances import load_utterances
-from edgeconformer.evaluate.wer import score
+from edgeconformer.scoring import greedy_text, load_utterances, score
+from edgeconformer.stabilize.ane import ANEConformer
+from edgeconformer.stabilize.audit import audit, plot_audit, write_audit
+from edgeconformer.stabilize.precision import MODES, one_thread, precision_model
+from edgeconformer.stabilize.softmax import (
+    LUTSoftmax,
+    error_table,
+    resolve_max_squarings,
+    squarings,
+)
+from edgeconformer.stabilize.stress import safe_gain, scale_activations
 
 
 class EquivalenceError(UserError):
@@ -52,36 +67,9 @@ def ane_options(s: DictConfig) -> dict:
                 lut_max_squarings=s.softmax.get("max_squarings"), performer_shift=bool(s.get("performer_shift", True)))
 
 
-def save_stabilized(ane, options: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    torch.save({"options": options, "state_dict": ane.state_dict()}, tmp)
-    os.replace(tmp, path)
-
-
-def load_stabilized(model_dir: str | Path, checkpoint: str = "best"):
-    """A run's folder -> (ASRModule, stabilized ANEConformer in FP32, options); the weights are checked against
-    what stabilize saved, so a retrained checkpoint without a re-run of stabilize is caught."""
-    from edgeconformer.stabilize.ane import ANEConformer
-
-    model_dir = Path(model_dir)
-    path = model_dir / "stabilized.pt"
-    if not path.exists():
-        raise UserError(f"{path}: not found; run `dvc repro stabilize@{run_label(model_dir)}` first")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    module = load_trained(model_dir, checkpoint)
-    ane = ANEConformer.from_asr(module.model, module.cmvn, **saved["options"]).eval()
-    for name, value in ane.state_dict().items():
-        if not torch.equal(value, saved["state_dict"][name]):
-            raise UserError(f"{path}: weights differ from {model_dir / (checkpoint + '.ckpt')} ({name}); the model "
-                            f"was retrained after stabilization: run `dvc repro stabilize@{run_label(model_dir)}`")
-    return module, ane, saved["options"]
-
-
 @torch.no_grad()
 def check_equivalence(module, ane, utterances, atol: float) -> dict:
     """Original encoder (CMVN, padding-free batch 1) vs the ANE graph in FP32 on every utterance."""
-    from edgeconformer.evaluate.utterances import greedy_text
 
     worst, mismatches = 0.0, []
     for u in utterances:
@@ -108,7 +96,6 @@ def choose_stress_gain(setting, ane_audit: dict, fp16_max: float = 65504.0) -> f
     FP16 maximum (sums of squares grow with gain^2), so an unstabilized FP16 LayerNorm must overflow, but never
     beyond the gain that keeps the residual stream itself one bit below the maximum (stress.safe_gain): past it
     nothing can save FP16, stabilized or not."""
-    from edgeconformer.stabilize.stress import safe_gain
 
     if str(setting) != "auto":
         return float(setting)
@@ -125,7 +112,6 @@ def transcribe_modes(models: dict, utterances, tokenizer) -> dict:
     """{mode: PrecisionModel} -> {mode: {"wer", "cer", "nonfinite_utterances", "max_abs_diff_vs_fp32",
     "simulation", "rows"}}, batch 1. An FP16 LayerNorm whose sum of squares overflows returns zeros rather than
     inf (x / sqrt(inf) = 0), so the log-prob distance to FP32 shows a failure that non-finite counts miss."""
-    from edgeconformer.evaluate.utterances import greedy_text
 
     refs, ids = [u.text for u in utterances], [u.id for u in utterances]
     reference = {u.id: models["fp32"](u.feats)[0].float() for u in utterances} if "fp32" in models else None
@@ -147,19 +133,12 @@ def transcribe_modes(models: dict, utterances, tokenizer) -> dict:
 
 
 def audit_fp16(module, feats, fmt: str) -> dict:
-    from edgeconformer.stabilize.audit import audit
-    from edgeconformer.stabilize.precision import one_thread
 
     with one_thread():
         return audit(module, [f.half() for f in feats], fmt=fmt)
 
 
 def stabilize(cfg: DictConfig) -> dict:
-    from edgeconformer.stabilize.ane import ANEConformer
-    from edgeconformer.stabilize.audit import audit, plot_audit, write_audit
-    from edgeconformer.stabilize.precision import MODES, precision_model
-    from edgeconformer.stabilize.softmax import error_table
-    from edgeconformer.stabilize.stress import scale_activations
 
     s = cfg.stabilize
     torch.set_num_threads(cfg.trainer.num_threads)
@@ -224,7 +203,7 @@ def stabilize(cfg: DictConfig) -> dict:
 
     # Stored in FP32 (the trained weights exactly); consumers cast to their precision.
     save_stabilized(ANEConformer.from_asr(module.model, module.cmvn, **options), options,
-                    paths.model_dir / "stabilized.pt")
+                    paths.stabilized)
     summary = {
         "variant": paths.variant, "options": options, "equivalence": equivalence,
         "wer": {mode: m["wer"] for mode, m in modes.items()},
@@ -263,7 +242,6 @@ def stabilize(cfg: DictConfig) -> dict:
 
 def _arm_outputs(job) -> tuple[list[torch.Tensor], dict]:
     """In a worker process: one arm's CTC log-probs (FP16 simulated, one thread) for a share of the utterances."""
-    from edgeconformer.stabilize.precision import precision_model
 
     asr, cmvn, options, accumulate, feats = job
     torch.set_num_threads(1)
@@ -276,7 +254,6 @@ class Replayed:
     transcribe_modes scores it like a model it runs itself."""
 
     def __init__(self, outputs: dict[int, torch.Tensor], summaries: list[dict]):
-        from collections import Counter
 
         self.outputs = outputs
         self.report = {"mode": "fp16", "calls": sum(r["calls"] for r in summaries)}
@@ -294,8 +271,6 @@ def run_arms(module, utterances, arms: dict[str, dict], accumulate: str, workers
     """{arm: options of the FP16 graph} -> {arm: Replayed}. The FP16 simulation runs on one thread (a CPU half
     kernel stalls on two, precision.one_thread) and costs ~0.3-0.7 s per utterance with FP16 accumulation, so the
     arms x utterance shares run in `workers` spawned processes side by side, one core each."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
 
     shares = [utterances[i::workers] for i in range(max(1, workers))]
     jobs = [(module.model, module.cmvn, options, accumulate, [u.feats for u in share])
@@ -329,10 +304,6 @@ def softmax_k_distribution(module, utterances, options: dict) -> dict:
     {"uncapped": {k: rows}, "capped": {k: rows}, "cap": the configured cap for the longest row, "rows": n}. k > 0
     only where a row's score range exceeds the table's range R; the capped rule drops those rows' entries below
     -R * 2^cap instead (below FP16's resolution when the cap is "auto")."""
-    from collections import Counter
-
-    from edgeconformer.stabilize.ane import ANEConformer
-    from edgeconformer.stabilize.softmax import LUTSoftmax, resolve_max_squarings, squarings
 
     ane = ANEConformer.from_asr(module.model, module.cmvn, softmax="lut", lut_size=options["lut_size"],
                                 lut_range=options["lut_range"], lut_interp=options["lut_interp"],

@@ -1,4 +1,5 @@
-"""Word and character error rates (jiwer 4) over a corpus, with one row per utterance.
+"""Scoring, shared by every stage after training and by `transcribe`: word and character error rates (jiwer 4) over
+a corpus with one row per utterance, and the evaluation utterances as features.
 
 Corpus WER = (S + D + I) / N over all reference words N (not the mean of per-utterance WERs, which would weigh a
 two-word utterance like a fifty-word one). Rates are in percent (0-100, above 100 when insertions pile up).
@@ -11,11 +12,17 @@ figure; empty references are refused here, naming the utterance.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import jiwer
+import torch
+from omegaconf import DictConfig
 
-from edgeconformer.data.manifest import write_jsonl_atomic
+from edgeconformer.data.dataset import load_audio
+from edgeconformer.decoding import ctc_greedy
+from edgeconformer.errors import UserError
+from edgeconformer.files import read_jsonl
 
 
 def _check(refs, hyps, ids) -> None:
@@ -66,8 +73,36 @@ def score(refs: list[str], hyps: list[str], ids: list[str]) -> dict:
     }
 
 
-def write_utterances(rows: list[dict], path: str | Path) -> Path:
-    """Per-utterance rows as JSONL (one object per line), written atomically (temp file + rename)."""
-    path = Path(path)
-    write_jsonl_atomic(path, rows)
-    return path
+# The stages after training (stabilize, export, evaluate) work on one utterance at a time (batch 1, no padding): that
+# is how an on-device recogniser runs, and the ANE-layout graph has no padding masks.
+
+
+@dataclass
+class EvalUtterance:
+    id: str
+    text: str
+    seconds: float
+    feats: torch.Tensor  # (1, T, F) raw log-mels (CMVN is part of the models these stages build)
+
+
+@torch.no_grad()
+def load_utterances(cfg: DictConfig, fbank, split: str | None = None, limit: int | None = None) -> list[EvalUtterance]:
+    """The manifest rows of `split` (default data.test_split) as log-mel features, in manifest order."""
+    split = split or cfg.data.test_split
+    path = Path(cfg.data.out_dir) / "manifests" / f"{split}.jsonl"
+    if not path.exists():
+        raise UserError(f"{path}: manifest not found; run `dvc repro prepare` first")
+    rows = read_jsonl(path)[: limit if limit else None]
+    if not rows:
+        raise UserError(f"{path}: no utterances to evaluate; check the prepare stage's summary")
+    out = []
+    for r in rows:
+        audio = load_audio(r["audio_filepath"], uid=r["id"], manifest=path)
+        feats, _ = fbank(audio[None], torch.tensor([audio.numel()]))
+        out.append(EvalUtterance(r["id"], r["text"], audio.numel() / fbank.sample_rate, feats))
+    return out
+
+
+def greedy_text(log_probs: torch.Tensor, tokenizer) -> str:
+    """(T', V) CTC log-probs of one utterance -> transcript (CTC greedy)."""
+    return tokenizer.decode(ctc_greedy(log_probs.float()))

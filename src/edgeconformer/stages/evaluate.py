@@ -1,5 +1,5 @@
-"""Stage `evaluate@<variant>-s<seed>`: WER per precision (PyTorch FP32, FP16 without and with stabilization, the exported
-Core ML program simulated on Linux or run on macOS), RTF, device estimates, FLOPs -> metrics/<variant>.json.
+"""Stage `evaluate@<variant>-s<seed>`: WER per precision (PyTorch FP32, FP16 without and with stabilization, the
+exported Core ML program simulated on Linux or run on macOS), RTF, device estimates, FLOPs -> metrics/<variant>.json.
 
 The PyTorch precision modes were decoded by the stabilize stage (<run report dir>/precision_modes.json, checked to
 match the stabilized graph's options); this stage adds the exported program (MIL-simulated on the first
@@ -26,11 +26,24 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from edgeconformer.artifacts import run_paths, write_json_atomic, write_jsonl_atomic
+from edgeconformer.artifacts import (
+    load_stabilized,
+    run_paths,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
+from edgeconformer.data.dataset import load_audio
 from edgeconformer.errors import UserError
-from edgeconformer.evaluate.utterances import greedy_text, load_utterances
-from edgeconformer.evaluate.wer import score
+from edgeconformer.evaluate import coreml_device
+from edgeconformer.evaluate.device import estimate_all
+from edgeconformer.evaluate.flops import count_flops, count_params
+from edgeconformer.evaluate.rtf import measure_rtf, pick_by_duration, recognizer_fn
+from edgeconformer.evaluate.state import attention_state_bytes
+from edgeconformer.export.milsim import MILExecutor, load_program
+from edgeconformer.files import read_jsonl
 from edgeconformer.models.cascade import CascadedASR
+from edgeconformer.scoring import greedy_text, load_utterances, score
+from edgeconformer.stabilize.precision import precision_model
 
 ROW_KEYS = ("hypothesis", "errors", "ref_words")  # what utterances.jsonl keeps of a score() row per mode
 
@@ -38,7 +51,6 @@ ROW_KEYS = ("hypothesis", "errors", "ref_words")  # what utterances.jsonl keeps 
 def coreml_sim(package, utterances, tokenizer, reference: dict[str, torch.Tensor]) -> dict:
     """The exported program run by the MIL executor in its declared precision: WER rows and parity (max |diff|
     of log-probs, identical transcripts) against the PyTorch FP16 stabilized graph's log-probs `reference`."""
-    from edgeconformer.export.milsim import MILExecutor, load_program
 
     executor = MILExecutor(load_program(package))
     hyps, worst, same, started = [], 0.0, 0, time.perf_counter()
@@ -58,7 +70,6 @@ def coreml_sim(package, utterances, tokenizer, reference: dict[str, torch.Tensor
 
 def coreml_on_device(package, utterances, tokenizer, subsampled, warmup: int) -> dict | None:
     """macOS only: WER and RTF per compute-unit setting; None elsewhere (the reason is printed)."""
-    from edgeconformer.evaluate import coreml_device
 
     ok, why = coreml_device.available()
     if not ok:
@@ -109,7 +120,6 @@ def first_pass_metrics(module, utterances, rtf_inputs, rtf_cfg) -> dict:
     """{"wer_first_pass_fp32", "rtf_cpu_first_pass", "rows"} of a cascaded model's first pass (rows: per utterance,
     in `utterances` order); all None for a model without a cascade. rtf_inputs: the (waveform, seconds) pairs
     rtf_cpu is measured on; rtf_cfg: eval.rtf (warmup, repeats, threads)."""
-    from edgeconformer.evaluate.rtf import measure_rtf, recognizer_fn
 
     if not is_cascade(module):
         return {"wer_first_pass_fp32": None, "rtf_cpu_first_pass": None, "rows": None}
@@ -120,20 +130,11 @@ def first_pass_metrics(module, utterances, rtf_inputs, rtf_cfg) -> dict:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    from edgeconformer.data.dataset import load_audio
-    from edgeconformer.data.manifest import read_jsonl
-    from edgeconformer.evaluate.device import estimate_all
-    from edgeconformer.evaluate.flops import count_flops, count_params
-    from edgeconformer.evaluate.rtf import measure_rtf, pick_by_duration, recognizer_fn
-    from edgeconformer.evaluate.state import attention_state_bytes
-    from edgeconformer.export.stage import PACKAGE
-    from edgeconformer.stabilize.precision import precision_model
-    from edgeconformer.stabilize.stage import load_stabilized
 
     e = cfg.eval
     torch.set_num_threads(cfg.trainer.num_threads)
     paths = run_paths(cfg)
-    package = paths.model_dir / PACKAGE
+    package = paths.package
     module, _, options = load_stabilized(paths.model_dir)
     tokenizer = module.tokenizer
     saved = read_precision_modes(paths.report_dir / "precision_modes.json", options, paths.name)
@@ -244,7 +245,8 @@ def format_metrics(m: dict) -> str:
 
     streamed = m.get("gflops_per_audio_second_streamed")
     lines = [
-        f"evaluate@{m['variant']}-s{m.get('seed')}: {m['n_utterances']} utterances ({m['audio_hours'] * 60:.1f} min) of {m['split']}",
+        f"evaluate@{m['variant']}-s{m.get('seed')}: {m['n_utterances']} utterances "
+        f"({m['audio_hours'] * 60:.1f} min) of {m['split']}",
         f"  WER %  fp32 {pct(m['wer_fp32'])}  fp16 {pct(m['wer_fp16'])}  fp16 unstabilized "
         f"{pct(m['wer_fp16_unstabilized'])}  Core ML (simulated) {pct(m['wer_coreml_sim'])}  Core ML "
         f"{pct(m['wer_coreml'])}",

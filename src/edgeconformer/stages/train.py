@@ -6,6 +6,7 @@ Writes into `out_dir`: `last.ckpt` (every epoch; resumable), `best.ckpt` (lowest
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -13,19 +14,40 @@ import shutil
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from edgeconformer.data.dataset import (TOKEN_PAD, ASRDataset, DurationBucketSampler, collate,
-                                         filter_by_duration, load_audio)
-from edgeconformer.data.features import LogMelFilterbank
-from edgeconformer.artifacts import load_weights, run_paths, write_json_atomic
+from edgeconformer.artifacts import run_paths
 from edgeconformer.config import variant_name
-from edgeconformer.data.manifest import read_jsonl
+from edgeconformer.data.dataset import (
+    TOKEN_PAD,
+    ASRDataset,
+    DurationBucketSampler,
+    collate,
+    filter_by_duration,
+    load_audio,
+)
+from edgeconformer.data.features import LogMelFilterbank, cmvn_stats
 from edgeconformer.data.tokenizer import Tokenizer
 from edgeconformer.errors import UserError
+from edgeconformer.files import (
+    atomic_path,
+    load_weights,
+    read_jsonl,
+    save_torch_atomic,
+    write_json_atomic,
+)
+from edgeconformer.models.lightning import (
+    FIRST_PASS_METHODS,
+    ASRModule,
+    word_error_rate,
+)
 
 
 class FeatureDataset(Dataset):
@@ -81,21 +103,18 @@ def output_dir(cfg: DictConfig) -> Path:
     if cfg.get("out_dir"):
         return Path(cfg.out_dir)
     if sweep_group():  # each multirun job writes into its own job folder
-        from hydra.core.hydra_config import HydraConfig
 
         return Path(HydraConfig.get().runtime.output_dir)
     return run_paths(cfg).model_dir
 
 
 def make_loggers(cfg: DictConfig, out: Path) -> list:
-    from lightning.pytorch.loggers import CSVLogger
 
     loggers = [CSVLogger(save_dir=str(out), name="", version="csv")]
     lg = cfg.logger
     if lg.get("wandb"):
         os.environ.setdefault("WANDB_MODE", lg.get("wandb_mode", "offline"))
         os.environ.setdefault("WANDB_SILENT", "true")
-        from lightning.pytorch.loggers import WandbLogger
 
         # One W&B run per seed, grouped per variant (error bars over seeds in the project's panels).
         group = f"{cfg.model.name}-{variant_name(cfg)}"
@@ -110,11 +129,8 @@ def make_loggers(cfg: DictConfig, out: Path) -> list:
 def sweep_group() -> str | None:
     """Under Hydra multirun, all jobs of one sweep share a W&B group named after the sweep folder."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         hc = HydraConfig.get()
-    except (ImportError, ValueError):
+    except ValueError:  # not inside a Hydra job
         return None
     if hc.mode != RunMode.MULTIRUN:
         return None
@@ -122,10 +138,6 @@ def sweep_group() -> str | None:
 
 
 def train(cfg: DictConfig) -> dict:
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from edgeconformer.models.lightning import ASRModule, word_error_rate
 
     t, tr = cfg.train, cfg.trainer
     torch.set_num_threads(tr.num_threads)
@@ -157,7 +169,7 @@ def train(cfg: DictConfig) -> dict:
         train_set, collate_train = ASRDataset(train_rows, tokenizer, manifest="train"), collate
         stats_rows = random.Random(seed).sample(train_rows, min(len(train_rows), t.get("cmvn_utterances", 2000)))
     stats = train_set.feats if stats_rows is None else FeatureDataset(stats_rows, tokenizer, fbank, "train").feats
-    mean, std = feature_stats(stats)
+    mean, std = cmvn_stats(stats)
     module.cmvn.set_stats(mean, std)
     features_s = time.perf_counter() - started
 
@@ -219,7 +231,6 @@ def train(cfg: DictConfig) -> dict:
             refs, hyps = decode_dataset(best_module, test_set, method, d.beam, d.ctc_weight)
             metrics[f"test_wer_{method}"], metrics[f"test_cer_{method}"] = word_error_rate(refs, hyps)
         if hasattr(best_module.model, "first_pass_log_probs"):  # cascade: the streaming first pass too
-            from edgeconformer.models.lightning import FIRST_PASS_METHODS
 
             for method in [m for m in t.test_methods if m in FIRST_PASS_METHODS] or ["ctc_greedy"]:
                 refs, hyps = decode_dataset(best_module, test_set, method, d.beam, first_pass=True)
@@ -270,9 +281,7 @@ class KeepEpochWeights(Callback):
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"epoch{trainer.current_epoch:03d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        save_torch_atomic({k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}, path)
         for old in sorted(self.folder.glob("epoch*.pt"))[:-self.keep]:
             old.unlink()
 
@@ -288,7 +297,6 @@ def average_state_dicts(states: list[dict]) -> dict:
 def average_into_best(out: Path, best_path: Path, module, dev_set, best_wer: float | None) -> dict:
     """Averages the kept epoch weights (a standard ESPnet/WeNet step, typically a few percent relative WER) and
     makes the average best.ckpt when its dev WER is lower than the best single epoch's."""
-    from edgeconformer.models.lightning import word_error_rate
 
     paths = sorted((out / "epochs").glob("epoch*.pt"))
     if len(paths) < 2:
@@ -303,9 +311,7 @@ def average_into_best(out: Path, best_path: Path, module, dev_set, best_wer: flo
     if info["best_is_average"]:
         ckpt = load_weights(best_path, "weight averaging")
         ckpt["state_dict"] = averaged
-        tmp = best_path.with_suffix(".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, best_path)
+        save_torch_atomic(ckpt, best_path)
     return info
 
 
@@ -335,7 +341,6 @@ def resumable_checkpoint(out: Path, cfg: DictConfig, saved: DictConfig | None) -
 
 
 def read_csv_rows(path: Path) -> list[dict]:
-    import csv
 
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -343,31 +348,13 @@ def read_csv_rows(path: Path) -> list[dict]:
 
 def prepend_csv_rows(path: Path, earlier: list[dict]) -> None:
     """Learning curves of a resumed run: the rows logged before the interruption, then the new ones."""
-    import csv
 
     rows = earlier + (read_csv_rows(path) if path.exists() else [])
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def feature_stats(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global mean/std over all train frames, accumulated in float64 (CMVN statistics)."""
-    total = torch.zeros(feats[0].size(1), dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    n = 0
-    for f in feats:
-        f = f.double()
-        total += f.sum(0)
-        squares += (f * f).sum(0)
-        n += f.size(0)
-    mean = total / n
-    std = (squares / n - mean * mean).clamp(min=1e-10).sqrt()
-    return mean.float(), std.float()
 
 
 @torch.no_grad()
@@ -392,7 +379,7 @@ def decode_dataset(module, dataset: FeatureDataset, method: str, beam: int = 8, 
 
 def _finish_wandb() -> None:
     try:
-        import wandb
+        import wandb  # lazy: only runs logged to W&B need it (logger=csv does not), ~1 s to import
 
         if wandb.run is not None:
             wandb.finish()  # one run per job: multirun jobs share this process

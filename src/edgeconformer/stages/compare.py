@@ -22,9 +22,11 @@ import numpy as np
 from omegaconf import DictConfig
 
 from edgeconformer.artifacts import chain_run, variant_metrics_path, write_json_atomic
-from edgeconformer.data.manifest import read_jsonl
 from edgeconformer.errors import UserError
-from edgeconformer.stats import compare as paired, mean_sd
+from edgeconformer.files import read_jsonl
+from edgeconformer.stats import compare as paired
+from edgeconformer.stats import mean_sd
+from edgeconformer.wandb_report import log_chain
 
 # Per-seed keys averaged over seeds (mean and sd); headline ones also at the top level of metrics/<variant>.json.
 HEADLINE_DIR = "reports/headline"  # DVC metrics (git-tracked: .gitignore lets this folder of reports/ through)
@@ -175,7 +177,6 @@ def compare(cfg: DictConfig, root=".") -> dict:
     print(format_comparisons(summaries, comparisons))
     lg = cfg.get("logger") or {}
     if lg.get("wandb"):  # one W&B run per seed grouped per variant, and the comparisons (offline by default)
-        from edgeconformer.wandb_report import log_chain
 
         log_chain(summaries, comparisons, {"seeds": list(cfg.get("seeds") or []), "compared": list(cfg.compared)},
                   project=lg.project, entity=lg.get("entity"), mode=lg.get("wandb_mode", "offline"))
@@ -185,7 +186,7 @@ def compare(cfg: DictConfig, root=".") -> dict:
 def format_comparisons(summaries: dict, comparisons: list[dict]) -> str:
     lines = ["variant      seeds  WER fp32 % (mean +- sd)  WER fp16 %      WER fp16 unstab. %"]
     for v, s in summaries.items():
-        def cell(key):
+        def cell(key, s=s):
             mean, sd = s.get(f"{key}_mean"), s.get(f"{key}_sd")
             return "n/a" if mean is None else f"{mean:.2f}" + (f" +- {sd:.2f}" if sd is not None else "")
         lines.append(f"{v:<12} {s['n_seeds']:>5}  {cell('wer_fp32'):<24} {cell('wer_fp16'):<15} "
