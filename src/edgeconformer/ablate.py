@@ -63,7 +63,6 @@ def job_dir(cfg: DictConfig) -> Path:
 
 
 def ablate(cfg: DictConfig) -> dict:
-
     out = job_dir(cfg)
     with open_dict(cfg):
         cfg.out_dir = str(out)

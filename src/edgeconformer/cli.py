@@ -96,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def transcribe_command(args) -> int:
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)

@@ -106,7 +106,6 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def save_torch_atomic(obj, path: str | Path) -> Path:
-
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

@@ -17,7 +17,6 @@ from edgeconformer.config import CONF_DIR, REPO
 
 
 def composed_yaml(overrides: list[str] | None = None) -> str:
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "params.yaml"
         compose_and_dump(out, str(CONF_DIR), None, "config", str(REPO), overrides or [])

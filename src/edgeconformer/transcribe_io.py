@@ -146,7 +146,6 @@ class StreamResampler:
     """
 
     def __init__(self, orig: int, new: int):
-
         self.resample = torchaudio.transforms.Resample(orig, new)
         g = math.gcd(orig, new)
         self.orig_step, self.new_step = orig // g, new // g

@@ -145,7 +145,6 @@ def check_candidate(c: Candidate, checks: Checks, converted_dir: str) -> dict:
 
 
 def _resample(x: np.ndarray, sr: int, target: int) -> np.ndarray:
-
     return AF.resample(torch.from_numpy(np.ascontiguousarray(x)), sr, target).numpy()
 
 

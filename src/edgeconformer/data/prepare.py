@@ -73,7 +73,6 @@ def prepare(cfg: DictConfig) -> dict:
 
 
 def tokenize(cfg: DictConfig) -> Path:
-
     data = cfg.data
     out = Path(data.out_dir)
     rows = []

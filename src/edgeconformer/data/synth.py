@@ -272,7 +272,6 @@ def build_mini_corpus(out_root: Path, cfg: SynthConfig, progress: bool = True) -
 
 
 def _render(plan: list[PlannedUtterance], root: Path, jobs: int, progress: bool) -> dict[str, float]:
-
     workers = jobs or os.cpu_count() or 1
     seconds: dict[str, float] = {}
     # spawn, not fork: a child forked from a process whose torch/OpenMP thread pool already runs can deadlock in

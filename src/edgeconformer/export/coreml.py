@@ -144,7 +144,6 @@ def _sentencepiece_bytes(tokenizer_model) -> bytes | None:
 
 
 def _pieces(sp_bytes: bytes) -> list[str]:
-
     try:
         sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
     except RuntimeError as e:

@@ -30,11 +30,6 @@ STAGE_KEYS = ("n_layers", "d_model", "n_heads", "ff_dim")
 FIRST_PASS_METHODS = ("ctc_greedy", "ctc_beam")  # the attention decoder reads the second pass
 
 
-def _config_error(message):
-
-    return ConfigError(message)
-
-
 def stage_dims(e: Mapping) -> list[tuple[int, int, int]] | None:
     """model.encoder.stages -> per-block (d_model, n_heads, ff_dim), None when unset (uniform blocks). Each stage is
     {n_layers, d_model, n_heads, ff_dim}; a key left out takes the encoder's value (n_layers: 1)."""
@@ -45,15 +40,15 @@ def stage_dims(e: Mapping) -> list[tuple[int, int, int]] | None:
     for k, s in enumerate(stages):
         unknown = set(s) - set(STAGE_KEYS)
         if unknown:
-            raise _config_error(f"model.encoder.stages[{k}] has unknown keys {sorted(unknown)}; use {STAGE_KEYS}")
+            raise ConfigError(f"model.encoder.stages[{k}] has unknown keys {sorted(unknown)}; use {STAGE_KEYS}")
         dims += [(s.get("d_model", e["d_model"]), s.get("n_heads", e["n_heads"]), s.get("ff_dim", e["ff_dim"]))] * \
             s.get("n_layers", 1)
     if len(dims) != e["n_layers"]:
-        raise _config_error(f"model.encoder.stages cover {len(dims)} blocks but model.encoder.n_layers="
+        raise ConfigError(f"model.encoder.stages cover {len(dims)} blocks but model.encoder.n_layers="
                             f"{e['n_layers']}; make them agree")
     for k, (d, h, _) in enumerate(dims):
         if d % h:
-            raise _config_error(f"model.encoder block {k}: d_model={d} is not divisible by n_heads={h}")
+            raise ConfigError(f"model.encoder block {k}: d_model={d} is not divisible by n_heads={h}")
     return dims
 
 
@@ -61,7 +56,7 @@ def build_model(m: Mapping, vocab_size: int) -> DualDecoderASR:
     """Model config (conf/model/*.yaml) -> DualDecoderASR (CascadedASR when model.cascade.enabled). Keys added after
     the first checkpoints were trained are read with defaults that build exactly the model those checkpoints hold."""
     if m["subsampling"] not in SUBSAMPLING:
-        raise _config_error(f"model.subsampling={m['subsampling']!r}: choose one of {SUBSAMPLING}")
+        raise ConfigError(f"model.subsampling={m['subsampling']!r}: choose one of {SUBSAMPLING}")
     e = m["encoder"]
     attention = e.get("attention", "softmax")
     c = m.get("cascade") or {}
@@ -69,19 +64,19 @@ def build_model(m: Mapping, vocab_size: int) -> DualDecoderASR:
     for key, value in (("model.encoder.attention", attention), ("model.cascade.attention",
                                                                  c.get("attention", "softmax"))):
         if value not in ATTENTION:
-            raise _config_error(f"{key}={value!r}: choose one of {ATTENTION}")
+            raise ConfigError(f"{key}={value!r}: choose one of {ATTENTION}")
     dims = stage_dims(e)
     n_layers, first_pass_layers = e["n_layers"], 0
     if cascade:
         if c.get("n_layers", 0) < 1:
-            raise _config_error("model.cascade.n_layers must be >= 1 (second-pass blocks) when cascade.enabled")
+            raise ConfigError("model.cascade.n_layers must be >= 1 (second-pass blocks) when cascade.enabled")
         first = dims or [(e["d_model"], e["n_heads"], e["ff_dim"])] * e["n_layers"]
         second = (c.get("d_model") or first[-1][0], c.get("n_heads") or e["n_heads"], c.get("ff_dim") or e["ff_dim"])
         dims = first + [second] * c["n_layers"]
         n_layers, first_pass_layers = e["n_layers"] + c["n_layers"], e["n_layers"]
     conv_only = e.get("conv_only_layers", 0)
     if not 0 <= conv_only <= e["n_layers"]:
-        raise _config_error(f"model.encoder.conv_only_layers={conv_only} must be in 0..model.encoder.n_layers="
+        raise ConfigError(f"model.encoder.conv_only_layers={conv_only} must be in 0..model.encoder.n_layers="
                             f"{e['n_layers']}")
     encoder = ConformerEncoder(
         idim=m["n_mels"], d_model=e["d_model"], n_layers=n_layers, n_heads=e["n_heads"], ff_dim=e["ff_dim"],

@@ -130,7 +130,6 @@ def first_pass_metrics(module, utterances, rtf_inputs, rtf_cfg) -> dict:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-
     e = cfg.eval
     torch.set_num_threads(cfg.trainer.num_threads)
     paths = run_paths(cfg)

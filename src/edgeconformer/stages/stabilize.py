@@ -133,13 +133,11 @@ def transcribe_modes(models: dict, utterances, tokenizer) -> dict:
 
 
 def audit_fp16(module, feats, fmt: str) -> dict:
-
     with one_thread():
         return audit(module, [f.half() for f in feats], fmt=fmt)
 
 
 def stabilize(cfg: DictConfig) -> dict:
-
     s = cfg.stabilize
     torch.set_num_threads(cfg.trainer.num_threads)
     paths = run_paths(cfg)
@@ -254,7 +252,6 @@ class Replayed:
     transcribe_modes scores it like a model it runs itself."""
 
     def __init__(self, outputs: dict[int, torch.Tensor], summaries: list[dict]):
-
         self.outputs = outputs
         self.report = {"mode": "fp16", "calls": sum(r["calls"] for r in summaries)}
         for key in ("fallback_ops", "wide_accumulation_ops", "emulated_reductions"):

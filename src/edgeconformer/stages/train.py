@@ -109,7 +109,6 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def make_loggers(cfg: DictConfig, out: Path) -> list:
-
     loggers = [CSVLogger(save_dir=str(out), name="", version="csv")]
     lg = cfg.logger
     if lg.get("wandb"):
@@ -138,7 +137,6 @@ def sweep_group() -> str | None:
 
 
 def train(cfg: DictConfig) -> dict:
-
     t, tr = cfg.train, cfg.trainer
     torch.set_num_threads(tr.num_threads)
     seed = int(cfg.seed)
@@ -341,7 +339,6 @@ def resumable_checkpoint(out: Path, cfg: DictConfig, saved: DictConfig | None) -
 
 
 def read_csv_rows(path: Path) -> list[dict]:
-
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
