@@ -11,14 +11,7 @@ from edgeconformer.artifacts import resolve_model_dir
 from edgeconformer.models.asr import DualDecoderASR
 from edgeconformer.models.conformer import ConformerEncoder
 from edgeconformer.stabilize.ane import ANEConformer, ExactSoftmax
-from edgeconformer.stabilize.audit import (
-    audit,
-    compare_audits,
-    format_limits,
-    plot_audit,
-    value_counts,
-    write_audit,
-)
+from edgeconformer.stabilize.audit import audit, compare_audits, format_limits, plot_audit, value_counts, write_audit
 from edgeconformer.stabilize.prenorm import PreNormLayerNorm
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench_encoder.py: tiny sizes, one rep, output schema only (no timing claims)."""
+"""Smoke tests of the benchmarks: tiny sizes, one or two reps, output schema and invariants only (no timing claims)."""
 
 import importlib.util
 import json
@@ -6,11 +6,9 @@ import math
 
 from conftest import REPO
 
-BENCH = REPO / "benchmarks" / "bench_encoder.py"
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_encoder", BENCH)
+def load_bench(name: str = "bench_encoder"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -52,3 +50,32 @@ def test_bench_encoder_tiny(tmp_path, capsys):
     d, layers = r["config"]["d_model"], r["config"]["n_layers"]
     assert r["params"]["ours_abs_blocks"] == r["params"]["torchaudio_blocks"]
     assert r["params"]["ours_rel_blocks"] - r["params"]["ours_abs_blocks"] == layers * (d * d + 2 * d)
+
+
+def test_bench_train_profile_tiny(data_dir, tmp_path, capsys):
+    # The profile of the real training step on the tiny corpus and model: schema and invariants, no timing claims.
+    from conftest import TINY_DATA, TINY_MODEL
+
+    bench = load_bench("bench_train_profile")
+    out = tmp_path / "profile.json"
+    report = bench.main(["--steps", "2", "--warmup", "1", "--threads", "1", "--json", str(out), *TINY_DATA,
+                         f"data.root={data_dir / 'raw'}", f"data.out_dir={data_dir / 'prepared'}", *TINY_MODEL])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == json.loads(out.read_text())
+    p = report["profile"]
+    assert p["steps"] == 2 and positive(p["step_s_median"]) and positive(p["audio_seconds_per_second"])
+    assert set(p["parts_s"]) == set(bench.PARTS) and all(v >= 0 for v in p["parts_s"].values())
+    assert positive(p["parts_s"]["forward:encoder blocks"]) and positive(p["parts_s"]["backward"])
+    assert 0 < p["outside_encoder_share"] < 1
+    assert math.isclose(sum(p["op_groups_share"].values()), 1.0, rel_tol=1e-9)
+    assert p["op_groups_s"]["matmul"] > 0 and p["top_ops"]
+    assert 0 <= report["padding"]["padded_fraction"] < 1 and report["padding"]["batches"] >= 3
+    assert positive(report["lightning"]["ratio_fit/plain"]) and positive(report["validation"]["seconds"])
+
+
+def test_op_groups_cover_the_kinds_of_work():
+    bench = load_bench("bench_train_profile")
+    assert bench.op_group("aten::addmm") == "matmul" and bench.op_group("aten::native_layer_norm") == "norm"
+    assert bench.op_group("aten::_foreach_mul_") == "optimizer" and bench.op_group("aten::silu") == "activation"
+    assert bench.op_group("autograd::engine::evaluate_function: MmBackward0") == "autograd bookkeeping"
+    assert bench.op_group("aten::something_new") == "other"

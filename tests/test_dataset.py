@@ -5,12 +5,7 @@ import pytest
 import torch
 
 from conftest import write_flac
-from edgeconformer.data.dataset import (
-    ASRDataset,
-    DurationBucketSampler,
-    collate,
-    filter_by_duration,
-)
+from edgeconformer.data.dataset import ASRDataset, DurationBucketSampler, collate, filter_by_duration
 from edgeconformer.data.tokenizer import Tokenizer, train_tokenizer
 from edgeconformer.errors import UserError
 from edgeconformer.files import write_jsonl_atomic

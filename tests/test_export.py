@@ -25,13 +25,7 @@ from edgeconformer.data.features import GlobalCMVN, LogMelFilterbank
 from edgeconformer.data.tokenizer import Tokenizer, train_tokenizer
 from edgeconformer.errors import ConfigError
 from edgeconformer.export import coreml
-from edgeconformer.export.coreml import (
-    conversion_report,
-    export_coreml,
-    front_end,
-    input_shape,
-    write_report,
-)
+from edgeconformer.export.coreml import conversion_report, export_coreml, front_end, input_shape, write_report
 from edgeconformer.export.milsim import MILExecutor, load_program
 from edgeconformer.models.lightning import build_model
 from edgeconformer.stabilize.ane import ANEConformer

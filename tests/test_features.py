@@ -4,13 +4,7 @@ import pytest
 import torch
 
 from conftest import write_flac
-from edgeconformer.data.features import (
-    GlobalCMVN,
-    LogMelFilterbank,
-    SpecAugment,
-    cmvn_stats,
-    frames_for_samples,
-)
+from edgeconformer.data.features import GlobalCMVN, LogMelFilterbank, SpecAugment, cmvn_stats, frames_for_samples
 from edgeconformer.errors import UserError
 
 

@@ -27,20 +27,10 @@ from tqdm import tqdm
 from edgeconformer.artifacts import load_trained as load
 from edgeconformer.decoding import METHODS
 from edgeconformer.errors import UserError
-from edgeconformer.longform import (
-    CTC_METHODS,
-    Settings,
-    decoding_defaults,
-    transcribe_items,
-)
+from edgeconformer.longform import CTC_METHODS, Settings, decoding_defaults, transcribe_items
 from edgeconformer.models.cascade import CascadedASR
 from edgeconformer.models.lightning import FIRST_PASS_METHODS
-from edgeconformer.transcribe_io import (
-    expand_inputs,
-    json_row,
-    score_outcomes,
-    utterance_score,
-)
+from edgeconformer.transcribe_io import expand_inputs, json_row, score_outcomes, utterance_score
 
 
 def load_trained(model_dir: str | Path, checkpoint: str = "best", seed: int | None = None):

@@ -8,12 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from edgeconformer.data.librispeech import prepare_librispeech
-from edgeconformer.data.manifest import (
-    Checks,
-    format_summary,
-    scan_split,
-    split_summary,
-)
+from edgeconformer.data.manifest import Checks, format_summary, scan_split, split_summary
 from edgeconformer.data.synth import SynthConfig, build_mini_corpus
 from edgeconformer.data.tokenizer import Tokenizer, train_tokenizer
 from edgeconformer.errors import UserError

@@ -11,13 +11,7 @@ from __future__ import annotations
 import torch
 
 from .attention import StepFn, attention_beam_search, attention_greedy
-from .ctc import (
-    collapse_ctc,
-    ctc_greedy,
-    ctc_greedy_batch,
-    ctc_prefix_beam_search,
-    ctc_prefix_beam_search_batch,
-)
+from .ctc import collapse_ctc, ctc_greedy, ctc_greedy_batch, ctc_prefix_beam_search, ctc_prefix_beam_search_batch
 from .joint import CTCPrefixScorer, joint_ctc_attention_beam_search
 from .rescoring import ScoreFn, attention_rescoring, sequence_scores_from_step
 

@@ -41,9 +41,7 @@ with warnings.catch_warnings():  # coremltools warns about the torch version and
     warnings.simplefilter("ignore")
     import coremltools as ct
     from coremltools.converters.mil.frontend.torch.ops import _get_inputs
-    from coremltools.converters.mil.frontend.torch.torch_op_registry import (
-        _TORCH_OPS_REGISTRY,
-    )
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
     from coremltools.converters.mil.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 

@@ -7,11 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgeconformer.models.attention import (
-    AbsolutePositionalEncoding,
-    MultiHeadAttention,
-    make_pad_mask,
-)
+from edgeconformer.models.attention import AbsolutePositionalEncoding, MultiHeadAttention, make_pad_mask
 
 
 class DecoderLayer(nn.Module):

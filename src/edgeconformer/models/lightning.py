@@ -188,7 +188,6 @@ class ASRModule(L.LightningModule):
         print(f"init_from {r['path']}: loaded {r['loaded']} of {r['total']} tensors; missing {r['missing']}; "
               f"unexpected {r['unexpected']}; shape mismatch {r['shape_mismatch']}")
         if self.trainer.is_global_zero:
-
             write_json_atomic(Path(self.trainer.default_root_dir) / "init_from.json", r)
 
     def training_step(self, batch, batch_idx):

@@ -35,9 +35,7 @@ from edgeconformer.models.attention import (
     chunk_attention_mask,
     sinusoid,
 )
-from edgeconformer.models.attention import (
-    RelPositionalEncoding as OriginalRelPositionalEncoding,
-)
+from edgeconformer.models.attention import RelPositionalEncoding as OriginalRelPositionalEncoding
 from edgeconformer.models.performer import TINY as TRAINED_TINY
 from edgeconformer.models.performer import PerformerAttention as OriginalPerformer
 from edgeconformer.models.subsampling import KERNEL, STRIDE, conv_out_size

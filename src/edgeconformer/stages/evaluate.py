@@ -26,12 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from edgeconformer.artifacts import (
-    load_stabilized,
-    run_paths,
-    write_json_atomic,
-    write_jsonl_atomic,
-)
+from edgeconformer.artifacts import load_stabilized, run_paths, write_json_atomic, write_jsonl_atomic
 from edgeconformer.data.dataset import load_audio
 from edgeconformer.errors import UserError
 from edgeconformer.evaluate import coreml_device

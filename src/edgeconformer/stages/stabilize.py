@@ -36,23 +36,13 @@ from multiprocessing import get_context
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from edgeconformer.artifacts import (
-    load_trained,
-    run_paths,
-    save_stabilized,
-    write_json_atomic,
-)
+from edgeconformer.artifacts import load_trained, run_paths, save_stabilized, write_json_atomic
 from edgeconformer.errors import UserError
 from edgeconformer.scoring import greedy_text, load_utterances, score
 from edgeconformer.stabilize.ane import ANEConformer
 from edgeconformer.stabilize.audit import audit, plot_audit, write_audit
 from edgeconformer.stabilize.precision import MODES, one_thread, precision_model
-from edgeconformer.stabilize.softmax import (
-    LUTSoftmax,
-    error_table,
-    resolve_max_squarings,
-    squarings,
-)
+from edgeconformer.stabilize.softmax import LUTSoftmax, error_table, resolve_max_squarings, squarings
 from edgeconformer.stabilize.stress import safe_gain, scale_activations
 
 

@@ -36,18 +36,8 @@ from edgeconformer.data.dataset import (
 from edgeconformer.data.features import LogMelFilterbank, cmvn_stats
 from edgeconformer.data.tokenizer import Tokenizer
 from edgeconformer.errors import UserError
-from edgeconformer.files import (
-    atomic_path,
-    load_weights,
-    read_jsonl,
-    save_torch_atomic,
-    write_json_atomic,
-)
-from edgeconformer.models.lightning import (
-    FIRST_PASS_METHODS,
-    ASRModule,
-    word_error_rate,
-)
+from edgeconformer.files import atomic_path, load_weights, read_jsonl, save_torch_atomic, write_json_atomic
+from edgeconformer.models.lightning import FIRST_PASS_METHODS, ASRModule, word_error_rate
 
 
 class FeatureDataset(Dataset):
