@@ -150,3 +150,25 @@ def test_compare_names_the_missing_run_and_the_stage_to_run(chain_root):
     (chain_run("dws", 2, root).utterances).unlink()
     with pytest.raises(UserError, match=r"evaluate@dws-s2"):
         compare(cfg, root)
+
+
+@pytest.mark.parametrize("ci, status", [([-0.4, 0.3], "reproduced"), ([-2.1, 0.99], "reproduced"),
+                                        ([-2.1, 5.9], "inconclusive"), ([0.2, 1.4], "inconclusive"),
+                                        ([1.2, 3.0], "not reproduced")])
+def test_keeps_accuracy_is_non_inferiority_at_the_margin(ci, status):
+    from edgeconformer.claims import MARGIN, kept
+
+    assert MARGIN == 1.0
+    assert kept({"ci95": ci, "diff": sum(ci) / 2, "verdict": "n.d."}) == status
+
+
+def test_dws_accuracy_claim_needs_seeds_and_a_narrow_interval():
+    from edgeconformer.claims import dws_wer
+
+    by = {"vanilla": {"n_seeds": 3}, "dws": {"n_seeds": 3}}
+    comp = {"a": "dws/fp32", "b": "vanilla/fp32", "metric": "wer", "diff": 1.56, "ci95": [-2.12, 5.89],
+            "verdict": "not distinguishable", "n_seeds": 3, "n_utterances": 200}
+    assert dws_wer(by, [comp])[0] == "inconclusive"  # not distinguishable is not "kept"
+    assert dws_wer(by, [{**comp, "diff": 0.1, "ci95": [-0.6, 0.8]}])[0] == "reproduced"
+    one = {"vanilla": {"n_seeds": 1}, "dws": {"n_seeds": 1}}
+    assert dws_wer(one, [{**comp, "ci95": [-0.6, 0.8]}])[0] == "inconclusive"
