@@ -260,7 +260,7 @@ def format_report(r: dict) -> str:
     for k in PARTS:
         if k in p["parts_s"]:
             lines.append(f"{k:<24} {p['parts_s'][k]:9.2f}  {p['parts_share'][k]:6.1%}")
-    lines.append(f"outside the encoder (front end + blocks): {p['outside_encoder_share']:.1%}")
+    lines.append(f"outside the encoder's forward (front end + blocks): {p['outside_encoder_share']:.1%}")
     lines += ["", "op group (self CPU time)   seconds   share"]
     for k, v in sorted(p["op_groups_s"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{k:<24} {v:9.2f}  {p['op_groups_share'][k]:6.1%}")
