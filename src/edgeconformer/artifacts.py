@@ -30,12 +30,15 @@ from omegaconf import DictConfig
 from edgeconformer.config import run_name, variant_name  # noqa: F401  (run_name: re-exported)
 from edgeconformer.data.tokenizer import Tokenizer
 from edgeconformer.errors import UserError
+
+# The writers and loaders of files.py are re-exported: stages write through the artifacts layer.
 from edgeconformer.files import (  # noqa: F401
     load_weights,
     read_jsonl,
+    refused,
     save_torch_atomic,
     write_json_atomic,
-    write_jsonl_atomic,  # (re-exported: the one writer)
+    write_jsonl_atomic,
     write_text_atomic,
 )
 from edgeconformer.models.lightning import ASRModule
@@ -137,9 +140,7 @@ def load_trained(model_dir: str | Path, checkpoint: str = "best", seed: int | No
     try:  # Lightning loads with torch.load(weights_only=True): tensors and plain containers, no code
         module = ASRModule.load_from_checkpoint(str(ckpt), map_location="cpu")
     except pickle.UnpicklingError as e:
-        raise UserError(f"{ckpt}: refused to load: the checkpoint holds objects other than tensors and plain "
-                        f"containers, which could run code when unpickled ({str(e).splitlines()[-1][:200]}); "
-                        "load only checkpoints written by edgeconformer's training") from None
+        raise refused(ckpt, "the trained model", e) from None
     module.tokenizer = Tokenizer(model_dir / "tokenizer.model")
     return module.eval()
 

@@ -119,6 +119,12 @@ def load_weights(path: str | Path, purpose: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: refused to load for {purpose}: the file holds objects other than tensors and "
-                        f"plain containers, which could run code when unpickled ({str(e).splitlines()[-1][:200]}); "
-                        "load only checkpoints written by edgeconformer's training") from None
+        raise refused(path, purpose, e) from None
+
+
+def refused(path: str | Path, purpose: str, error: pickle.UnpicklingError) -> UserError:
+    """The error for a file that weights_only loading refused (also raised by artifacts.load_trained, where
+    Lightning does the loading)."""
+    return UserError(f"{path}: refused to load for {purpose}: the file holds objects other than tensors and plain "
+                     f"containers, which could run code when unpickled ({str(error).splitlines()[-1][:200]}); "
+                     "load only checkpoints written by edgeconformer's training")
