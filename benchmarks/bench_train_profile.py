@@ -114,15 +114,6 @@ def padded_fraction(dataset, sampler) -> dict:
     return {"padded_fraction": 1 - real / padded, "batches": len(sampler), "frames": real}
 
 
-def optimizer_of(module: ASRModule) -> torch.optim.Optimizer:
-    # The same AdamW parameter groups as ASRModule.configure_optimizers (the schedule does not change the cost).
-    o = module.hparams.optim
-    decay = [p for n, p in module.named_parameters() if not (p.ndim < 2 or "norm" in n)]
-    no_decay = [p for n, p in module.named_parameters() if p.ndim < 2 or "norm" in n]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=o["lr"], betas=tuple(o["betas"]))
-
-
 def instrument(module: ASRModule) -> None:
     """record_function ranges around the front end and the encoder blocks (forward); the rest of the model's forward
     (CTC head, attention decoder, losses) is its remainder."""
@@ -214,7 +205,7 @@ def lightning_overhead(module, batches, clip: float, threads: int) -> dict:
     trainer.fit(module, loader)
     fit_s = time.perf_counter() - t0
     torch.set_num_threads(threads)  # Lightning may reset it
-    opt = optimizer_of(module)
+    opt = module.make_optimizer()
     t0 = time.perf_counter()
     for i, b in enumerate(batches):
         plain_step(module, opt, b, i, clip)
@@ -298,16 +289,15 @@ def main(argv=None) -> dict:
     order = list(iter(sampler))[:n]
     if len(order) < n:
         raise SystemExit(f"the training split has {len(order)} batches per epoch; ask for at most that many steps")
-    batches = [collate_features([train_set[i] for i in b]) for b in order]
     t0 = time.perf_counter()
-    [collate_features([train_set[i] for i in b]) for b in order]
+    batches = [collate_features([train_set[i] for i in b]) for b in order]
     collate_s = (time.perf_counter() - t0) / n
     instrument(module)
     state = {k: v.clone() for k, v in module.state_dict().items()}
     report = {"variant": args.variant, "threads": args.threads, "warmup": args.warmup, "torch": torch.__version__,
               "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "padding": padded_fraction(
                   train_set, sampler)}
-    report["profile"] = profile_steps(module, optimizer_of(module), batches, args.warmup, float(cfg.train.grad_clip))
+    report["profile"] = profile_steps(module, module.make_optimizer(), batches, args.warmup, float(cfg.train.grad_clip))
     p = report["profile"]
     p["parts_s"]["collate"] = collate_s * p["steps"]
     p["parts_share"]["collate"] = p["parts_s"]["collate"] / p["step_s_total"]

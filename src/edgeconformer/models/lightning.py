@@ -214,14 +214,18 @@ class ASRModule(L.LightningModule):
         self.log("train/skipped_batches", self.skipped_batches.float(), on_step=True, batch_size=bs)
         return loss
 
-    def configure_optimizers(self):
+    def make_optimizer(self) -> torch.optim.AdamW:
         o = self.hparams.optim
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             # No weight decay on biases, norms and the attention position biases (standard practice).
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=o["lr"], betas=tuple(o["betas"]))
+        return torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=o["lr"], betas=tuple(o["betas"]))
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        opt = self.make_optimizer()
         total = int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(o["schedule"], o["warmup_steps"], total, o["min_lr_ratio"]))
