@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from edgeconformer.artifacts import resolve_model_dir
 from edgeconformer.models.asr import DualDecoderASR
 from edgeconformer.models.conformer import ConformerEncoder
-from edgeconformer.stabilize.ane import ANEConformer, ExactSoftmax
+from edgeconformer.models.layout import MaskedSoftmax
+from edgeconformer.stabilize.ane import ANEConformer
 from edgeconformer.stabilize.audit import audit, compare_audits, format_limits, plot_audit, value_counts, write_audit
 from edgeconformer.stabilize.prenorm import PreNormLayerNorm
 
@@ -122,7 +123,7 @@ def test_softmax_logit_range_ignores_masked_entries():
     class Scores(nn.Module):  # the ANE graph calls softmax(scores, dim=3, mask=...)
         def __init__(self):
             super().__init__()
-            self.softmax = ExactSoftmax()
+            self.softmax = MaskedSoftmax()
 
         def forward(self, s):
             mask = torch.tensor([True, True, False]).reshape(1, 1, 1, 3)

@@ -48,6 +48,7 @@ def tokenizer(tmp_path_factory):
 def tiny_ane(subsampling, vocab_size, seed=0, **stabilize):
     """A 1-block d=32 model from a shrunk conf/model/small.yaml, CMVN folded in, as ANEConformer."""
     cfg = yaml.safe_load((REPO / "conf/model/small.yaml").read_text())
+    del cfg["defaults"]  # Hydra's defaults list (the structured schema), not a model key
     cfg.update(subsampling=subsampling, subsampling_channels=8)
     cfg["encoder"].update(d_model=32, n_layers=1, n_heads=2, ff_dim=64, kernel_size=5, pos="rel")
     cfg["decoder"].update(ff_dim=64, n_heads=2)
@@ -388,6 +389,7 @@ def test_practical_model_exports_and_runs(tokenizer, tmp_path, precision):
     # The practical variant's parts in one tiny model: a convolution-only block, a causal chunked Performer block
     # (FP16-safe shifted features) and a non-causal softmax second pass; the program equals the PyTorch graph.
     cfg = yaml.safe_load((REPO / "conf/model/small.yaml").read_text())
+    del cfg["defaults"]  # Hydra's defaults list (the structured schema), not a model key
     cfg.update(subsampling="dws", subsampling_channels=8)
     cfg["encoder"].update(d_model=32, n_layers=2, n_heads=2, ff_dim=64, kernel_size=5, conv_only_layers=1,
                           attention="performer", performer_features=16, causal=True, chunk_size=4)

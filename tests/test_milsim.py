@@ -221,6 +221,7 @@ def test_lut_softmax_graph_runs_like_pytorch(tmp_path):
     # The LUT softmax is data dependent (table lookups with computed indices, conditional re-scaling): MIL-sim runs
     # its converted graph, including what coremltools makes of it (gathers, and whatever masking ops appear).
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf/model/small.yaml").read_text())
+    del cfg["defaults"]  # Hydra's defaults list (the structured schema), not a model key
     cfg.update(subsampling="dws", subsampling_channels=8)
     cfg["encoder"].update(d_model=32, n_layers=1, n_heads=1, ff_dim=64, kernel_size=5)
     cfg["decoder"].update(ff_dim=64, n_heads=1)

@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from edgeconformer.errors import UserError
+from edgeconformer.models.config import register_schema
 
 REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO / "conf"
@@ -38,6 +39,7 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+register_schema()
 
 
 def run_name(variant: str, seed: int) -> str:

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from edgeconformer.models.layout import TRAINING
+
 
 def make_pad_mask(lengths, max_len=None):
     # (B,) -> (B, T), True at padded frames
@@ -93,17 +95,26 @@ class RelPositionalEncoding(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, d_model, n_heads, dropout=0.0):
+    """Multi-head attention in either layout (models/layout.py). (B, T, D): all heads in one fused
+    scaled-dot-product kernel; channels-first (B, D, 1, T), self-attention only: one head at a time on channel
+    slices (each head's (T, T) scores stay small) with the layout's softmax module. Subclasses add score terms
+    through `head_queries` (both layouts' variants written side by side) and `step` (streaming)."""
+
+    def __init__(self, d_model, n_heads, dropout=0.0, layout=TRAINING):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         self.n_heads = n_heads
         self.d_head = d_model // n_heads
-        self.query = nn.Linear(d_model, d_model)
-        self.key = nn.Linear(d_model, d_model)
-        self.value = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.channels_first = layout.channels_first
+        self.query = layout.linear(d_model, d_model)
+        self.key = layout.linear(d_model, d_model)
+        self.value = layout.linear(d_model, d_model)
+        self.out = layout.linear(d_model, d_model)
+        if layout.channels_first:
+            self.softmax = layout.softmax()  # explicit, pluggable (inference: no attention dropout)
+        else:
+            self.dropout = nn.Dropout(dropout)  # its p goes into the fused kernel
 
     def split_heads(self, x):
         return rearrange(x, "b t (h d) -> b h t d", h=self.n_heads)
@@ -121,26 +132,96 @@ class MultiHeadAttention(nn.Module):
         return self.out(rearrange(x, "b h t d -> b t (h d)"))
 
     def forward(self, query, key, value, mask, pos_emb=None):
-        # query: (B, Tq, D), key/value: (B, Tk, D); pos_emb is ignored (absolute positions are in x)
+        # query: (B, Tq, D), key/value: (B, Tk, D); pos_emb is ignored (absolute positions are in x).
+        # Channels-first: query = key = value (B, D, 1, T), mask (1, T, 1, T) or None.
+        if self.channels_first:
+            return self.forward_heads(query, mask, pos_emb)
         q = self.split_heads(self.query(query))  # (B, H, Tq, d)
         k, v = self.split_heads(self.key(key)), self.split_heads(self.value(value))  # (B, H, Tk, d)
         return self.attend(q, k, v, mask)
+
+    # ------------------------------------------------------------------------------------- channels first
+    def head_queries(self, q, pos):
+        # q: (B, T, 1, D) -> per-head queries H x (B, T, 1, d) scaled by 1/sqrt(d), and fn(h) -> head h's additive
+        # score term (B, Tq, 1, Tk) or None. The scale goes on the queries: (D, T) multiplies instead of (T, T)
+        # ones per head, and smaller FP16 partial sums in the products.
+        return (q * (1.0 / math.sqrt(self.d_head))).split(self.d_head, dim=3), None
+
+    def forward_heads(self, x, mask, pos):
+        # x: (B, D, 1, T); mask: (1, T, 1, T) True where query i may attend key j, or None. The native einsum's
+        # left operand is channels-last: q and v turn once per layer ((D, T)-sized copies, never (T, T) ones), and
+        # the heads' outputs turn back once. Scores are query-major (B, Tq, 1, Tk), softmax over dim 3.
+        d = self.d_head
+        q = self.query(x).transpose(1, 3)  # (B, T, 1, D)
+        k = self.key(x).split(d, dim=1)  # H x (B, d, 1, T)
+        v = self.value(x).transpose(1, 3).split(d, dim=3)  # H x (B, T, 1, d)
+        queries, score_term = self.head_queries(q, pos)
+        heads = []
+        for h in range(self.n_heads):
+            scores = torch.einsum("bqhc,bchk->bqhk", queries[h], k[h])  # (B, Tq, 1, Tk)
+            if score_term is not None:
+                scores = scores + score_term(h)
+            probs = self.softmax(scores, dim=3, mask=mask)
+            heads.append(torch.einsum("bqhk,bkhc->bqhc", probs, v[h]))  # (B, Tq, 1, d)
+        return self.out(torch.cat(heads, dim=3).transpose(1, 3))  # (B, T, 1, D) -> (B, D, 1, T)
+
+    # ------------------------------------------------------------------------------------------ streaming
+    def cached_keys(self, h, state, left_frames):
+        # h: (B, c, D) -> keys and values (B, H, L, d) of the cached frames and this chunk; the cache keeps the last
+        # left_frames of them (-1 = all) in state["attn"].
+        k, v = self.split_heads(self.key(h)), self.split_heads(self.value(h))  # (B, H, c, d)
+        if state["attn"] is not None:
+            k, v = torch.cat([state["attn"][0], k], dim=2), torch.cat([state["attn"][1], v], dim=2)
+        if left_frames >= 0:
+            state["attn"] = (k[:, :, k.size(2) - left_frames:], v[:, :, v.size(2) - left_frames:])
+        else:
+            state["attn"] = (k, v)
+        return k, v
+
+    def stream_state(self, batch, device=None):
+        # the attention part of a block's streaming state: key/value cache and (relative) position cache
+        return {"attn": None, "pos": None}
+
+    def stream_step(self, h, state, left_frames, chunk_size):
+        # One chunk of self-attention in eval mode. h: (B, c, D) -> (B, c, D); state["attn"]: the key/value cache
+        # (B, H, L, d) x 2 of the frames seen so far: it grows with the context (left_frames = -1).
+        k, v = self.cached_keys(h, state, left_frames)
+        everything = torch.ones(h.size(0), 1, k.size(2), dtype=torch.bool, device=h.device)  # all cached frames
+        return self.attend(self.split_heads(self.query(h)), k, v, everything)
 
 
 def rel_shift(x):
     # x: (B, H, T, 2T-1) with column k = relative position (T-1) - k  ->  (B, H, T, T) with [i, j] = position i-j.
     # Row i needs columns T-1-i .. 2T-2-i, a diagonal band: a strided view reads it without copying (the
     # pad-and-reshape trick of Transformer-XL computes the same band with two copies of the score tensor).
+    return rel_band(x, x.size(2))
+
+
+def rel_band(x, L):
+    # x: (B, H, c, L+c-1) scores against relative positions L-1 .. -(c-1) (column k = position L-1-k) of c queries
+    # that follow L-c cached frames -> (B, H, c, L) with [i, j] = position (L-c+i) - j. rel_shift is the case L = c.
     x = x.contiguous()
-    B, H, T, P = x.shape
+    B, H, c, P = x.shape
     s = x.stride()
-    return x.as_strided((B, H, T, T), (s[0], s[1], s[2] - s[3], s[3]), x.storage_offset() + s[3] * (T - 1))
+    return x.as_strided((B, H, c, L), (s[0], s[1], s[2] - s[3], s[3]), x.storage_offset() + s[3] * (c - 1))
+
+
+def rel_shift_query_major(x):
+    # x: (B, T, 1, 2T-1), column c = relative position (T-1) - c  ->  (B, T, 1, T) with [i, j] = position i - j.
+    # The channels-first form (Core ML has no as_strided): with every row padded to 2T entries, element
+    # (i, T-1-i+j) sits at flat index (T-1) + i(2T-1) + j, so dropping the first T-1 entries and the last one leaves
+    # T rows of width 2T-1 whose first T columns are the band. Pad, reshape and slice only; valid for every T.
+    B, T = x.size(0), x.size(1)
+    x = F.pad(x, (0, 1)).flatten(1)[:, T - 1 : -1]  # (B, T(2T-1))
+    return x.reshape(B, T, 1, 2 * T - 1)[..., :T]
 
 
 class RelPositionMultiHeadAttention(MultiHeadAttention):
-    def __init__(self, d_model, n_heads, dropout=0.0):
-        super().__init__(d_model, n_heads, dropout)
-        self.linear_pos = nn.Linear(d_model, d_model, bias=False)
+    """score(i, j) = ((q_i + u) k_j + (q_i + v) W_p p_{i-j}) / sqrt(d) (Transformer-XL)."""
+
+    def __init__(self, d_model, n_heads, dropout=0.0, layout=TRAINING):
+        super().__init__(d_model, n_heads, dropout, layout)
+        self.linear_pos = layout.linear(d_model, d_model, bias=False)
         # Global content (u) and position (v) biases of Transformer-XL, one per head.
         self.pos_bias_u = nn.Parameter(torch.empty(n_heads, self.d_head))
         self.pos_bias_v = nn.Parameter(torch.empty(n_heads, self.d_head))
@@ -148,13 +229,53 @@ class RelPositionMultiHeadAttention(MultiHeadAttention):
         nn.init.xavier_uniform_(self.pos_bias_v)
 
     def forward(self, query, key, value, mask, pos_emb):
-        # query/key/value: (B, T, D) (self-attention only), pos_emb: (1, 2T-1, D)
+        # query/key/value: (B, T, D) (self-attention only), pos_emb: (1, 2T-1, D); channels-first: (1, D, 1, 2T-1)
+        if self.channels_first:
+            return self.forward_heads(query, mask, pos_emb)
         q = rearrange(self.query(query), "b t (h d) -> b t h d", h=self.n_heads)
         k, v = self.split_heads(self.key(key)), self.split_heads(self.value(value))  # (B, H, T, d)
         p = self.split_heads(self.linear_pos(pos_emb))  # (1, H, 2T-1, d)
-
-        q_u = (q + self.pos_bias_u).transpose(1, 2)  # (B, H, T, d)
-        q_v = (q + self.pos_bias_v).transpose(1, 2)
+        q_u, q_v = self.biased_queries(q)
         # content term q_u.k inside the fused kernel, position term q_v.p as its additive bias
         position = rel_shift(q_v @ p.transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, H, T, 2T-1) -> (B, H, T, T)
         return self.attend(q_u, k, v, mask, bias=position)
+
+    def biased_queries(self, q):
+        # q: (B, T, H, d) -> q + u, q + v: (B, H, T, d)
+        return (q + self.pos_bias_u).transpose(1, 2), (q + self.pos_bias_v).transpose(1, 2)
+
+    def head_queries(self, q, pos):
+        # q: (B, T, 1, D), pos: (1, D, 1, 2T-1) -> per-head (q + u) / sqrt(d) and the position term
+        # rel_shift((q + v) p) / sqrt(d) of each head
+        d, scale = self.d_head, 1.0 / math.sqrt(self.d_head)
+        q_u = ((q + self.pos_bias_u.flatten()) * scale).split(d, dim=3)  # H x (B, T, 1, d)
+        q_v = ((q + self.pos_bias_v.flatten()) * scale).split(d, dim=3)
+        p = self.linear_pos(pos).split(d, dim=1)  # H x (1, d, 1, 2T-1)
+
+        def position(h):  # (B, Tq, 1, 2T-1) -> (B, Tq, 1, Tk)
+            return rel_shift_query_major(torch.einsum("bqhc,bchp->bqhp", q_v[h], p[h]))
+
+        return q_u, position
+
+    def relative_positions(self, table, L, c, chunk_size, like):
+        # Projected relative-position embeddings p = linear_pos(PE) for positions L-1 .. -(c-1): (1, H, L+c-1, d),
+        # and the cache they come from. They depend on no input, so the cache (positions top .. -(chunk_size-1),
+        # descending) is only extended when the context grows: every position is projected once per stream.
+        have = 0 if table is None else table.size(2) - (chunk_size - 1)  # positions 0 .. have-1 are cached
+        if L > have:
+            positions = torch.arange(L - 1, have - 1 if table is not None else -chunk_size, -1)
+            new = self.split_heads(self.linear_pos(sinusoid(positions, like.size(-1)).to(like)[None]))
+            table = new if table is None else torch.cat([new, table], dim=2)
+        start = table.size(2) - chunk_size - (L - 1)  # row of position L-1
+        return table[:, :, start:start + L + c - 1], table
+
+    def stream_step(self, h, state, left_frames, chunk_size):
+        # As MultiHeadAttention.stream_step; state["pos"] also caches the projected position embeddings.
+        B, c, D = h.shape
+        k, v = self.cached_keys(h, state, left_frames)
+        L = k.size(2)
+        everything = torch.ones(B, 1, L, dtype=torch.bool, device=h.device)
+        q_u, q_v = self.biased_queries(rearrange(self.query(h), "b t (h d) -> b t h d", h=self.n_heads))
+        p, state["pos"] = self.relative_positions(state["pos"], L, c, chunk_size, h)  # (1, H, L+c-1, d)
+        position = rel_band(q_v @ p.transpose(-2, -1), L) / math.sqrt(self.d_head)  # (B, H, c, L)
+        return self.attend(q_u, k, v, everything, bias=position)

@@ -18,85 +18,30 @@ import torch
 from edgeconformer.data.features import GlobalCMVN, LogMelFilterbank, SpecAugment
 from edgeconformer.data.tokenizer import BLANK_ID, SOS_EOS_ID
 from edgeconformer.decoding import decode
-from edgeconformer.errors import ConfigError, UserError
+from edgeconformer.errors import UserError
 from edgeconformer.files import load_weights, write_json_atomic
 from edgeconformer.models.asr import DualDecoderASR
 from edgeconformer.models.cascade import CascadedASR
-from edgeconformer.models.conformer import ATTENTION, ConformerEncoder
+from edgeconformer.models.config import ModelConfig
+from edgeconformer.models.conformer import ConformerEncoder
 from edgeconformer.models.decoder import TransformerDecoder
 
-SUBSAMPLING = ("vanilla", "dws")
-STAGE_KEYS = ("n_layers", "d_model", "n_heads", "ff_dim")
 FIRST_PASS_METHODS = ("ctc_greedy", "ctc_beam")  # the attention decoder reads the second pass
 
 
-def stage_dims(e: Mapping) -> list[tuple[int, int, int]] | None:
-    """model.encoder.stages -> per-block (d_model, n_heads, ff_dim), None when unset (uniform blocks). Each stage is
-    {n_layers, d_model, n_heads, ff_dim}; a key left out takes the encoder's value (n_layers: 1)."""
-    stages = e.get("stages")
-    if not stages:
-        return None
-    dims = []
-    for k, s in enumerate(stages):
-        unknown = set(s) - set(STAGE_KEYS)
-        if unknown:
-            raise ConfigError(f"model.encoder.stages[{k}] has unknown keys {sorted(unknown)}; use {STAGE_KEYS}")
-        dims += [(s.get("d_model", e["d_model"]), s.get("n_heads", e["n_heads"]), s.get("ff_dim", e["ff_dim"]))] * \
-            s.get("n_layers", 1)
-    if len(dims) != e["n_layers"]:
-        raise ConfigError(f"model.encoder.stages cover {len(dims)} blocks but model.encoder.n_layers="
-                            f"{e['n_layers']}; make them agree")
-    for k, (d, h, _) in enumerate(dims):
-        if d % h:
-            raise ConfigError(f"model.encoder block {k}: d_model={d} is not divisible by n_heads={h}")
-    return dims
-
-
-def build_model(m: Mapping, vocab_size: int) -> DualDecoderASR:
-    """Model config (conf/model/*.yaml) -> DualDecoderASR (CascadedASR when model.cascade.enabled). Keys added after
-    the first checkpoints were trained are read with defaults that build exactly the model those checkpoints hold."""
-    if m["subsampling"] not in SUBSAMPLING:
-        raise ConfigError(f"model.subsampling={m['subsampling']!r}: choose one of {SUBSAMPLING}")
-    e = m["encoder"]
-    attention = e.get("attention", "softmax")
-    c = m.get("cascade") or {}
-    cascade = bool(c.get("enabled", False))
-    for key, value in (("model.encoder.attention", attention), ("model.cascade.attention",
-                                                                 c.get("attention", "softmax"))):
-        if value not in ATTENTION:
-            raise ConfigError(f"{key}={value!r}: choose one of {ATTENTION}")
-    dims = stage_dims(e)
-    n_layers, first_pass_layers = e["n_layers"], 0
-    if cascade:
-        if c.get("n_layers", 0) < 1:
-            raise ConfigError("model.cascade.n_layers must be >= 1 (second-pass blocks) when cascade.enabled")
-        first = dims or [(e["d_model"], e["n_heads"], e["ff_dim"])] * e["n_layers"]
-        second = (c.get("d_model") or first[-1][0], c.get("n_heads") or e["n_heads"], c.get("ff_dim") or e["ff_dim"])
-        dims = first + [second] * c["n_layers"]
-        n_layers, first_pass_layers = e["n_layers"] + c["n_layers"], e["n_layers"]
-    conv_only = e.get("conv_only_layers", 0)
-    if not 0 <= conv_only <= e["n_layers"]:
-        raise ConfigError(f"model.encoder.conv_only_layers={conv_only} must be in 0..model.encoder.n_layers="
-                            f"{e['n_layers']}")
-    encoder = ConformerEncoder(
-        idim=m["n_mels"], d_model=e["d_model"], n_layers=n_layers, n_heads=e["n_heads"], ff_dim=e["ff_dim"],
-        kernel_size=e["kernel_size"], dropout=e["dropout"], subsampling_factor=m["subsampling_factor"],
-        dws_subsampling=m["subsampling"] == "dws", pos=e["pos"], causal=e["causal"], chunk_size=e["chunk_size"],
-        left_chunks=e["left_chunks"], dynamic_chunk=e["dynamic_chunk"], norm=e["norm"],
-        subsampling_channels=m.get("subsampling_channels"), conv_only_layers=conv_only, block_dims=dims,
-        attention=attention, performer_features=e.get("performer_features", 64),
-        performer_seed=e.get("performer_seed", 0), first_pass_layers=first_pass_layers,
-        second_pass_attention=c.get("attention", "softmax"),
-    )
+def build_model(m: ModelConfig | Mapping, vocab_size: int) -> DualDecoderASR:
+    """Model config (conf/model/*.yaml, a ModelConfig or its dict) -> DualDecoderASR (CascadedASR when
+    model.cascade.enabled). The encoder is built from the config's resolved EncoderDims, which it records."""
+    m = ModelConfig.from_dict(m)
+    encoder = ConformerEncoder.from_dims(m.encoder_dims())
     decoder = None
-    if m["ctc_weight"] < 1:
-        d = m["decoder"]
-        decoder = TransformerDecoder(vocab_size, encoder.d_model, d["n_heads"], d["ff_dim"], d["n_layers"],
-                                     d["dropout"])
-    if cascade:
-        return CascadedASR(encoder, vocab_size, decoder, ctc_weight=m["ctc_weight"], lsm_weight=m["lsm_weight"],
-                           blank=BLANK_ID, sos_eos=SOS_EOS_ID, first_pass_weight=c.get("first_pass_weight", 0.5))
-    return DualDecoderASR(encoder, vocab_size, decoder, ctc_weight=m["ctc_weight"], lsm_weight=m["lsm_weight"],
+    if m.ctc_weight < 1:
+        d = m.decoder
+        decoder = TransformerDecoder(vocab_size, encoder.d_model, d.n_heads, d.ff_dim, d.n_layers, d.dropout)
+    if m.cascade.enabled:
+        return CascadedASR(encoder, vocab_size, decoder, ctc_weight=m.ctc_weight, lsm_weight=m.lsm_weight,
+                           blank=BLANK_ID, sos_eos=SOS_EOS_ID, first_pass_weight=m.cascade.first_pass_weight)
+    return DualDecoderASR(encoder, vocab_size, decoder, ctc_weight=m.ctc_weight, lsm_weight=m.lsm_weight,
                           blank=BLANK_ID, sos_eos=SOS_EOS_ID)
 
 
@@ -150,13 +95,17 @@ def word_error_rate(refs: list[str], hyps: list[str]) -> tuple[float, float]:
 
 
 class ASRModule(L.LightningModule):
-    def __init__(self, model: dict, optim: dict, vocab_size: int, seed: int = 0, decode: dict | None = None):
+    def __init__(self, model: dict | ModelConfig, optim: dict, vocab_size: int, seed: int = 0,
+                 decode: dict | None = None):
         super().__init__()
+        if isinstance(model, ModelConfig):
+            model = model.to_dict()
         self.save_hyperparameters()
-        self.fbank = LogMelFilterbank(n_mels=model["n_mels"])
-        self.cmvn = GlobalCMVN(model["n_mels"])
-        self.specaug = SpecAugment(**model["specaug"])
-        self.model = build_model(model, vocab_size)
+        config = ModelConfig.from_dict(model)  # hparams keep the plain dict (weights_only loading)
+        self.fbank = LogMelFilterbank(n_mels=config.n_mels)
+        self.cmvn = GlobalCMVN(config.n_mels)
+        self.specaug = SpecAugment(**config.to_dict()["specaug"])
+        self.model = build_model(config, vocab_size)
         self.tokenizer = None  # set by the caller; needed for WER and transcripts, not for the loss
         self.register_buffer("skipped_batches", torch.zeros((), dtype=torch.long))
         self._val: list[tuple[str, str]] = []

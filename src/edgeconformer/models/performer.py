@@ -32,9 +32,19 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 
+from edgeconformer.models.layout import TRAINING
+
 TINY = 1e-30  # floor of the normaliser: a query with no visible key gets 0, not NaN
+MASKED = 1.0e4  # subtracted from the key shifts of masked keys: exp(-1e4) = 0 in every format, and finite in FP16
+
+
+def nonzero(x):
+    # x where x != 0, else 1: a divisor that leaves every nonzero value exact (no floor constant, which FP16 would
+    # round to 0 or which would change tiny FP32 values) and turns 0/0 into 0/1.
+    return x + (x == 0).to(x.dtype)
 
 
 def orthogonal_gaussian(m, d, seed):
@@ -102,7 +112,7 @@ class PerformerAttention(nn.Module):
     was trained with); `redraw_features(seed)` draws new ones.
     """
 
-    def __init__(self, d_model, n_heads, dropout=0.0, n_features=64, seed=0):
+    def __init__(self, d_model, n_heads, dropout=0.0, n_features=64, seed=0, layout=TRAINING):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -111,10 +121,11 @@ class PerformerAttention(nn.Module):
         self.n_heads = n_heads
         self.d_head = d_model // n_heads
         self.n_features = n_features
-        self.query = nn.Linear(d_model, d_model)
-        self.key = nn.Linear(d_model, d_model)
-        self.value = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.channels_first, self.shift = layout.channels_first, layout.performer_shift
+        self.query = layout.linear(d_model, d_model)
+        self.key = layout.linear(d_model, d_model)
+        self.value = layout.linear(d_model, d_model)
+        self.out = layout.linear(d_model, d_model)
         # One (m, d_head) matrix shared by the heads; torch.empty follows a meta-device context (FLOP counting).
         self.register_buffer("features", torch.empty(n_features, self.d_head))
         self.redraw_features(seed)
@@ -143,6 +154,9 @@ class PerformerAttention(nn.Module):
         # linear form, or (B, Tq, Tk) -> masked form. chunk_size > 0 (self-attention) says the mask is the chunk
         # mask with unlimited left context (chunk_size=1: causal): the linear prefix-sum form then computes the
         # same, and the mask's last row (the last query sees every real key) gives the key padding.
+        # Channels-first: query = key = value (B, D, 1, T), mask (1, T, 1, T) or None.
+        if self.channels_first:
+            return self.forward_heads(query, mask)
         qf, kf, v = self.project(query, key, value)
         if chunk_size > 0:
             x = causal_linear_attention(qf, kf * mask[:, -1, None, :, None], v, chunk_size)
@@ -152,6 +166,68 @@ class PerformerAttention(nn.Module):
             x = masked_linear_attention(qf, kf, v, mask)
         return self.merge(x, query.dtype)
 
+    # ------------------------------------------------------------------------------------- channels first
+    def logits(self, x):
+        # x: (B, d, 1, T) one head's queries or keys -> (B, m, 1, T): w_f.x' - |x'|^2 / 2, a 1x1 convolution by W
+        x = x * self.d_head ** -0.25
+        return F.conv2d(x, self.features[:, :, None, None]) - 0.5 * (x * x).sum(1, keepdim=True)
+
+    def forward_heads(self, x, mask=None):
+        """x: (B, D, 1, T), mask: (1, T, 1, T) True where query i may attend key j, or None -> (B, D, 1, T).
+
+        The masked parallel form, one head at a time, O(T^2 m) per head (the order of a softmax layer: the graph
+        runs once per utterance; streaming on device would carry the recurrent (S, z) state of `step`). With
+        a(q)_f = w_f.q' - |q'|^2/2 and b(k)_f = w_f.k' - |k'|^2/2, key j weighs A_ij = sum_f exp(a_if) exp(b_jf) / m
+        for query i. The key features reach exp(|w_f|^2/2), about e^36 at d = 36, far past FP16's 65504 (e^11.1).
+        `shift` (the layout's performer_shift) computes the same ratio from bounded factors (docs/stabilization.md
+        section 8):
+
+            A_ij = c_i * exp(beta_j - M_i) * sum_f exp(a_if - alpha_i) exp(b_jf - beta_j)
+
+        alpha_i = max_f a_if, beta_j = max_f b_jf (each key's own maximum: no key underflows as a whole) and
+        M_i = the maximum of beta_j over the keys query i sees, like a softmax's row maximum; c_i (one number per
+        query) cancels in the normalised ratio, and so does the division of each row by its maximum. So every
+        weight is <= 1 and the normaliser <= T: nothing overflows in FP16, for any input. Shifting keys by their
+        own maximum couples a key to nothing else, and M_i is taken over the visible keys only, so the chunk mask
+        keeps its meaning exactly. Without `shift` this is the trained model's arithmetic (per-query maximum only),
+        which overflows in FP16.
+        """
+        d = self.d_head
+        q = self.query(x).split(d, dim=1)  # H x (B, d, 1, T)
+        k = self.key(x).split(d, dim=1)
+        v = self.value(x).transpose(1, 3).split(d, dim=3)  # H x (B, T, 1, d)
+        # the mask as 1/0 numbers, once per layer: a multiplier (plain) or a -1e4 bias on masked keys' shifts
+        keep = None if mask is None else mask.to(x.dtype)  # (1, Tq, 1, Tk)
+        heads = []
+        for h in range(self.n_heads):
+            a = self.logits(q[h])
+            qf = torch.exp(a - a.amax(1, keepdim=True)).transpose(1, 3)  # (B, Tq, 1, m), max 1 per query
+            b = self.logits(k[h])  # (B, m, 1, Tk)
+            weights, norm = (self.shifted_weights if self.shift else self.plain_weights)(qf, b, keep)
+            heads.append(torch.einsum("bqhk,bkhc->bqhc", weights, v[h]) / norm)  # (B, Tq, 1, d)
+        return self.out(torch.cat(heads, dim=3).transpose(1, 3))  # (B, T, 1, D) -> (B, D, 1, T)
+
+    def shifted_weights(self, qf, b, keep):
+        # qf: (B, Tq, 1, m), b: (B, m, 1, Tk) -> weights (B, Tq, 1, Tk) and their row sums (B, Tq, 1, 1), FP16-safe
+        beta = b.amax(1, keepdim=True)  # (B, 1, 1, Tk)
+        # The feature sum in (0, m], unscaled: the trained model's 1/m would push small weights into FP16's
+        # subnormals (measured: 8x the log-prob error). Then row i's per-key factors, and the row scaled to a
+        # maximum of 1 (a per-query constant), so the normaliser stays <= T for any input.
+        weights = torch.einsum("bqhc,bchk->bqhk", qf, torch.exp(b - beta))  # (B, Tq, 1, Tk)
+        if keep is not None:
+            beta = beta + (keep - 1.0) * MASKED  # (B, Tq, 1, Tk)
+        weights = weights * torch.exp(beta - beta.amax(3, keepdim=True))  # 0 for masked keys
+        weights = weights / nonzero(weights.amax(3, keepdim=True))
+        return weights, nonzero(weights.sum(3, keepdim=True))  # the sum is >= 1 unless every weight is 0
+
+    def plain_weights(self, qf, b, keep):
+        # The trained model's arithmetic, its floor included (0 in FP16: 0/0 where all weights underflow)
+        weights = torch.einsum("bqhc,bchk->bqhk", qf, torch.exp(b)) * (1.0 / self.n_features)
+        if keep is not None:
+            weights = weights * keep
+        return weights, weights.sum(3, keepdim=True).clamp_min(TINY)  # (B, Tq, 1, 1)
+
+    # ------------------------------------------------------------------------------------------ streaming
     def init_state(self, batch, device=None):
         # Constant-size streaming state: S = sum phi(k) v^T (B, H, m, d) and z = sum phi(k) (B, H, m), float32
         H, m, d = self.n_heads, self.n_features, self.d_head
@@ -167,6 +243,16 @@ class PerformerAttention(nn.Module):
         num = torch.einsum("bhtm,bhmd->bhtd", qf, kv)
         den = torch.einsum("bhtm,bhm->bht", qf, z)
         return self.merge(num / den.clamp_min(TINY)[..., None], x.dtype), (kv, z)
+
+    def stream_state(self, batch, device=None):
+        # the attention part of a block's streaming state (ConformerBlock.stream_init)
+        return {"attn": self.init_state(batch, device), "pos": None}
+
+    def stream_step(self, h, state, left_frames, chunk_size):
+        # ConformerBlock.stream_step's interface: state["attn"] is the constant-size (S, z) pair, which keeps the
+        # sum over all past frames (so left_frames = -1: stream_init checks it)
+        out, state["attn"] = self.step(h, state["attn"])
+        return out
 
     def state_bytes(self, batch=1):
         # Size of the streaming state in bytes (float32), independent of the context length.
