@@ -108,3 +108,10 @@ def test_wandb_summary_flattens_the_nested_figures():
     assert wandb_summary(d) == {"wer_fp32": 30.0, "wer_fp16": 30.5, "flops_share/mhsa": 0.3,
                                 "attention_state_bytes/attention": 5, "attention_state_bytes/positions": 0,
                                 "delta/wer_fp16": 0.5}
+
+
+def test_get_reads_a_key_of_the_file_like_a_dict():
+    d = json.loads(COMMITTED[0].read_text())["seeds"][0]
+    record = RunMetrics.parse(dict(d, _note="x"))
+    for name in ("wer_fp32", "wer_acc16_none", "wer_coreml", "_note", "wer_acc16_missing", "nope", "extra"):
+        assert record.get(name, "default") == (dict(d, _note="x").get(name) or "default"), name

@@ -125,8 +125,17 @@ class Record:
         return cls(**values, extra={k: v for k, v in d.items() if k not in known})
 
     def get(self, name: str, default=None):
-        """A field's value, `default` when ABSENT or null (a dict's .get for code that reads both)."""
-        value = getattr(self, name, ABSENT)
+        """The value of a key of the file (a field, a flattened entry such as wer_acc16_none, or an extra key);
+        `default` when the key is absent or null, as a dict's .get of to_dict() would give."""
+        value = ABSENT
+        for f in self.schema_fields():
+            flatten = f.metadata["flatten"]
+            if f.name == name and not flatten:
+                value = getattr(self, name)
+            elif flatten and name.startswith(flatten[0] + flatten[1]):
+                value = (getattr(self, f.name) or {}).get(name[len(flatten[0]):], ABSENT)
+        if value is ABSENT:
+            value = self.extra.get(name, ABSENT)
         return default if value is ABSENT or value is None else value
 
 
