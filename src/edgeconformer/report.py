@@ -2,9 +2,9 @@
 
 Inputs (edgeconformer.metrics is the schema, docs/evaluation.md describes it): metrics/<variant>.json, one per
 evaluated variant, and optionally the first seed's reports/runs/<variant>/s<seed>/fp16_audit.json (per-module
-records; read defensively: a missing or odd audit costs its section, not the report). Outputs, all written atomically: the summary and, next to it in
-plots/, flop_shares.png, wer_vs_flops.png, rtf.png and fp16_audit.png (a plot without data is skipped and the
-summary says so). Missing or null values print as "n/a".
+records; read defensively: a missing or odd audit costs its section, not the report). Outputs, all written
+atomically: the summary and, next to it in plots/, flop_shares.png, wer_vs_flops.png, rtf.png and fp16_audit.png
+(a plot without data is skipped and the summary says so). Missing or null values print as "n/a".
 
     python -m edgeconformer.report [metrics_dir] [reports_dir]
 """
