@@ -80,3 +80,22 @@ def test_report_spec_shows_means_over_seeds_with_error_bars():
     assert grid.runsets[0].groupby == ["group"] and grid.runsets[0].filters == "JobType == 'evaluate'"
     assert all(p.groupby_aggfunc == "mean" and p.groupby_rangefunc == "stddev" for p in grid.panels)
     assert [p.metrics[0].name for p in grid.panels] == ["wer_fp32", "wer_fp16", "wer_fp16_unstabilized"]
+
+
+def test_every_panel_reads_a_key_the_schema_logs():
+    # The panels' metric names are keys that metrics.wandb_summary gives a committed run record.
+    import json
+    from pathlib import Path
+
+    from edgeconformer.metrics import wandb_summary
+
+    run = json.loads((Path(__file__).resolve().parents[1] / "metrics" / "dws.json").read_text())["seeds"][0]
+    logged = set(wandb_summary(run))
+    report = report_spec("edgeconformer", None, None)
+    names = set()
+    for grid in (report.blocks[2], report.blocks[-1]):
+        for panel in grid.panels:
+            names |= {m.name for m in getattr(panel, "metrics", None) or []}
+            names |= {getattr(panel, axis).name for axis in ("x", "y") if getattr(panel, axis, None) is not None}
+    assert names and names <= logged, names - logged
+    assert set(SUMMARY_KEYS) <= logged

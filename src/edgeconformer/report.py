@@ -1,10 +1,10 @@
 """Human-readable results: reports/summary.md and PNG plots from metrics/<variant>.json and the FP16 audits.
 
-Inputs (docs/evaluation.md has the schema): metrics/<variant>.json, one per evaluated variant, and optionally
-the first seed's reports/runs/<variant>/s<seed>/fp16_audit.json (per-module records; read defensively: a missing
-or odd audit costs its section, not the report). Outputs, all written atomically: the summary and, next to it in
-plots/, flop_shares.png, wer_vs_flops.png, rtf.png and fp16_audit.png (a plot without data is skipped and the
-summary says so). Missing or null values print as "n/a".
+Inputs (edgeconformer.metrics is the schema, docs/evaluation.md describes it): metrics/<variant>.json, one per
+evaluated variant, and optionally the first seed's reports/runs/<variant>/s<seed>/fp16_audit.json (per-module
+records; read defensively: a missing or odd audit costs its section, not the report). Outputs, all written
+atomically: the summary and, next to it in plots/, flop_shares.png, wer_vs_flops.png, rtf.png and fp16_audit.png
+(a plot without data is skipped and the summary says so). Missing or null values print as "n/a".
 
     python -m edgeconformer.report [metrics_dir] [reports_dir]
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -26,134 +25,19 @@ from edgeconformer.config import REPO
 from edgeconformer.errors import UserError
 from edgeconformer.evidence import blocks, stale_blocks, update_docs
 from edgeconformer.files import atomic_path, write_text_atomic
+from edgeconformer.metrics import OPTIONAL as OPTIONAL  # re-exported: the notebook and tests read the schema here
+from edgeconformer.metrics import SCHEMA as SCHEMA
+from edgeconformer.metrics import is_count, is_number, problems
 
 FP16_MAX = 65504.0
 PAPER = {"vanilla_share": 0.328, "dws_share": 0.040, "watch_rtf": 0.19}  # Xu et al. 2023
 ORDER = ("vanilla", "dws", "practical")  # shown first, the rest alphabetically
 
-# Metrics schema: key -> nullable. Non-nullable keys are measurable on every machine; Core ML figures need a Mac
-# (wer_coreml, rtf_coreml) or a successful export (wer_coreml_sim); the device estimate can be switched off.
-SCHEMA = {
-    "variant": False, "wer_fp32": False, "wer_fp16": False, "wer_fp16_unstabilized": False, "wer_coreml_sim": True,
-    "wer_coreml": True, "cer_fp32": False, "rtf_cpu": False, "rtf_coreml": True, "rtf_device_estimate": True,
-    "device": True, "rtf_device_estimates": True, "flops_subsampling_share": False, "flops_shares": False,
-    "gflops_per_audio_second": False, "params_millions": False, "n_utterances": False, "audio_hours": False,
-    "machine": False,
-}
-# Practical-Conformer keys (docs/practical.md): checked when present, may be null, and may be missing altogether
-# (metrics files written before they existed). The first-pass figures are null for models without a cascade.
-OPTIONAL = ("gflops_per_audio_second_streamed", "attention_state_bytes", "wer_first_pass_fp32",
-            "rtf_cpu_first_pass")
-PERCENT = ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim", "wer_coreml", "cer_fp32",
-           "wer_first_pass_fp32")
-POSITIVE = ("rtf_cpu", "rtf_coreml", "rtf_device_estimate", "gflops_per_audio_second", "params_millions",
-            "audio_hours", "gflops_per_audio_second_streamed", "rtf_cpu_first_pass")
-STATE_BYTES = ("attention", "positions", "conv")  # byte counts an attention_state_bytes object must hold
-MACHINE_KEYS = ("platform", "cpu_model", "torch_version", "torch_threads", "python_version")
-
 
 # ------------------------------------------------------------------------------------------------ schema
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def validate_metrics(d) -> list[str]:
-    """Problems of one metrics dict against the schema (empty list: valid). Checks presence, types, ranges and
-    the consistency between related keys; extra keys are allowed."""
-    if not isinstance(d, dict):
-        return [f"metrics must be a JSON object, got {type(d).__name__}"]
-    problems = []
-    for key, nullable in SCHEMA.items():
-        if key not in d:
-            problems.append(f"missing key {key!r}")
-        elif d[key] is None and not nullable:
-            problems.append(f"{key} is null but must be measured on every machine")
-    present = {k: v for k, v in d.items() if (k in SCHEMA or k in OPTIONAL) and v is not None}
-
-    if "variant" in present and not (isinstance(present["variant"], str) and present["variant"]):
-        problems.append(f"variant must be a non-empty string, got {present['variant']!r}")
-    for key in PERCENT:
-        if key in present and not (_is_number(present[key]) and present[key] >= 0):
-            problems.append(f"{key} must be a WER/CER in percent (a finite number >= 0), got {present[key]!r}")
-    for key in POSITIVE:
-        if key in present and not (_is_number(present[key]) and present[key] > 0):
-            problems.append(f"{key} must be a finite number > 0, got {present[key]!r}")
-    if "n_utterances" in present and not (isinstance(present["n_utterances"], int)
-                                          and not isinstance(present["n_utterances"], bool)
-                                          and present["n_utterances"] >= 1):
-        problems.append(f"n_utterances must be an integer >= 1, got {present['n_utterances']!r}")
-    if "device" in present and not isinstance(present["device"], str):
-        problems.append(f"device must be a profile name (string), got {present['device']!r}")
-
-    share = present.get("flops_subsampling_share")
-    if share is not None and not (_is_number(share) and 0 <= share <= 1):
-        problems.append(f"flops_subsampling_share must be a fraction in [0, 1], got {share!r}")
-    shares = present.get("flops_shares")
-    if shares is not None:
-        if not isinstance(shares, dict) or not shares:
-            problems.append("flops_shares must be a non-empty object {part: fraction}")
-        elif not all(_is_number(v) and 0 <= v <= 1 for v in shares.values()):
-            problems.append(f"flops_shares values must be fractions in [0, 1], got {shares}")
-        else:
-            if abs(sum(shares.values()) - 1) > 1e-3:
-                problems.append(f"flops_shares must sum to 1 (+-1e-3), they sum to {sum(shares.values()):.6f}")
-            if "subsampling" not in shares:
-                problems.append("flops_shares has no 'subsampling' part")
-            elif _is_number(share) and abs(shares["subsampling"] - share) > 1e-6:
-                problems.append(f"flops_subsampling_share {share} differs from flops_shares['subsampling'] "
-                                f"{shares['subsampling']}")
-
-    problems += _practical_problems(present)
-
-    estimates = present.get("rtf_device_estimates")
-    if estimates is not None and not (isinstance(estimates, dict)
-                                      and all(isinstance(k, str) and _is_number(v) and v > 0
-                                              for k, v in estimates.items())):
-        problems.append(f"rtf_device_estimates must be an object {{device: RTF > 0}}, got {estimates!r}")
-    elif "rtf_device_estimate" in present:
-        device = present.get("device")
-        if device is None:
-            problems.append("rtf_device_estimate is set but device (the profile it was estimated for) is null")
-        elif estimates is not None and device in estimates and not math.isclose(
-                estimates[device], present["rtf_device_estimate"], rel_tol=1e-9):
-            problems.append(f"rtf_device_estimate {present['rtf_device_estimate']} differs from "
-                            f"rtf_device_estimates[{device!r}] {estimates[device]}")
-
-    machine = present.get("machine")
-    if machine is not None:
-        if not isinstance(machine, dict):
-            problems.append(f"machine must be an object of machine facts, got {machine!r}")
-        else:
-            missing = [k for k in MACHINE_KEYS if k not in machine]
-            if missing:
-                problems.append(f"machine lacks {missing} (use evaluate.rtf.machine_info())")
-    return problems
-
-
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _practical_problems(present: dict) -> list[str]:
-    # Consistency of the Practical-Conformer keys (ranges are checked with PERCENT / POSITIVE).
-    problems = []
-    streamed, whole = present.get("gflops_per_audio_second_streamed"), present.get("gflops_per_audio_second")
-    if _is_number(streamed) and _is_number(whole) and streamed > whole * (1 + 1e-9):
-        problems.append(f"gflops_per_audio_second_streamed {streamed} exceeds the whole model's "
-                        f"gflops_per_audio_second {whole} (the streamed part is a part of it)")
-    state = present.get("attention_state_bytes")
-    if state is not None:
-        if not isinstance(state, dict):
-            problems.append(f"attention_state_bytes must be an object (evaluate.state.attention_state_bytes), "
-                            f"got {state!r}")
-        else:
-            bad = [k for k in STATE_BYTES if not _is_count(state.get(k))]
-            if bad:
-                problems.append(f"attention_state_bytes needs byte counts (integers >= 0) for {bad}")
-            if not (_is_number(state.get("seconds")) and state["seconds"] > 0):
-                problems.append(f"attention_state_bytes.seconds must be the audio length > 0 it was counted at, "
-                                f"got {state.get('seconds')!r}")
-    return problems
+    """Problems of one run's metrics dict against the schema (edgeconformer.metrics; empty list: valid)."""
+    return problems(d)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -172,7 +56,7 @@ def variant_view(d: dict) -> dict:
     view = dict(seeds[0])
     for key, first in seeds[0].items():
         values = [s.get(key) for s in seeds]
-        if key != "seed" and _is_number(first) and all(_is_number(v) for v in values):
+        if key != "seed" and is_number(first) and all(is_number(v) for v in values):
             view[key] = (sorted(values)[len(values) // 2] if key.startswith("rtf") and len(values) % 2
                          else sum(values) / len(values))
     view.update({k: v for k, v in d.items() if k != "seeds"})
@@ -224,12 +108,12 @@ def _record_values(name: str, rec: dict) -> dict | None:
     if not isinstance(rec, dict):
         return None
     peaks = [rec.get(k) for k in ("max_abs", "out_max_abs", "in_max_abs")]
-    peaks = [v for v in peaks if _is_number(v)]
+    peaks = [v for v in peaks if is_number(v)]
     if not peaks:
         return None
     sumsq = rec.get("sumsq_peak", rec.get("ln_sumsq_peak"))
     return {"name": str(rec.get("name", rec.get("module", name))), "max_abs": max(peaks),
-            "sumsq_peak": sumsq if _is_number(sumsq) else None}
+            "sumsq_peak": sumsq if is_number(sumsq) else None}
 
 
 def _records(obj) -> list[dict] | None:
@@ -289,7 +173,7 @@ def load_audits(reports_dir: str | Path, variants: list[str], seeds: dict | None
 # ------------------------------------------------------------------------------------------------ tables
 def fmt(value, kind: str = "num") -> str:
     """A cell: "n/a" for missing/null/non-finite, else by kind (wer, rtf, share, gflops, params, num)."""
-    if not _is_number(value):
+    if not is_number(value):
         return "n/a"
     if kind == "wer":
         return f"{value:.2f}"
@@ -322,12 +206,12 @@ def sim_n(m: dict) -> str:
 def state_cell(state) -> str:
     """attention_state_bytes -> "1,147,392 + 589,824 pos. @ 10 s" (key/value caches or Performer sums, plus the
     projected relative positions when there are any); "n/a" when missing."""
-    if not isinstance(state, dict) or not _is_count(state.get("attention")):
+    if not isinstance(state, dict) or not is_count(state.get("attention")):
         return "n/a"
     cell = fmt(state["attention"], "bytes")
-    if _is_count(state.get("positions")) and state["positions"]:
+    if is_count(state.get("positions")) and state["positions"]:
         cell += f" + {fmt(state['positions'], 'bytes')} pos."
-    return cell + (f" @ {state['seconds']:g} s" if _is_number(state.get("seconds")) else "")
+    return cell + (f" @ {state['seconds']:g} s" if is_number(state.get("seconds")) else "")
 
 
 def ablation_table(metrics: list[dict]) -> str:
@@ -340,7 +224,7 @@ def ablation_table(metrics: list[dict]) -> str:
               "WER fp32 % first pass", "RTF cpu first pass"]
     rows = []
     for m in metrics:
-        device = f" ({m['device']})" if m.get("device") and _is_number(m.get("rtf_device_estimate")) else ""
+        device = f" ({m['device']})" if m.get("device") and is_number(m.get("rtf_device_estimate")) else ""
         rows.append([str(m["variant"]), fmt(m.get("wer_fp32"), "wer"), fmt(m.get("wer_fp16"), "wer"),
                      fmt(m.get("wer_fp16_unstabilized"), "wer"), fmt(m.get("wer_coreml_sim"), "wer") + sim_n(m),
                      fmt(m.get("wer_coreml"), "wer"), fmt(m.get("cer_fp32"), "wer"), fmt(m.get("rtf_cpu"), "rtf"),
@@ -367,7 +251,7 @@ def device_table(metrics: list[dict]) -> str | None:
 
 
 def _diff(a, b):
-    return a - b if _is_number(a) and _is_number(b) else None
+    return a - b if is_number(a) and is_number(b) else None
 
 
 def claims(metrics: list[dict]) -> list[str]:
@@ -386,7 +270,7 @@ def claims(metrics: list[dict]) -> list[str]:
         line = (f"- {m['variant']}: FP16 - FP32 WER {fmt(_diff(m.get('wer_fp16'), base), 'delta')} points, "
                 f"unstabilized FP16 - FP32 {fmt(_diff(m.get('wer_fp16_unstabilized'), base), 'delta')} points")
         sim = m.get("coreml_sim") if isinstance(m.get("coreml_sim"), dict) else {}
-        if _is_number(sim.get("wer_pytorch_fp16_same_utterances")):
+        if is_number(sim.get("wer_pytorch_fp16_same_utterances")):
             # The program simulator may run on a subset: compare it with PyTorch FP16 on the same utterances.
             line += (f", Core ML-sim - PyTorch FP16 on the same {sim.get('utterances')} utterances "
                      f"{fmt(_diff(m.get('wer_coreml_sim'), sim['wer_pytorch_fp16_same_utterances']), 'delta')} "
@@ -396,7 +280,7 @@ def claims(metrics: list[dict]) -> list[str]:
         lines.append(line + ".")
     watch = [(m["variant"], (m.get("rtf_device_estimates") or {}).get("apple-watch-s7")) for m in metrics
              if isinstance(m.get("rtf_device_estimates"), dict)]
-    watch = [(name, r) for name, r in watch if _is_number(r)]
+    watch = [(name, r) for name, r in watch if is_number(r)]
     if watch:
         lines.append("- Apple Watch Series 7 RTF: paper measured {}; our estimate {} (an idealised lower bound for "
                      "the counted graph, see docs/evaluation.md).".format(
@@ -439,7 +323,7 @@ def fig_flop_shares(metrics: list[dict]):
     ax = fig.subplots()
     width = 0.8 / len(have)
     for i, m in enumerate(have):
-        ys = [100 * m["flops_shares"].get(p, 0.0) if _is_number(m["flops_shares"].get(p)) else 0.0 for p in parts]
+        ys = [100 * m["flops_shares"].get(p, 0.0) if is_number(m["flops_shares"].get(p)) else 0.0 for p in parts]
         ax.bar([j + i * width for j in range(len(parts))], ys, width, label=str(m["variant"]))
     ax.set_xticks([j + width * (len(have) - 1) / 2 for j in range(len(parts))])
     ax.set_xticklabels(parts, rotation=30, ha="right")
@@ -452,19 +336,19 @@ def fig_flop_shares(metrics: list[dict]):
 
 def fig_wer_vs_flops(metrics: list[dict]):
     """Scatter: WER (fp32 and fp16) against GFLOPs per audio second, one point per variant."""
-    pts = [m for m in metrics if _is_number(m.get("gflops_per_audio_second"))
-           and (_is_number(m.get("wer_fp32")) or _is_number(m.get("wer_fp16")))]
+    pts = [m for m in metrics if is_number(m.get("gflops_per_audio_second"))
+           and (is_number(m.get("wer_fp32")) or is_number(m.get("wer_fp16")))]
     if not pts:
         return None
     fig = _figure()
     ax = fig.subplots()
     for key, marker in (("wer_fp32", "o"), ("wer_fp16", "x")):
-        xs = [m["gflops_per_audio_second"] for m in pts if _is_number(m.get(key))]
-        ys = [m[key] for m in pts if _is_number(m.get(key))]
+        xs = [m["gflops_per_audio_second"] for m in pts if is_number(m.get(key))]
+        ys = [m[key] for m in pts if is_number(m.get(key))]
         if xs:
             ax.scatter(xs, ys, marker=marker, label=key.replace("wer_", "WER "))
     for m in pts:
-        y = m.get("wer_fp32") if _is_number(m.get("wer_fp32")) else m.get("wer_fp16")
+        y = m.get("wer_fp32") if is_number(m.get("wer_fp32")) else m.get("wer_fp16")
         ax.annotate(str(m["variant"]), (m["gflops_per_audio_second"], y), textcoords="offset points", xytext=(5, 5))
     ax.margins(x=0.2, y=0.15)  # room for the variant labels
     ax.set_xlabel("GFLOPs per audio second")
@@ -479,15 +363,15 @@ def fig_rtf(metrics: list[dict]):
     """Grouped bars (log scale): measured CPU RTF, Core ML RTF and the device estimate per variant."""
     keys = [("rtf_cpu", "CPU (measured)"), ("rtf_cpu_first_pass", "CPU first pass (measured)"),
             ("rtf_coreml", "Core ML (measured)"), ("rtf_device_estimate", "device (estimate)")]
-    keys = [(k, label) for k, label in keys if any(_is_number(m.get(k)) for m in metrics)]
+    keys = [(k, label) for k, label in keys if any(is_number(m.get(k)) for m in metrics)]
     if not keys:
         return None
     fig = _figure()
     ax = fig.subplots()
     width = 0.8 / len(keys)
     for i, (k, label) in enumerate(keys):
-        xs = [j + i * width for j, m in enumerate(metrics) if _is_number(m.get(k))]
-        ys = [m[k] for m in metrics if _is_number(m.get(k))]
+        xs = [j + i * width for j, m in enumerate(metrics) if is_number(m.get(k))]
+        ys = [m[k] for m in metrics if is_number(m.get(k))]
         ax.bar(xs, ys, width, label=label)
     ax.axhline(1.0, color="red", linestyle="--", label="real time (RTF 1)")
     ax.set_yscale("log")
@@ -502,7 +386,7 @@ def fig_rtf(metrics: list[dict]):
 
 def fig_comparisons(comparisons: list[dict]):
     """Forest plot: every paired difference (a - b, WER points) with its 95% CI; None without comparisons."""
-    have = [c for c in comparisons if _is_number(c.get("diff")) and len(c.get("ci95") or []) == 2]
+    have = [c for c in comparisons if is_number(c.get("diff")) and len(c.get("ci95") or []) == 2]
     if not have:
         return None
     fig = _figure(8, 0.35 * len(have) + 1.2)
@@ -583,13 +467,13 @@ def write_plot_data(metrics: list[dict], folder: str | Path) -> dict[str, Path]:
         for part, share in (m.get("flops_shares") or {}).items():
             shares.append({"label": f"{v}/{part}", "variant": v, "part": part, "share": share})
         for key in ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim", "wer_coreml"):
-            if _is_number(m.get(key)) and _is_number(m.get("gflops_per_audio_second")):
+            if is_number(m.get(key)) and is_number(m.get("gflops_per_audio_second")):
                 wer.append({"variant": v, "precision": key[4:], "gflops_per_audio_second":
                             m["gflops_per_audio_second"], "wer": m[key]})
         for where, value in [("cpu", m.get("rtf_cpu")), ("cpu first pass", m.get("rtf_cpu_first_pass")),
                              ("coreml", m.get("rtf_coreml"))] + [
                 (f"{d} (estimate)", r) for d, r in (m.get("rtf_device_estimates") or {}).items()]:
-            if _is_number(value):
+            if is_number(value):
                 rtf.append({"label": f"{v}/{where}", "variant": v, "where": where, "rtf": value})
     folder = Path(folder)
     files = {"flop_shares": (shares, ["label", "variant", "part", "share"]),
@@ -603,6 +487,56 @@ def generated_blocks(metrics: list[dict], comparisons: list[dict]) -> dict[str, 
     """The results blocks of the docs and README (evidence.blocks), claims table included."""
 
     return blocks(metrics, comparisons, claims_table(metrics, comparisons))
+
+
+def _image(plots: dict, name: str, title: str, out_md: Path) -> str:
+    # A plot's markdown image, relative to the summary; a note when the plot had no data.
+    if name not in plots:
+        return f"*{title}: no data.*"
+    return f"![{title}]({os.path.relpath(plots[name], out_md.parent)})"
+
+
+def _decisive_sections(metrics: list[dict], generated: dict, metrics_dir) -> list[str]:
+    # The summary's opening: what it reads, then the tables that decide (also the docs' results blocks).
+    variants = ", ".join(str(m["variant"]) for m in metrics)
+    return ["# edgeconformer results", "",
+            f"From {len(metrics)} metrics file(s) in `{metrics_dir}` ({variants}). WER/CER in percent; "
+            "RTF = compute seconds / audio seconds (lower is faster); n/a = not measured here (Core ML needs "
+            "macOS) or not present in the metrics. A difference is a minus b in WER points with its 95% CI from a "
+            "bootstrap over test utterances (paired) and seeds; n.d. = not distinguishable at this budget.", "",
+            "## Headline", "", generated["headline"], "",
+            "## FP16 against FP32 (same models, same utterances)", "", generated["fp16"], "",
+            "## Stabilization ablation (FP16 accumulation emulated, whole test split)", "",
+            generated["stabilization"], "",
+            "## Practical Conformer ablations against paper 2's streaming baseline", "", generated["practical"], "",
+            "## The papers' claims", "", generated["claims"], "",
+            "## Ablation: all figures (means over seeds)", "", ablation_table(metrics), ""]
+
+
+def _detail_sections(metrics: list[dict], audits: dict, plots: dict, out_md: Path, reports_dir) -> list[str]:
+    # Device estimates, the paper's single figures, the FP16 audit, the plots and the measurement setup.
+    table = device_table(metrics)
+    md = ["## Device RTF estimates (idealised roofline, not measurements; kept out of the tables above)", "",
+          table if table else "*No device estimates in the metrics.*", "",
+          "Per-op roofline from counted FLOPs and bytes against published or estimated device figures "
+          "(src/edgeconformer/evaluate/devices/*.yaml). It is 40-300x below the paper's measured 0.19 RTF on an "
+          "Apple Watch Series 7 and is not anchored to any measurement, so no claim rests on it "
+          "(docs/evaluation.md).", ""]
+    md += ["## Against the paper (Xu et al. 2023), single figures", ""] + claims(metrics) + [""]
+    table = audit_table(audits)
+    md += ["## FP16 range audit", "", table if table else "*No FP16 audits found in "
+           f"`{reports_dir}/<variant>/fp16_audit.json`.*", ""]
+    images = (("comparisons", "Paired comparisons with 95% CIs"), ("flop_shares", "FLOP share by module group"),
+              ("wer_vs_flops", "WER vs GFLOPs per audio second"), ("rtf", "RTF"), ("fp16_audit", "FP16 audit"))
+    md += ["## Plots", ""] + [line for name, title in images for line in (_image(plots, name, title, out_md), "")]
+    return md + ["## Measurement setup", ""] + _machine_lines(metrics) + [""]
+
+
+def _problem_section(by_variant: dict, audit_problems: list[str]) -> list[str]:
+    if not (by_variant or audit_problems):
+        return []
+    return (["## Problems found in the inputs", ""] + [f"- `{v}`: {p}" for v, ps in by_variant.items() for p in ps]
+            + [f"- {p}" for p in audit_problems] + [""])
 
 
 def build_report(metrics_dir: str | Path = "metrics", reports_dir: str | Path = "reports",
@@ -627,48 +561,14 @@ def build_report(metrics_dir: str | Path = "metrics", reports_dir: str | Path = 
     plots = {name: save_figure(fig, plots_dir / f"{name}.png") for name, fig in figures.items() if fig is not None}
     write_plot_data(metrics, out_md.parent / "plot_data")
 
-    def image(name, title):
-        if name not in plots:
-            return f"*{title}: no data.*"
-        return f"![{title}]({os.path.relpath(plots[name], out_md.parent)})"
-
-    md = ["# edgeconformer results", "",
-          f"From {len(metrics)} metrics file(s) in `{metrics_dir}` ({', '.join(variants)}). WER/CER in percent; "
-          "RTF = compute seconds / audio seconds (lower is faster); n/a = not measured here (Core ML needs "
-          "macOS) or not present in the metrics. A difference is a minus b in WER points with its 95% CI from a "
-          "bootstrap over test utterances (paired) and seeds; n.d. = not distinguishable at this budget.", "",
-          "## Headline", "", generated["headline"], "",
-          "## FP16 against FP32 (same models, same utterances)", "", generated["fp16"], "",
-          "## Stabilization ablation (FP16 accumulation emulated, whole test split)", "",
-          generated["stabilization"], "",
-          "## Practical Conformer ablations against paper 2's streaming baseline", "", generated["practical"], "",
-          "## The papers' claims", "", generated["claims"], "",
-          "## Ablation: all figures (means over seeds)", "", ablation_table(metrics), ""]
-    table = device_table(metrics)
-    md += ["## Device RTF estimates (idealised roofline, not measurements; kept out of the tables above)", "",
-           table if table else "*No device estimates in the metrics.*", "",
-           "Per-op roofline from counted FLOPs and bytes against published or estimated device figures "
-           "(src/edgeconformer/evaluate/devices/*.yaml). It is 40-300x below the paper's measured 0.19 RTF on an "
-           "Apple Watch Series 7 and is not anchored to any measurement, so no claim rests on it "
-           "(docs/evaluation.md).", ""]
-    md += ["## Against the paper (Xu et al. 2023), single figures", ""] + claims(metrics) + [""]
-    table = audit_table(audits)
-    md += ["## FP16 range audit", "", table if table else "*No FP16 audits found in "
-           f"`{reports_dir}/<variant>/fp16_audit.json`.*", ""]
-    md += ["## Plots", "", image("comparisons", "Paired comparisons with 95% CIs"), "",
-           image("flop_shares", "FLOP share by module group"), "",
-           image("wer_vs_flops", "WER vs GFLOPs per audio second"), "", image("rtf", "RTF"), "",
-           image("fp16_audit", "FP16 audit"), ""]
-    md += ["## Measurement setup", ""] + _machine_lines(metrics) + [""]
-    problems = {m["variant"]: m["_problems"] for m in metrics if m["_problems"]}
-    if problems or audit_problems:
-        md += ["## Problems found in the inputs", ""]
-        md += [f"- `{v}`: {p}" for v, ps in problems.items() for p in ps]
-        md += [f"- {p}" for p in audit_problems] + [""]
+    found = {m["variant"]: m["_problems"] for m in metrics if m["_problems"]}
+    md = (_decisive_sections(metrics, generated, metrics_dir)
+          + _detail_sections(metrics, audits, plots, out_md, reports_dir)
+          + _problem_section(found, audit_problems))
     write_text_atomic(out_md, "\n".join(md))
     docs = update_docs(Path(docs_root), generated) if docs_root is not None else []
     return {"summary": out_md, "plots": plots, "variants": variants, "docs": docs,
-            "problems": {**problems, **({"audits": audit_problems} if audit_problems else {})}}
+            "problems": {**found, **({"audits": audit_problems} if audit_problems else {})}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,30 +15,22 @@ import struct
 from pathlib import Path
 
 from edgeconformer.errors import UserError
+from edgeconformer.metrics import WANDB_KEYS, wandb_summary
 
-# Summary keys every evaluated job logs (metrics/<variant>.json keys), the panels' vocabulary.
-SUMMARY_KEYS = ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim", "rtf_cpu", "rtf_device_estimate",
-                "flops_subsampling_share", "gflops_per_audio_second", "params_millions")
+# Summary keys every evaluated job logs (metrics/<variant>.json keys), the panels' vocabulary: the schema's.
+SUMMARY_KEYS = WANDB_KEYS
 
 
 def log_job(metrics: dict, config: dict, *, project: str, entity: str | None, group: str | None, name: str,
             mode: str = "offline", job_type: str = "evaluate", save_dir: str = ".") -> str:
-    """One W&B run holding a job's config and its metrics as summary (FLOP shares flattened to
-    `flops_share/<part>`, FP16 deltas added); finished before returning, so multirun jobs never share a run.
-    Returns the run's local directory."""
+    """One W&B run holding a job's config and its metrics as summary (metrics.wandb_summary: the schema's keys, FLOP
+    shares flattened to `flops_share/<part>`, the streaming state to `attention_state_bytes/<part>`, FP16 deltas
+    `delta/<key>` added); finished before returning, so multirun jobs never share a run. Returns the run's local
+    directory."""
     import wandb  # lazy: only W&B logging needs it (logger=csv does not), ~1 s to import
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for part, share in (metrics.get("flops_shares") or {}).items():
-        summary[f"flops_share/{part}"] = share
-    state = metrics.get("attention_state_bytes") or {}
-    for part in ("attention", "positions", "conv"):  # the streaming state (evaluate/state.py), bytes
-        if isinstance(state.get(part), int):
-            summary[f"attention_state_bytes/{part}"] = state[part]
-    for key in ("wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim"):
-        if metrics.get(key) is not None and metrics.get("wer_fp32") is not None:
-            summary[f"delta/{key}"] = metrics[key] - metrics["wer_fp32"]
+    summary = wandb_summary(metrics)
     run = wandb.init(project=project, entity=entity, group=group, name=name, job_type=job_type, config=config,
                      mode=mode, dir=save_dir, reinit="finish_previous")
     try:

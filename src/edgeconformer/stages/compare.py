@@ -15,7 +15,7 @@ emulated (stabilize.ablation: acc16_none, acc16_prenorm, acc16_lut, acc16_both, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,60 +24,56 @@ from omegaconf import DictConfig
 from edgeconformer.artifacts import chain_run, variant_metrics_path, write_json_atomic
 from edgeconformer.errors import UserError
 from edgeconformer.files import read_jsonl
+from edgeconformer.metrics import FIXED, HEADLINE, RATES, STABILIZATION_ARMS, RateStats, RunMetrics, VariantMetrics
 from edgeconformer.stats import compare as paired
 from edgeconformer.stats import mean_sd
 from edgeconformer.wandb_report import log_chain
 
-# Per-seed keys averaged over seeds (mean and sd); headline ones also at the top level of metrics/<variant>.json.
 HEADLINE_DIR = "reports/headline"  # DVC metrics (git-tracked: .gitignore lets this folder of reports/ through)
-STABILIZATION_ARMS = ("acc16_none", "acc16_prenorm", "acc16_lut", "acc16_both", "acc16_both_uncapped")
-RATES = ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "cer_fp32", "cer_fp16", "wer_coreml_sim", "wer_coreml",
-         "wer_first_pass_fp32", *(f"wer_{arm}" for arm in STABILIZATION_ARMS))
-HEADLINE = ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "cer_fp32")
-# Figures that do not depend on the seed (counted from the architecture): taken from the first seed.
-FIXED = ("gflops_per_audio_second", "gflops_per_audio_second_streamed", "flops_subsampling_share",
-         "params_millions")
 
 
 @dataclass
 class Run:
     variant: str
     seed: int
-    evaluation: dict
+    evaluation: RunMetrics
     rows: list[dict] = field(repr=False)
 
 
 def load_run(variant: str, seed: int, root=".") -> Run:
+    """A run's evaluation.json (read into the schema's record, not validated: the report lists its problems) and
+    utterances.jsonl."""
     paths = chain_run(variant, seed, root)
     try:
         evaluation = json.loads(paths.evaluation.read_text(encoding="utf-8"))
         rows = read_jsonl(paths.utterances)
     except FileNotFoundError as e:
         raise UserError(f"{e.filename}: not found; run `dvc repro evaluate@{paths.name}` first") from None
-    return Run(variant, int(seed), evaluation, rows)
+    if not isinstance(evaluation, dict):
+        raise UserError(f"{paths.evaluation}: expected a JSON object of metrics; re-run "
+                        f"`dvc repro evaluate@{paths.name}`")
+    return Run(variant, int(seed), RunMetrics.parse(evaluation), rows)
 
 
-def variant_summary(runs: list[Run]) -> dict:
+def variant_summary(runs: list[Run]) -> VariantMetrics:
     """metrics/<variant>.json: headline mean/sd at the top (what `dvc metrics show` lists), every per-seed figure in
     `seeds` and every rate's mean/sd in `stats` (lists: DVC leaves them out of its tables)."""
     first = runs[0].evaluation
-    out = {"variant": runs[0].variant, "n_seeds": len(runs), "n_utterances": first.get("n_utterances")}
-    stats = []
+    stats, headline_keys = [], {}
     for key in RATES:
         values = [r.evaluation.get(key) for r in runs]
         mean, sd = mean_sd(values)
         if mean is None:
             continue
-        stats.append({"metric": key, "mean": mean, "sd": sd, "n": sum(v is not None for v in values)})
+        stats.append(RateStats(metric=key, mean=mean, sd=sd, n=sum(v is not None for v in values)))
         if key in HEADLINE:
-            out[f"{key}_mean"], out[f"{key}_sd"] = mean, sd
-    for key in FIXED:
-        out[key] = first.get(key)
+            headline_keys.update({f"{key}_mean": mean, f"{key}_sd": sd})
     rtf = [r.evaluation.get("rtf_cpu") for r in runs if r.evaluation.get("rtf_cpu") is not None]
-    out["rtf_cpu"] = float(np.median(rtf)) if rtf else None  # median over seeds: timing noise, not a model effect
-    out["stats"] = stats
-    out["seeds"] = [dict(r.evaluation, seed=r.seed) for r in runs]
-    return out
+    return VariantMetrics(
+        variant=runs[0].variant, n_seeds=len(runs), n_utterances=first.get("n_utterances"), **headline_keys,
+        **{key: first.get(key) for key in FIXED},
+        rtf_cpu=float(np.median(rtf)) if rtf else None,  # median over seeds: timing noise, not a model effect
+        stats=stats, seeds=[replace(r.evaluation, seed=r.seed) for r in runs])
 
 
 def headline(summary: dict, comparisons: list[dict], variant: str, base: str | None) -> dict:
@@ -165,7 +161,7 @@ def compare(cfg: DictConfig, root=".") -> dict:
     metrics_dir.mkdir(parents=True, exist_ok=True)
     summaries = {}
     for variant, vruns in by_variant.items():
-        summaries[variant] = variant_summary(vruns)
+        summaries[variant] = variant_summary(vruns).to_dict()
         write_json_atomic(variant_metrics_path(variant, metrics_dir), summaries[variant])
     comparisons = [run_comparison(by_variant, spec, cfg.compare)
                    for spec in comparison_specs(by_variant, list(cfg.get("compared") or []), cfg.compare)]

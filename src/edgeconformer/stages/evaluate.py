@@ -1,12 +1,13 @@
 """Stage `evaluate@<variant>-s<seed>`: WER per precision (PyTorch FP32, FP16 without and with stabilization, the
-exported Core ML program simulated on Linux or run on macOS), RTF, device estimates, FLOPs -> metrics/<variant>.json.
+exported Core ML program simulated on Linux or run on macOS), RTF, device estimates, FLOPs -> evaluation.json.
 
 The PyTorch precision modes were decoded by the stabilize stage (<run report dir>/precision_modes.json, checked to
 match the stabilized graph's options); this stage adds the exported program (MIL-simulated on the first
 `eval.coreml_sim_utterances`, parity against the PyTorch FP16 graph), Core ML on macOS, RTF, estimates and FLOPs.
 
 Per-utterance results (reference, hypothesis and errors of every mode) go to <run report dir>/utterances.jsonl
-(reports/runs/<variant>/s<seed>/ in the DVC chain, artifacts.run_paths); every figure to evaluation.json there.
+(reports/runs/<variant>/s<seed>/ in the DVC chain, artifacts.run_paths); every figure to evaluation.json there, built
+as an edgeconformer.metrics.RunMetrics (the schema the compare stage, the report and W&B read).
 WER is in percent (0-100). What cannot be measured on this machine is null, never a guess: wer_coreml and
 rtf_coreml need macOS; rtf_device_estimate is labelled an estimate by construction (evaluate/device.py).
 
@@ -36,6 +37,7 @@ from edgeconformer.evaluate.rtf import measure_rtf, pick_by_duration, recognizer
 from edgeconformer.evaluate.state import attention_state_bytes
 from edgeconformer.export.milsim import MILExecutor, load_program
 from edgeconformer.files import read_jsonl
+from edgeconformer.metrics import AttentionState, CoremlSim, DeviceEstimate, Machine, RtfProtocol, RunMetrics
 from edgeconformer.models.cascade import CascadedASR
 from edgeconformer.scoring import greedy_text, load_utterances, score
 from edgeconformer.stabilize.precision import precision_model
@@ -124,98 +126,113 @@ def first_pass_metrics(module, utterances, rtf_inputs, rtf_cfg) -> dict:
     return {"wer_first_pass_fp32": s["wer"], "rtf_cpu_first_pass": rtf["rtf_median"], "rows": s["utterances"]}
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    e = cfg.eval
-    torch.set_num_threads(cfg.trainer.num_threads)
-    paths = run_paths(cfg)
-    package = paths.package
-    module, _, options = load_stabilized(paths.model_dir)
-    tokenizer = module.tokenizer
+def precision_inputs(cfg: DictConfig, paths, module, options: dict) -> tuple[dict, list]:
+    """The stabilize stage's precision_modes.json (checked against the stabilized graph's `options`) and the test
+    utterances it covers, in its order."""
     saved = read_precision_modes(paths.report_dir / "precision_modes.json", options, paths.name)
-    modes = saved["modes"]
-    ids = [r["id"] for r in modes["fp32"]["rows"]]
+    ids = [r["id"] for r in saved["modes"]["fp32"]["rows"]]
     utts = [u for u in load_utterances(cfg, module.fbank, limit=len(ids)) if u.id in set(ids)]
     if [u.id for u in utts] != ids:
         raise UserError(f"{paths.report_dir / 'precision_modes.json'} covers other utterances than "
                         f"{cfg.data.test_split}: re-run `dvc repro stabilize@{paths.name}`")
+    return saved, utts
 
-    # The exported program, simulated, against the PyTorch FP16 graph on the same utterances.
-    sim_utts = utts[: e.coreml_sim_utterances] if e.coreml_sim_utterances else utts
+
+def simulated_program(cfg: DictConfig, package, module, options: dict, utts: list, modes: dict) -> dict:
+    """The exported program, simulated, against the PyTorch FP16 graph on the same (first
+    eval.coreml_sim_utterances) utterances: coreml_sim() plus the PyTorch FP16 WER on that subset."""
+    n = cfg.eval.coreml_sim_utterances
+    sim_utts = utts[:n] if n else utts
     fp16 = precision_model(module.model, "fp16", module.cmvn, **options, accumulate=cfg.stabilize.accumulate)
     with torch.no_grad():
         fp16_log_probs = {u.id: fp16(u.feats)[0] for u in sim_utts}
-    sim = coreml_sim(package, sim_utts, tokenizer, fp16_log_probs)
-    sim_rows = {r["id"]: r for r in modes["fp16"]["rows"][: len(sim_utts)]}
-    sim["wer_pytorch_fp16_same_utterances"] = score([r["reference"] for r in sim_rows.values()],
-                                                    [r["hypothesis"] for r in sim_rows.values()],
-                                                    list(sim_rows))["wer"]
-    device = coreml_on_device(package, utts, tokenizer, module.model.encoder.subsampling.subsample_lengths,
-                              e.rtf.warmup)
+    sim = coreml_sim(package, sim_utts, module.tokenizer, fp16_log_probs)
+    rows = modes["fp16"]["rows"][: len(sim_utts)]
+    sim["wer_pytorch_fp16_same_utterances"] = score([r["reference"] for r in rows], [r["hypothesis"] for r in rows],
+                                                    [r["id"] for r in rows])["wer"]
+    return sim
 
+
+def rtf_audio(cfg: DictConfig) -> list[tuple]:
+    """(waveform, seconds) of the eval.rtf.utterances test utterances picked by duration, what RTF is timed on."""
     manifest = f"{cfg.data.out_dir}/manifests/{cfg.data.test_split}.jsonl"
-    timed = pick_by_duration(read_jsonl(manifest), e.rtf.utterances)
-    rtf_inputs = [(load_audio(r["audio_filepath"], uid=r["id"], manifest=manifest), float(r["duration"]))
-                  for r in timed]
-    rtf = measure_rtf(recognizer_fn(module), rtf_inputs, warmup=e.rtf.warmup, repeats=e.rtf.repeats,
-                      threads=e.rtf.threads)
-    first = first_pass_metrics(module, utts, rtf_inputs, e.rtf)
+    timed = pick_by_duration(read_jsonl(manifest), cfg.eval.rtf.utterances)
+    return [(load_audio(r["audio_filepath"], uid=r["id"], manifest=manifest), float(r["duration"])) for r in timed]
+
+
+def run_record(cfg: DictConfig, paths, module, options: dict, saved: dict, utts: list, *, sim: dict,
+               device: dict | None, rtf: dict, first: dict) -> RunMetrics:
+    """The run's evaluation.json (metrics.RunMetrics) from the stage's measurements and the model's counted
+    figures (device estimates, FLOPs, streaming state)."""
+    e, modes = cfg.eval, saved["modes"]
     d = e.device_estimate
     estimates = estimate_all(module.model, d.seconds, list(d.profiles), d.precision)
     flops = count_flops(module.model, e.flops.seconds, idim=module.fbank.n_mels,
                         tokens_per_second=e.flops.tokens_per_second)
-
-    metrics = {
-        "variant": paths.variant,
-        "seed": paths.seed,
-        "model": cfg.model.name,
-        "wer_fp32": modes["fp32"]["wer"],
-        "wer_fp16": modes["fp16"]["wer"],
-        "wer_fp16_unstabilized": modes["fp16_unstabilized"]["wer"],
-        "wer_coreml_sim": sim["wer"],
-        "wer_coreml": device["ALL"]["wer"] if device else None,
-        "cer_fp32": modes["fp32"]["cer"],
-        "cer_fp16": modes["fp16"]["cer"],
-        "rtf_cpu": rtf["rtf_median"],
-        "rtf_cpu_p90": rtf["rtf_p90"],
-        "rtf_coreml": device["ALL"]["rtf_median"] if device else None,
-        "rtf_device_estimate": estimates[d.device]["rtf"],
-        "device": d.device,
-        "rtf_device_estimates": {name: est["rtf"] for name, est in estimates.items()},
-        "flops_subsampling_share": flops["shares"]["subsampling"],
-        "flops_shares": flops["shares"],
-        "gflops_per_audio_second": flops["gflops_per_audio_second"],
-        "params_millions": count_params(module.model) / 1e6,
-        "gflops_per_audio_second_streamed": flops["gflops_per_audio_second_streamed"],
-        "attention_state_bytes": attention_state_bytes(module.model, e.flops.seconds),
-        "wer_first_pass_fp32": first["wer_first_pass_fp32"],
-        "rtf_cpu_first_pass": first["rtf_cpu_first_pass"],
-        "n_utterances": len(utts),
-        "audio_hours": sum(u.seconds for u in utts) / 3600,
-        "split": cfg.data.test_split,
-        "stabilization": options,
-        "nonfinite_utterances": {mode: m["nonfinite_utterances"] for mode, m in modes.items()},
+    return RunMetrics(
+        variant=paths.variant, seed=paths.seed, model=cfg.model.name,
+        wer_fp32=modes["fp32"]["wer"], wer_fp16=modes["fp16"]["wer"],
+        wer_fp16_unstabilized=modes["fp16_unstabilized"]["wer"], wer_coreml_sim=sim["wer"],
+        wer_coreml=device["ALL"]["wer"] if device else None,
+        cer_fp32=modes["fp32"]["cer"], cer_fp16=modes["fp16"]["cer"],
+        rtf_cpu=rtf["rtf_median"], rtf_cpu_p90=rtf["rtf_p90"],
+        rtf_coreml=device["ALL"]["rtf_median"] if device else None,
+        rtf_device_estimate=estimates[d.device]["rtf"], device=d.device,
+        rtf_device_estimates={name: est["rtf"] for name, est in estimates.items()},
+        flops_subsampling_share=flops["shares"]["subsampling"], flops_shares=flops["shares"],
+        gflops_per_audio_second=flops["gflops_per_audio_second"],
+        params_millions=count_params(module.model) / 1e6,
+        gflops_per_audio_second_streamed=flops["gflops_per_audio_second_streamed"],
+        attention_state_bytes=AttentionState.parse(attention_state_bytes(module.model, e.flops.seconds)),
+        wer_first_pass_fp32=first["wer_first_pass_fp32"], rtf_cpu_first_pass=first["rtf_cpu_first_pass"],
+        n_utterances=len(utts), audio_hours=sum(u.seconds for u in utts) / 3600, split=cfg.data.test_split,
+        stabilization=options,
+        nonfinite_utterances={mode: m["nonfinite_utterances"] for mode, m in modes.items()},
         # The stabilization ablation (FP16 accumulation emulated; empty when stabilize.ablation is off).
-        **{f"wer_{arm}": modes[arm]["wer"] for arm in modes if arm.startswith("acc16_")},
-        "softmax_k": saved.get("softmax_k"),
-        "audit_frontend_peak": saved.get("frontend_peak"),
-        "coreml_sim": {k: v for k, v in sim.items() if k != "rows"},
-        "coreml_device": device,
-        "rtf_protocol": {k: v for k, v in rtf.items() if k != "utterances"},
-        "device_estimates": estimates,
-        "machine": rtf["machine"],
-    }
+        stabilization_arms={arm: modes[arm]["wer"] for arm in modes if arm.startswith("acc16_")},
+        softmax_k=saved.get("softmax_k"), audit_frontend_peak=saved.get("frontend_peak"),
+        coreml_sim=CoremlSim.parse({k: v for k, v in sim.items() if k != "rows"}), coreml_device=device,
+        rtf_protocol=RtfProtocol.parse({k: v for k, v in rtf.items() if k != "utterances"}),
+        device_estimates={name: DeviceEstimate.parse(est) for name, est in estimates.items()},
+        machine=Machine.parse(rtf["machine"]),
+    )
+
+
+def utterance_rows(utts: list, modes: dict, first_rows: list | None, sim_rows: list) -> list[dict]:
+    """utterances.jsonl: per utterance, ROW_KEYS of every precision mode, a cascade's first pass alone and the
+    simulated program (on its subset)."""
     rows = []
     for i, u in enumerate(utts):
         row = {"id": u.id, "reference": u.text, "seconds": round(u.seconds, 3)}
         for mode, m in modes.items():
             row[mode] = {k: m["rows"][i][k] for k in ROW_KEYS}
-        if first["rows"] is not None:  # cascade: the streaming first pass alone
-            row["fp32_first_pass"] = {k: first["rows"][i][k] for k in ROW_KEYS}
-        if i < len(sim["rows"]):
-            row["coreml_sim"] = {k: sim["rows"][i][k] for k in ROW_KEYS}
+        if first_rows is not None:  # cascade: the streaming first pass alone
+            row["fp32_first_pass"] = {k: first_rows[i][k] for k in ROW_KEYS}
+        if i < len(sim_rows):
+            row["coreml_sim"] = {k: sim_rows[i][k] for k in ROW_KEYS}
         rows.append(row)
+    return rows
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    e = cfg.eval
+    torch.set_num_threads(cfg.trainer.num_threads)
+    paths = run_paths(cfg)
+    module, _, options = load_stabilized(paths.model_dir)
+    saved, utts = precision_inputs(cfg, paths, module, options)
+    modes = saved["modes"]
+    sim = simulated_program(cfg, paths.package, module, options, utts, modes)
+    device = coreml_on_device(paths.package, utts, module.tokenizer,
+                              module.model.encoder.subsampling.subsample_lengths, e.rtf.warmup)
+    rtf_inputs = rtf_audio(cfg)
+    rtf = measure_rtf(recognizer_fn(module), rtf_inputs, warmup=e.rtf.warmup, repeats=e.rtf.repeats,
+                      threads=e.rtf.threads)
+    first = first_pass_metrics(module, utts, rtf_inputs, e.rtf)
+    record = run_record(cfg, paths, module, options, saved, utts, sim=sim, device=device, rtf=rtf, first=first)
+
     paths.report_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(paths.report_dir / "utterances.jsonl", rows)
+    write_jsonl_atomic(paths.report_dir / "utterances.jsonl", utterance_rows(utts, modes, first["rows"], sim["rows"]))
+    metrics = record.to_dict()
     write_json_atomic(paths.evaluation, metrics)
     print(format_metrics(metrics))
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
