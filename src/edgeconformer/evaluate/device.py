@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from edgeconformer.config import compose
-from edgeconformer.evaluate.flops import AGGREGATES, BLOCK_PARTS, WholeUtterance
+from edgeconformer.evaluate.flops import AGGREGATES, BLOCK_PARTS, eval_mode, utterance_inputs
 from edgeconformer.models.lightning import build_model
 
 PRECISION_BYTES = {"fp32": 4, "fp16": 2}
@@ -222,20 +222,9 @@ def utterance_ops(model, seconds: float, precision: str = "fp16", frame_shift_s:
     pass as evaluate/flops.count_flops. Batch 1, eval mode (restored afterwards)."""
     if not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
-    device = next(model.parameters()).device
-    frames = int(round(seconds / frame_shift_s))
-    if decoder_tokens is None:
-        decoder_tokens = max(1, int(round(tokens_per_second * seconds)))
-    feats = torch.randn(1, frames, idim, device=device)
-    lengths = torch.tensor([frames], device=device)
-    ys_in = torch.randint(0, model.vocab_size, (1, decoder_tokens), device=device)
-    ys_in[:, 0] = model.sos_eos
-    was_training = model.training
-    model.eval()
-    try:
-        return count_ops(WholeUtterance(model), feats, lengths, ys_in, precision=precision)
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        return count_ops(*utterance_inputs(model, seconds, frame_shift_s, idim, decoder_tokens, tokens_per_second),
+                         precision=precision)
 
 
 def sustained_flops(profile: dict, precision: str) -> float:

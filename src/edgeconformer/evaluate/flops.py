@@ -14,6 +14,7 @@ subsampling + the (first-pass) blocks and the projections between them + the CTC
 that is the first pass and `ctc_first`, otherwise the whole encoder and `ctc`.
 """
 
+import contextlib
 import json
 
 import torch
@@ -90,6 +91,33 @@ def streamed_flops(model, per_module: dict) -> int:
     return sum(per_module.get(path, 0) for path in streamed_paths(model))
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode inside the block, its own mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def utterance_inputs(model, seconds: float, frame_shift_s: float = 0.01, idim: int = 80,
+                     decoder_tokens: int | None = None, tokens_per_second: float = 3.0):
+    """One utterance of `seconds` audio for counting: (WholeUtterance(model), feats (1, T, idim), lengths (1,),
+    ys_in (1, U) starting with <sos>), with U = decoder_tokens or tokens_per_second * seconds. The values are
+    random: counts depend on shapes only."""
+    device = next(model.parameters()).device
+    frames = int(round(seconds / frame_shift_s))
+    if decoder_tokens is None:
+        decoder_tokens = max(1, int(round(tokens_per_second * seconds)))
+    feats = torch.randn(1, frames, idim, device=device)
+    lengths = torch.tensor([frames], device=device)
+    ys_in = torch.randint(0, model.vocab_size, (1, decoder_tokens), device=device)
+    ys_in[:, 0] = model.sos_eos
+    return WholeUtterance(model), feats, lengths, ys_in
+
+
 def count_flops(model, seconds, frame_shift_s=0.01, idim=80, decoder_tokens=None, tokens_per_second=3.0):
     """FLOPs of one utterance of `seconds` audio through encoder, CTC head and (if present) the attention
     decoder run teacher-forced on `decoder_tokens` tokens (<sos> included; default tokens_per_second * seconds,
@@ -99,21 +127,10 @@ def count_flops(model, seconds, frame_shift_s=0.01, idim=80, decoder_tokens=None
     block_flops/block_shares per "block{i}.ffn|mhsa|conv" (and "block{i}.projection" for a block with a projection
     in front; shares of the same total), and streamed_flops / gflops_per_audio_second_streamed: the part that runs
     chunk by chunk (for a cascade its first pass and first-pass CTC head; else everything but the decoder)."""
-    device = next(model.parameters()).device
-    frames = int(round(seconds / frame_shift_s))
-    if decoder_tokens is None:
-        decoder_tokens = max(1, int(round(tokens_per_second * seconds)))
-    feats = torch.randn(1, frames, idim, device=device)
-    lengths = torch.tensor([frames], device=device)
-    ys_in = torch.randint(0, model.vocab_size, (1, decoder_tokens), device=device)
-    ys_in[:, 0] = model.sos_eos
-
-    was_training = model.training
-    model.eval()
-    try:
-        total, per_module = counted_flops(WholeUtterance(model), feats, lengths, ys_in)
-    finally:
-        model.train(was_training)
+    inputs = utterance_inputs(model, seconds, frame_shift_s, idim, decoder_tokens, tokens_per_second)
+    frames, decoder_tokens = inputs[1].size(1), inputs[3].size(1)
+    with eval_mode(model):
+        total, per_module = counted_flops(*inputs)
 
     flops = dict.fromkeys(AGGREGATES, 0)
     flops["subsampling"] = per_module.get("asr.encoder.subsampling", 0)

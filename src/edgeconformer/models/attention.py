@@ -49,14 +49,21 @@ def sinusoid(positions, d_model):
     return pe
 
 
-class AbsolutePositionalEncoding(nn.Module):
-    """x * sqrt(D) + PE(t); returns (x, None) so it is interchangeable with the relative variant."""
+class PositionalEncoding(nn.Module):
+    """What both encodings share: x is scaled by sqrt(D) (the embedding scale of Vaswani et al. 2017)."""
 
-    def __init__(self, d_model, dropout=0.0, max_len=5000):
+    def __init__(self, d_model, dropout=0.0):
         super().__init__()
         self.d_model = d_model
         self.xscale = math.sqrt(d_model)
         self.dropout = nn.Dropout(dropout)
+
+
+class AbsolutePositionalEncoding(PositionalEncoding):
+    """x * sqrt(D) + PE(t); returns (x, None) so it is interchangeable with the relative variant."""
+
+    def __init__(self, d_model, dropout=0.0, max_len=5000):
+        super().__init__(d_model, dropout)
         # Precomputed in fp32 (sin of large arguments is inaccurate in fp16); not saved in checkpoints.
         self.register_buffer("pe", sinusoid(torch.arange(max_len), d_model), persistent=False)
 
@@ -69,14 +76,11 @@ class AbsolutePositionalEncoding(nn.Module):
         return self.dropout(x), None
 
 
-class RelPositionalEncoding(nn.Module):
+class RelPositionalEncoding(PositionalEncoding):
     """Scales x and returns embeddings of the relative positions T-1, T-2, ..., -(T-1): (1, 2T-1, D)."""
 
     def __init__(self, d_model, dropout=0.0, max_len=5000):
-        super().__init__()
-        self.d_model = d_model
-        self.xscale = math.sqrt(d_model)
-        self.dropout = nn.Dropout(dropout)
+        super().__init__(d_model, dropout)
         self.max_len = max_len
         self.register_buffer("pe", self._table(max_len), persistent=False)
 
