@@ -79,3 +79,16 @@ def test_op_groups_cover_the_kinds_of_work():
     assert bench.op_group("aten::_foreach_mul_") == "optimizer" and bench.op_group("aten::silu") == "activation"
     assert bench.op_group("autograd::engine::evaluate_function: MmBackward0") == "autograd bookkeeping"
     assert bench.op_group("aten::something_new") == "other"
+
+
+def test_bench_precision_tiny(capsys):
+    bench = load_bench("bench_precision")
+    result = bench.main(["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.ff_dim=64",
+                         "model.encoder.n_layers=1", "model.subsampling_channels=8", "train.max_batch_seconds=4",
+                         "--steps", "1", "--threads", "1", "--vocab", "16"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
+    assert all(positive(s) for s in result["step_seconds"].values())
+    assert result["ratio_fp32_over_bf16"] == result["step_seconds"]["32-true"] / result["step_seconds"]["bf16-mixed"]
+    # auto never picks bf16 without the instructions, nor where it is not the faster one
+    if not result["cpu"]["bf16_instructions"] or result["ratio_fp32_over_bf16"] < 1:
+        assert result["auto"] == "32-true"
