@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "edgeconformer"
 LAZY_ALLOWED = {"coremltools", "wandb", "wandb_workspaces"}
 TOP = {"cli", "ablate"}            # orchestration above the stages: may import anything below
 STAGES = "stages"
-LIBRARY = {"errors", "files", "config", "data", "decoding", "models", "scoring", "stabilize", "export"}
+LIBRARY = {"errors", "files", "config", "data", "decoding", "models", "scoring", "stabilize", "export", "training"}
 
 
 def modules() -> dict[str, ast.Module]:
