@@ -34,11 +34,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.data import DataLoader
 
 from edgeconformer.config import apply_variant, compose
+from edgeconformer.data.datamodule import FeatureDataset, collate_features, load_split
 from edgeconformer.data.dataset import DurationBucketSampler
 from edgeconformer.data.features import cmvn_stats
 from edgeconformer.data.tokenizer import Tokenizer
 from edgeconformer.models.lightning import ASRModule
-from edgeconformer.stages.train import FeatureDataset, collate_features, load_split
 
 # Op name (without the "aten::" prefix; backward nodes by the forward op they differentiate) -> group.
 GROUPS = {

@@ -1,6 +1,6 @@
 """The layering of docs/architecture.md, checked on the source: an acyclic package import graph, stages that never
-import each other or the CLI, an artifacts layer under every stage, and imports at module level except the heavy
-optional dependencies (each with its reason)."""
+import each other or the CLI, an artifacts layer under every stage, imports at module level except the heavy
+optional dependencies (each with its reason), and functions short enough to read at a glance."""
 
 import ast
 import shutil
@@ -15,7 +15,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "edgeconformer"
 LAZY_ALLOWED = {"coremltools", "wandb", "wandb_workspaces"}
 TOP = {"cli", "ablate"}            # orchestration above the stages: may import anything below
 STAGES = "stages"
-LIBRARY = {"errors", "files", "config", "data", "decoding", "models", "scoring", "stabilize", "export", "metrics"}
+LIBRARY = {"errors", "files", "config", "data", "decoding", "models", "scoring", "stabilize", "export", "metrics",
+           "training", "hardware"}
+MAX_FUNCTION_LINES = 60  # def line to last line, docstring and comments included
 
 
 def modules() -> dict[str, ast.Module]:
@@ -123,3 +125,34 @@ def test_the_code_passes_the_configured_linter():
     proc = subprocess.run([ruff, "check", "--no-cache", "src", "tests", "benchmarks", "pipelines", "hydra_plugins"],
                           cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
+
+
+def function_lengths() -> dict[str, int]:
+    """{"module:qualified name": lines from the def line to the function's last line} of every function in src/."""
+    out = {}
+
+    def visit(node, module, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    out[f"{module}:{name}"] = child.end_lineno - child.lineno + 1
+                visit(child, module, name + ".")
+            else:
+                visit(child, module, prefix)
+
+    for module, tree in modules().items():
+        visit(tree, module, "")
+    return out
+
+
+def test_the_length_finder_names_nested_functions_and_methods():
+    lengths = function_lengths()
+    assert lengths["edgeconformer.stages.train:train"] > 1
+    assert any(name.startswith("edgeconformer.training.callbacks:TimeGuard.") for name in lengths)
+
+
+def test_functions_are_short_enough_to_read_at_a_glance():
+    lengths = function_lengths()
+    long = {name: n for name, n in lengths.items() if n > MAX_FUNCTION_LINES}
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines; split them into named helpers: {long}"

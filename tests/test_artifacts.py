@@ -53,7 +53,7 @@ def test_transcribe_names_the_seed_folders_when_a_seed_is_missing(tmp_path, caps
 
 
 def test_max_time_is_a_guard_that_fails_never_a_silent_truncation():
-    from edgeconformer.stages.train import TimeGuard
+    from edgeconformer.training.callbacks import TimeGuard
 
     guard = TimeGuard("00:00:00:01")
     trainer = SimpleNamespace(current_epoch=2, global_step=40, max_epochs=7)
@@ -121,7 +121,7 @@ def test_dvc_composes_the_runs_from_conf_in_its_own_process(tmp_path):
 
 
 def test_malformed_max_time_is_a_user_error_even_without_the_config_check():
-    from edgeconformer.stages.train import TimeGuard
+    from edgeconformer.training.callbacks import TimeGuard
 
     for bad in ("10 minutes", "00:10:00", "00:xx:00:00", "1:2:3:4:5"):
         with pytest.raises(UserError, match="DD:HH:MM:SS"):
@@ -134,7 +134,7 @@ def test_fine_tuning_and_averaging_refuse_a_checkpoint_that_would_run_code(tmp_p
     import torch
 
     from edgeconformer.models.lightning import load_matching_weights
-    from edgeconformer.stages.train import average_into_best
+    from edgeconformer.training.callbacks import average_into_best
 
     marker = tmp_path / "ran"
     planted = {"state_dict": {"w": torch.zeros(2)}, "payload": _RunsACommand(marker)}

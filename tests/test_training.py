@@ -136,7 +136,7 @@ def test_multirun_gives_one_wandb_run_per_job_in_one_group(data_dir, tmp_path):
 
 
 def test_average_state_dicts_is_the_elementwise_mean():
-    from edgeconformer.stages.train import average_state_dicts
+    from edgeconformer.training.callbacks import average_state_dicts
 
     a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
     b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}

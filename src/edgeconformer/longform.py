@@ -459,47 +459,6 @@ def transcribe_items(module, items: list, s: Settings, batch_size: int = 16) -> 
     s.check()
     g = Geometry.of(module, s)
     queue: list[tuple] = []  # (item, info or None, error or None), in input order
-
-    def too_short(item, stats):
-        return (f"{item.path}: audio too short to transcribe ({stats.samples / g.sample_rate:.3f} s; the model "
-                f"needs at least {g.samples_for(1) / g.sample_rate:.3f} s)")
-
-    def failed(item, error, info=None):  # a manifest row's error also says where the row is
-        return Outcome(item, error=f"{error} (listed at {item.source})" if item.source else error, info=info)
-
-    def flush():
-        done: dict[int, Outcome] = {}
-        audio: dict[int, torch.Tensor] = {}
-        stats: dict[int, ReadStats] = {}
-        read_seconds: dict[int, float] = {}
-        for k, (item, info, error) in enumerate(queue):
-            if error:
-                done[k] = failed(item, error, info)
-                continue
-            stats[k] = ReadStats()
-            t0 = time.perf_counter()
-            try:
-                audio[k] = read_audio(item.path, g.sample_rate, stats[k])
-            except AudioError as e:
-                done[k] = failed(item, str(e), info)
-                continue
-            read_seconds[k] = time.perf_counter() - t0
-            if g.encoder_frames(audio[k].numel()) == 0:
-                del audio[k]
-                done[k] = failed(item, too_short(item, stats[k]), info)
-            elif g.encoder_frames(audio[k].numel()) > g.max_segment:  # the header understated the length
-                t = transcribe_long(module, [audio.pop(k)], s)
-                done[k] = Outcome(item, t, notes=audio_notes(stats[k]), info=info)
-        order = sorted(audio, key=lambda k: audio[k].numel())
-        for i in range(0, len(order), batch_size):
-            ks = order[i:i + batch_size]
-            for k, t in zip(ks, transcribe_batch(module, [audio[k] for k in ks], s)):
-                t.compute_seconds += read_seconds[k]  # as for long files, whose blocks are read while decoding
-                done[k] = Outcome(queue[k][0], t, notes=audio_notes(stats[k]), info=queue[k][1])
-        for k in range(len(queue)):
-            yield done[k]
-        queue.clear()
-
     for item in items:
         if item.error:
             queue.append((item, None, item.error))
@@ -512,17 +471,74 @@ def transcribe_items(module, items: list, s: Settings, batch_size: int = 16) -> 
         if info.seconds <= s.max_segment_seconds:
             queue.append((item, info, None))
             if len(queue) >= 8 * batch_size:
-                yield from flush()
+                yield from _flush(module, queue, g, s, batch_size)
             continue
-        yield from flush()
-        stats = ReadStats()
+        yield from _flush(module, queue, g, s, batch_size)
+        yield _transcribe_streamed(module, item, info, g, s)
+    yield from _flush(module, queue, g, s, batch_size)
+
+
+def _too_short(item, stats: ReadStats, g: Geometry) -> str:
+    return (f"{item.path}: audio too short to transcribe ({stats.samples / g.sample_rate:.3f} s; the model "
+            f"needs at least {g.samples_for(1) / g.sample_rate:.3f} s)")
+
+
+def _failed(item, error: str, info=None) -> Outcome:
+    """A failed item's Outcome; a manifest row's error also says where the row is."""
+    return Outcome(item, error=f"{error} (listed at {item.source})" if item.source else error, info=info)
+
+
+def _transcribe_streamed(module, item, info, g: Geometry, s: Settings) -> Outcome:
+    """An input longer than max_segment_seconds, read block by block while transcribe_long decodes it."""
+    stats = ReadStats()
+    try:
+        t = transcribe_long(module, read_blocks(item.path, g.sample_rate, stats), s)
+    except AudioError as e:
+        return _failed(item, str(e), info)
+    if g.encoder_frames(stats.samples) == 0:
+        return _failed(item, _too_short(item, stats, g), info)
+    return Outcome(item, t, notes=audio_notes(stats), info=info)
+
+
+def _flush(module, queue: list[tuple], g: Geometry, s: Settings, batch_size: int) -> Iterator[Outcome]:
+    """The queued inputs' Outcomes in queue order, each read whole and decoded in padded batches sorted by length;
+    empties the queue."""
+    done, audio, stats, read_seconds = _read_queued(module, queue, g, s)
+    order = sorted(audio, key=lambda k: audio[k].numel())
+    for i in range(0, len(order), batch_size):
+        ks = order[i:i + batch_size]
+        for k, t in zip(ks, transcribe_batch(module, [audio[k] for k in ks], s)):
+            t.compute_seconds += read_seconds[k]  # as for long files, whose blocks are read while decoding
+            done[k] = Outcome(queue[k][0], t, notes=audio_notes(stats[k]), info=queue[k][1])
+    for k in range(len(queue)):
+        yield done[k]
+    queue.clear()
+
+
+def _read_queued(module, queue: list[tuple], g: Geometry, s: Settings) -> tuple[dict, dict, dict, dict]:
+    """Reads the queued inputs, keyed by queue position: -> (the Outcomes already known: errors, audio too short,
+    and audio longer than its header said, streamed through transcribe_long; the others' audio, their ReadStats,
+    and the seconds their reading took)."""
+    done: dict[int, Outcome] = {}
+    audio: dict[int, torch.Tensor] = {}
+    stats: dict[int, ReadStats] = {}
+    read_seconds: dict[int, float] = {}
+    for k, (item, info, error) in enumerate(queue):
+        if error:
+            done[k] = _failed(item, error, info)
+            continue
+        stats[k] = ReadStats()
+        t0 = time.perf_counter()
         try:
-            t = transcribe_long(module, read_blocks(item.path, g.sample_rate, stats), s)
+            audio[k] = read_audio(item.path, g.sample_rate, stats[k])
         except AudioError as e:
-            yield failed(item, str(e), info)
+            done[k] = _failed(item, str(e), info)
             continue
-        if g.encoder_frames(stats.samples) == 0:
-            yield failed(item, too_short(item, stats), info)
-        else:
-            yield Outcome(item, t, notes=audio_notes(stats), info=info)
-    yield from flush()
+        read_seconds[k] = time.perf_counter() - t0
+        if g.encoder_frames(audio[k].numel()) == 0:
+            del audio[k]
+            done[k] = _failed(item, _too_short(item, stats[k], g), info)
+        elif g.encoder_frames(audio[k].numel()) > g.max_segment:  # the header understated the length
+            t = transcribe_long(module, [audio.pop(k)], s)
+            done[k] = Outcome(item, t, notes=audio_notes(stats[k]), info=info)
+    return done, audio, stats, read_seconds

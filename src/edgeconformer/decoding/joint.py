@@ -115,39 +115,12 @@ def joint_ctc_attention_beam_search(
     finished: list[Hypothesis] = []
 
     for step in range(max_len + 1):
-        logp = step_log_probs(step_fn, [[sos_eos] + h for h in live])  # (K, V)
-        K, V = logp.shape
-        logp[:, blank] = NEG_INF  # blank is a CTC symbol, never an output label
-        if step == max_len:
-            cands = torch.full((K, 1), sos_eos, dtype=torch.long)  # out of length budget: only eos
-        else:
-            cands = logp.topk(min(pre_beam, V), dim=1).indices  # (K, C) attention pre-beam
-
+        logp, cands = _candidates(step_fn, live, sos_eos, blank, pre_beam, last_step=step == max_len)
         last = torch.tensor([h[-1] if h else -1 for h in live])
         psi, new_states = scorer.score(step, last, states, cands)  # (K, C), (T, 2, K, C)
         cand_att = att[:, None] + logp.gather(1, cands)  # (K, C)
-        combined = ctc_weight * psi + (1 - ctc_weight) * cand_att
-        if ctc_weight == 0:
-            combined = cand_att  # avoid 0 * -inf = nan when CTC rules a candidate out
-        elif ctc_weight == 1:
-            combined = torch.where(cand_att > NEG_INF, psi, NEG_INF)
-
-        C = cands.shape[1]
-        scores, flat = combined.flatten().topk(min(beam, K * C))
-        keep_k, keep_j, keep_att = [], [], []
-        next_live = []
-        for s, f in zip(scores.tolist(), flat.tolist()):
-            if s == NEG_INF:
-                continue
-            k, j = divmod(f, C)
-            c = int(cands[k, j])
-            if c == sos_eos:
-                finished.append((live[k], s))
-            else:
-                next_live.append(live[k] + [c])
-                keep_k.append(k)
-                keep_j.append(j)
-                keep_att.append(cand_att[k, j].item())
+        combined = _combine(psi, cand_att, ctc_weight)
+        next_live, keep_k, keep_j, keep_att = _prune(combined, cands, cand_att, live, beam, sos_eos, finished)
         if not next_live:
             break
         live = next_live
@@ -161,3 +134,46 @@ def joint_ctc_attention_beam_search(
 
     finished.sort(key=lambda h: h[1], reverse=True)
     return finished[:beam]
+
+
+def _candidates(step_fn: StepFn, live: list[list[int]], sos_eos: int, blank: int, pre_beam: int,
+                last_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention decoder's next-token log-probs (K, V) of the live prefixes (blank ruled out: a CTC symbol,
+    never an output label) and the (K, C) candidate tokens: the pre-beam, or only eos at the last step."""
+    logp = step_log_probs(step_fn, [[sos_eos] + h for h in live])  # (K, V)
+    K, V = logp.shape
+    logp[:, blank] = NEG_INF
+    if last_step:
+        return logp, torch.full((K, 1), sos_eos, dtype=torch.long)  # out of length budget: only eos
+    return logp, logp.topk(min(pre_beam, V), dim=1).indices  # (K, C) attention pre-beam
+
+
+def _combine(psi: torch.Tensor, cand_att: torch.Tensor, ctc_weight: float) -> torch.Tensor:
+    """ctc_weight * psi + (1 - ctc_weight) * attention, without 0 * -inf = nan at the weights 0 and 1."""
+    if ctc_weight == 0:
+        return cand_att  # CTC may rule a candidate out (psi = -inf) without effect
+    if ctc_weight == 1:
+        return torch.where(cand_att > NEG_INF, psi, NEG_INF)
+    return ctc_weight * psi + (1 - ctc_weight) * cand_att
+
+
+def _prune(combined: torch.Tensor, cands: torch.Tensor, cand_att: torch.Tensor, live: list[list[int]], beam: int,
+           sos_eos: int, finished: list[Hypothesis]) -> tuple[list[list[int]], list[int], list[int], list[float]]:
+    """The `beam` best finite (prefix, candidate) pairs: those ending in eos are appended to `finished`, the
+    others -> (the grown prefixes, their prefix and candidate indices, their attention log-probs)."""
+    C = cands.shape[1]
+    scores, flat = combined.flatten().topk(min(beam, combined.numel()))
+    next_live, keep_k, keep_j, keep_att = [], [], [], []
+    for s, f in zip(scores.tolist(), flat.tolist()):
+        if s == NEG_INF:
+            continue
+        k, j = divmod(f, C)
+        c = int(cands[k, j])
+        if c == sos_eos:
+            finished.append((live[k], s))
+        else:
+            next_live.append(live[k] + [c])
+            keep_k.append(k)
+            keep_j.append(j)
+            keep_att.append(cand_att[k, j].item())
+    return next_live, keep_k, keep_j, keep_att

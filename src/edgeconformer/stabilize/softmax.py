@@ -186,23 +186,8 @@ def error_bound(table_size, range_, interp="linear", dtype=torch.float16, k=0, w
     if n < 1 or not 0 < floor <= 1 or k < 0:
         raise ValueError(f"need width >= 1, 0 < floor <= 1 and k >= 0; got width={width}, floor={floor}, k={k}")
     f = get_format(dtype)
-    u, mu, h, q = f.unit_roundoff, f.min_subnormal, R / (K - 1), 2.0**k
-    c = (K - 1) / R
-    u_c = abs(float(torch.tensor(c, dtype=f.dtype)) - c) / c        # rounding of the index scale (often exact)
-    alpha = (1 + u) ** 2 * (1 + u_c) - 1                            # rounding of z = s - max and of t = -w c
-    if interp == "nearest":
-        d_rnd = u                                                   # the table entry
-    else:                                                           # T_j + frac * D_j: entries, product, sum
-        d_rnd = (1 + u) * (1 + u * np.exp(h) + (2 * u + u * u) * np.expm1(h)) - 1
-    log_sub = q * (h * mu + mu)                                     # subnormal w and t, after 2^k squarings
-
-    def log_growth(zeta):
-        # log B(zeta): e_hat / exp(zeta) lies in [1/B, B] for an entry at |zeta| (k squarings double log errors)
-        w = zeta * (1 + alpha) / q                                  # the computed position may lie further out
-        with np.errstate(over="ignore"):
-            return (alpha * zeta + log_sub + q * (np.log1p(_interp_error(w, h, interp)) + np.log1p(d_rnd))
-                    + (q - 1) * np.log1p(u))
-
+    u, mu, q = f.unit_roundoff, f.min_subnormal, 2.0**k
+    log_growth, alpha = _log_growth(K, R, q, f, interp)
     truncated = 0.0
     max_squarings = resolve_max_squarings(max_squarings, R, n, f.dtype)
     if max_squarings is not None and k >= max_squarings:
@@ -216,22 +201,10 @@ def error_bound(table_size, range_, interp="linear", dtype=torch.float16, k=0, w
     grid = np.concatenate([near, np.geomspace(near[-1], zmax, 513)[1:]]) if zmax > 64 else near
     lg = log_growth(grid)
     lg_up = np.maximum.accumulate(lg)
+    eps_s, b0, tail = _row_sum_error(grid, lg, lg_up, alpha, n, eta)
+    if not eps_s < 1:
+        return {"abs": math.inf, "rel": math.inf}
     with np.errstate(over="ignore", invalid="ignore"):
-        # row-sum error relative to S >= 1: entries within Z0 are off by at most B(Z0) - 1 relative; each entry
-        # beyond Z0 by at most (B(zeta) - 1) exp(-zeta) absolute, whose largest value past Z0 is tau(Z0)
-        piece = np.expm1(lg_up[1:]) * np.exp(-grid[:-1])            # bound on [grid_i, grid_i+1]
-        tau = np.append(np.maximum.accumulate(piece[::-1])[::-1], 0.0)
-        tails = n * tau + n * eta
-        sum_err = np.expm1(lg_up) + tails
-        i0 = int(np.nanargmin(sum_err))
-        eps_s, b0, tail = float(sum_err[i0]), float(np.expm1(lg_up[i0])), float(tails[i0])
-        # or by Hoelder: sum_j B_j e^zeta_j <= e^C sum_j e^((1-alpha) zeta_j) <= e^C n^alpha S, with C the largest
-        # log B - alpha zeta (the argument-rounding part bounded on average instead of at the worst entry)
-        holder = float(np.expm1(np.max(lg - alpha * grid) + alpha * math.log(n)))
-        if holder + n * eta < eps_s:
-            eps_s, b0, tail = holder + n * eta, holder, n * eta
-        if not eps_s < 1:
-            return {"abs": math.inf, "rel": math.inf}
         # p_hat vs p for an entry at zeta with p <= exp(-zeta):
         # |p_hat - p| <= [p (1 - p) (B(zeta) - 1 + b0) + p tail] / (1 - eps_s) * (1 + u) / (1 - sigma)
         #               + p (u + sigma) / (1 - sigma) + eta / ((1 - eps_s)(1 - sigma)) + mu / 2
@@ -246,6 +219,49 @@ def error_bound(table_size, range_, interp="linear", dtype=torch.float16, k=0, w
         eps_a = float(np.expm1(np.max(log_growth(np.array([0.0, z_floor])))))  # B is increasing: its value at z_floor
         rel = (eps_a + b0 + tail) * scale + rnd + extra / floor
     return {"abs": abs_ if math.isfinite(abs_) else math.inf, "rel": rel if math.isfinite(rel) else math.inf}
+
+
+def _log_growth(K: int, R: float, q: float, f, interp: str):
+    """-> (log B as a function of |zeta|: e_hat / exp(zeta) lies in [1/B, B] for an entry at |zeta|, with q = 2^k
+    squarings; alpha, the relative rounding of the computed position)."""
+    u, mu, h = f.unit_roundoff, f.min_subnormal, R / (K - 1)
+    c = (K - 1) / R
+    u_c = abs(float(torch.tensor(c, dtype=f.dtype)) - c) / c        # rounding of the index scale (often exact)
+    alpha = (1 + u) ** 2 * (1 + u_c) - 1                            # rounding of z = s - max and of t = -w c
+    if interp == "nearest":
+        d_rnd = u                                                   # the table entry
+    else:                                                           # T_j + frac * D_j: entries, product, sum
+        d_rnd = (1 + u) * (1 + u * np.exp(h) + (2 * u + u * u) * np.expm1(h)) - 1
+    log_sub = q * (h * mu + mu)                                     # subnormal w and t, after 2^k squarings
+
+    def log_growth(zeta):
+        # log B(zeta) (k squarings double log errors)
+        w = zeta * (1 + alpha) / q                                  # the computed position may lie further out
+        with np.errstate(over="ignore"):
+            return (alpha * zeta + log_sub + q * (np.log1p(_interp_error(w, h, interp)) + np.log1p(d_rnd))
+                    + (q - 1) * np.log1p(u))
+
+    return log_growth, alpha
+
+
+def _row_sum_error(grid, lg, lg_up, alpha: float, n: int, eta: float) -> tuple[float, float, float]:
+    """The row sum's relative error bound eps_s (S >= 1) -> (eps_s, b0: the part from the entries near the max,
+    tail: the part from the entries beyond), the better of a split at some Z0 and Hoelder's inequality."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        # row-sum error relative to S >= 1: entries within Z0 are off by at most B(Z0) - 1 relative; each entry
+        # beyond Z0 by at most (B(zeta) - 1) exp(-zeta) absolute, whose largest value past Z0 is tau(Z0)
+        piece = np.expm1(lg_up[1:]) * np.exp(-grid[:-1])            # bound on [grid_i, grid_i+1]
+        tau = np.append(np.maximum.accumulate(piece[::-1])[::-1], 0.0)
+        tails = n * tau + n * eta
+        sum_err = np.expm1(lg_up) + tails
+        i0 = int(np.nanargmin(sum_err))
+        eps_s, b0, tail = float(sum_err[i0]), float(np.expm1(lg_up[i0])), float(tails[i0])
+        # or by Hoelder: sum_j B_j e^zeta_j <= e^C sum_j e^((1-alpha) zeta_j) <= e^C n^alpha S, with C the largest
+        # log B - alpha zeta (the argument-rounding part bounded on average instead of at the worst entry)
+        holder = float(np.expm1(np.max(lg - alpha * grid) + alpha * math.log(n)))
+        if holder + n * eta < eps_s:
+            eps_s, b0, tail = holder + n * eta, holder, n * eta
+    return eps_s, b0, tail
 
 
 def adversarial_rows(n_rows=1024, width=64, seed=0, range_=16.0):

@@ -127,6 +127,19 @@ def audit_fp16(module, feats, fmt: str) -> dict:
         return audit(module, [f.half() for f in feats], fmt=fmt)
 
 
+class StepTimer:
+    """Seconds per step (since the previous lap), reported with the results."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 1)
+        self.last = now
+
+
 def stabilize(cfg: DictConfig) -> dict:
     s = cfg.stabilize
     torch.set_num_threads(cfg.trainer.num_threads)
@@ -134,72 +147,95 @@ def stabilize(cfg: DictConfig) -> dict:
     paths.report_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     module = load_trained(paths.model_dir)
-    tokenizer = module.tokenizer
     utts = load_utterances(cfg, module.fbank, limit=s.max_utterances)
     options = ane_options(s)
+    timer = StepTimer()
+    results = run_steps(cfg, paths, module, utts, options, timer)
+    # Stored in FP32 (the trained weights exactly); consumers cast to their precision.
+    save_stabilized(ANEConformer.from_asr(module.model, module.cmvn, **options), options,
+                    paths.stabilized)
+    summary = stabilize_summary(s, paths.variant, options, results, len(utts),
+                                round(time.perf_counter() - started, 1), timer.seconds)
+    write_json_atomic(paths.report_dir / "stabilize.json", summary)
+    # Every transcript of every mode, for the evaluate stage (the same options it evaluates) and for inspection.
+    write_json_atomic(paths.report_dir / "precision_modes.json",
+                      {"options": options, "softmax_k": results["softmax_k"], "frontend_peak": summary["frontend_peak"],
+                       "modes": {mode: {k: m[k] for k in ("wer", "cer", "nonfinite_utterances",
+                                                          "max_abs_diff_vs_fp32", "rows")}
+                                 for mode, m in {**results["modes"], **results["ablation"]}.items()}})
+    print(format_summary(summary))
+    print(json.dumps({k: summary[k] for k in ("variant", "wer", "wer_delta_fp16", "stress")}))
+    return summary
+
+
+def run_steps(cfg: DictConfig, paths, module, utts, options: dict, timer: StepTimer) -> dict:
+    """Steps 1-6 of the module docstring; -> their results (the audit files written on the way)."""
+    s = cfg.stabilize
     sim = dict(accumulate=s.accumulate)
-    timings, last = {}, [time.perf_counter()]
-
-    def lap(name):  # seconds per step, reported with the results
-        now = time.perf_counter()
-        timings[name] = round(now - last[0], 1)
-        last[0] = now
-
     # 1. The graph itself, before any change of numerics (the Performer's shifts change none: exact rewrites, and
     # the exported graph's own).
     ane32 = ANEConformer.from_asr(module.model, module.cmvn, performer_shift=options["performer_shift"]).eval()
-    equivalence = check_equivalence(module, ane32, utts, float(s.equivalence_atol))
-    lap("load_and_equivalence")
+    r = {"equivalence": check_equivalence(module, ane32, utts, float(s.equivalence_atol))}
+    timer.lap("load_and_equivalence")
 
     # 2. Precision modes on the test split.
     models = {mode: precision_model(module.model, mode, module.cmvn, **options, **sim) for mode in MODES}
-    modes = transcribe_modes(models, utts, tokenizer)
-    lap("precision_modes")
+    r["modes"] = transcribe_modes(models, utts, module.tokenizer)
+    timer.lap("precision_modes")
 
     # 3. Range audits: the trained model as is, and both FP16 graphs (the models of step 2).
     feats = [u.feats for u in utts[: s.audit_utterances or None]]
-    audits = {"original_fp32": audit(module.model.eval(), [(module.cmvn(f, torch.tensor([f.size(1)])), None)
-                                                            for f in feats], fmt=s.format),
-              "ane_fp32": audit(ane32, feats, fmt=s.format),
-              "fp16_unstabilized": audit_fp16(models["fp16_unstabilized"].module, feats, s.format),
-              "fp16": audit_fp16(models["fp16"].module, feats, s.format)}
-    audit_path = write_audit(audits, paths.report_dir / "fp16_audit.json")
-    plot_audit(audits, paths.report_dir / "fp16_audit.png")
-    lap("audits")
+    r["audits"], r["audit_utterances"] = range_audits(module, ane32, models, feats, s.format), len(feats)
+    r["audit_path"] = write_audit(r["audits"], paths.report_dir / "fp16_audit.json")
+    plot_audit(r["audits"], paths.report_dir / "fp16_audit.png")
+    timer.lap("audits")
 
     # 4. Stress case: same FP32 function, residual stream `stress_gain` times larger.
-    gain = choose_stress_gain(s.stress_gain, audits["ane_fp32"])
-    stressed = scale_activations(module.model, gain)
+    r["gain"] = choose_stress_gain(s.stress_gain, r["audits"]["ane_fp32"])
+    stressed = scale_activations(module.model, r["gain"])
     stress_models = {mode: precision_model(stressed, mode, module.cmvn, **options, **sim) for mode in MODES}
-    stress = transcribe_modes(stress_models, utts[: int(s.stress_utterances)], tokenizer)
-    lap("stress")
+    r["stress_utterances"] = len(utts[: int(s.stress_utterances)])
+    r["stress"] = transcribe_modes(stress_models, utts[: int(s.stress_utterances)], module.tokenizer)
+    timer.lap("stress")
 
     # 5. LUT softmax error vs float64 for the configured table sizes.
-    lut = error_table(table_sizes=tuple(s.softmax.error_table_sizes), ranges=(float(s.softmax.range),),
-                      interps=(s.softmax.interp,))
-    lap("lut_error_table")
+    r["lut"] = error_table(table_sizes=tuple(s.softmax.error_table_sizes), ranges=(float(s.softmax.range),),
+                           interps=(s.softmax.interp,))
+    timer.lap("lut_error_table")
 
     # 6. Stabilization ablation under FP16 accumulation.
-    ablation, softmax_k = {}, None
+    r["ablation"], r["softmax_k"] = {}, None
     ab = s.get("ablation") or {}
     if ab.get("enabled", False) and (ab.get("variants") is None or paths.variant in ab.variants):
         arms = run_arms(module, utts, {name: dict(options, **arm) for name, arm in ablation_arms(options).items()},
                         s.ablation.accumulate, workers=int(cfg.trainer.num_threads))
-        ablation = transcribe_modes(arms, utts, tokenizer)
-        softmax_k = softmax_k_distribution(module, utts, options)
-        lap("ablation")
+        r["ablation"] = transcribe_modes(arms, utts, module.tokenizer)
+        r["softmax_k"] = softmax_k_distribution(module, utts, options)
+        timer.lap("ablation")
+    return r
 
-    # Stored in FP32 (the trained weights exactly); consumers cast to their precision.
-    save_stabilized(ANEConformer.from_asr(module.model, module.cmvn, **options), options,
-                    paths.stabilized)
-    summary = {
-        "variant": paths.variant, "options": options, "equivalence": equivalence,
+
+def range_audits(module, ane32, models: dict, feats: list[torch.Tensor], fmt: str) -> dict:
+    """FP16 range audits of the trained model as is, its ANE graph in FP32, and both FP16 graphs."""
+    original = [(module.cmvn(f, torch.tensor([f.size(1)])), None) for f in feats]
+    return {"original_fp32": audit(module.model.eval(), original, fmt=fmt),
+            "ane_fp32": audit(ane32, feats, fmt=fmt),
+            "fp16_unstabilized": audit_fp16(models["fp16_unstabilized"].module, feats, fmt),
+            "fp16": audit_fp16(models["fp16"].module, feats, fmt)}
+
+
+def stabilize_summary(s: DictConfig, variant: str, options: dict, r: dict, utterances: int, seconds: float,
+                      step_seconds: dict) -> dict:
+    """stabilize.json from the results of run_steps."""
+    modes, stress, ablation, audits = r["modes"], r["stress"], r["ablation"], r["audits"]
+    return {
+        "variant": variant, "options": options, "equivalence": r["equivalence"],
         "wer": {mode: m["wer"] for mode, m in modes.items()},
         "nonfinite_utterances": {mode: m["nonfinite_utterances"] for mode, m in modes.items()},
         "wer_delta_fp16": modes["fp16"]["wer"] - modes["fp32"]["wer"],
         "wer_delta_fp16_unstabilized": modes["fp16_unstabilized"]["wer"] - modes["fp32"]["wer"],
         "simulation": {mode: m["simulation"] for mode, m in modes.items()},
-        "stress": {"gain": gain, "setting": str(s.stress_gain), "utterances": len(utts[: int(s.stress_utterances)]),
+        "stress": {"gain": r["gain"], "setting": str(s.stress_gain), "utterances": r["stress_utterances"],
                    "wer": {mode: m["wer"] for mode, m in stress.items()},
                    "nonfinite_utterances": {mode: m["nonfinite_utterances"] for mode, m in stress.items()},
                    "max_abs_diff_vs_fp32": {mode: m["max_abs_diff_vs_fp32"] for mode, m in stress.items()}},
@@ -207,25 +243,15 @@ def stabilize(cfg: DictConfig) -> dict:
         "ablation": {"accumulate": s.get("ablation", {}).get("accumulate"), "arms": ablation_arms(options),
                      "wer": {arm: m["wer"] for arm, m in ablation.items()},
                      "nonfinite_utterances": {arm: m["nonfinite_utterances"] for arm, m in ablation.items()},
-                     "softmax_k": softmax_k},
+                     "softmax_k": r["softmax_k"]},
         "audit_summary": {name: a["summary"] for name, a in audits.items()},
         # The front end's largest |activation| in the trained FP32 model (paper 1, claim 7: DWS vs vanilla range).
-        "frontend_peak": max((r["peak"] for k, r in audits["original_fp32"]["modules"].items()
-                              if "subsampling" in k.split(".") and r.get("peak") is not None), default=None),
-        "lut_error": lut, "utterances": len(utts), "audit_utterances": len(feats),
-        "seconds": round(time.perf_counter() - started, 1), "step_seconds": timings,
-        "config": OmegaConf.to_container(s, resolve=True), "audit": str(audit_path),
+        "frontend_peak": max((v["peak"] for k, v in audits["original_fp32"]["modules"].items()
+                              if "subsampling" in k.split(".") and v.get("peak") is not None), default=None),
+        "lut_error": r["lut"], "utterances": utterances, "audit_utterances": r["audit_utterances"],
+        "seconds": seconds, "step_seconds": step_seconds,
+        "config": OmegaConf.to_container(s, resolve=True), "audit": str(r["audit_path"]),
     }
-    write_json_atomic(paths.report_dir / "stabilize.json", summary)
-    # Every transcript of every mode, for the evaluate stage (the same options it evaluates) and for inspection.
-    write_json_atomic(paths.report_dir / "precision_modes.json",
-                      {"options": options, "softmax_k": softmax_k, "frontend_peak": summary["frontend_peak"],
-                       "modes": {mode: {k: m[k] for k in ("wer", "cer", "nonfinite_utterances",
-                                                          "max_abs_diff_vs_fp32", "rows")}
-                                 for mode, m in {**modes, **ablation}.items()}})
-    print(format_summary(summary))
-    print(json.dumps({k: summary[k] for k in ("variant", "wer", "wer_delta_fp16", "stress")}))
-    return summary
 
 
 def _arm_outputs(job) -> tuple[list[torch.Tensor], dict]:
