@@ -61,3 +61,22 @@ def test_step_timer_times_both_precisions_without_touching_the_model_or_the_rng(
     assert torch.equal(torch.rand(4), expected)  # the run's random stream is where it was
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_train_stage_resolves_auto_for_its_own_model():
+    from omegaconf import OmegaConf
+
+    from edgeconformer.models.lightning import ASRModule
+    from edgeconformer.stages.train import training_precision
+
+    cfg = compose(["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.ff_dim=64",
+                   "model.encoder.n_layers=1", "model.subsampling_channels=8", "train.max_batch_seconds=4",
+                   "trainer.precision=auto"])
+    module = ASRModule(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.train), 16)
+    precision, why = training_precision(cfg, module)
+    assert why["requested"] == "auto" and why["chosen"] == precision in ("32-true", "bf16-mixed")
+    if not cpu_bf16():
+        assert precision == "32-true"
+    explicit = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true"}})
+    assert training_precision(explicit, module) == ("32-true", {"requested": "32-true", "chosen": "32-true",
+                                                                "reason": "set explicitly"})

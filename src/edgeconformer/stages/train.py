@@ -29,6 +29,7 @@ from edgeconformer.data.datamodule import ASRDataModule
 from edgeconformer.data.tokenizer import Tokenizer
 from edgeconformer.errors import UserError
 from edgeconformer.files import atomic_path, write_json_atomic
+from edgeconformer.hardware import resolve_precision, step_timer, synthetic_batch
 from edgeconformer.models.lightning import ASRModule
 from edgeconformer.training.callbacks import AverageLastEpochs, DecodeTestSplit, TimeGuard, best_score, post_fit_report
 
@@ -86,14 +87,15 @@ def train(cfg: DictConfig) -> dict:
     module.cmvn.set_stats(*data.cmvn)
     features_s = time.perf_counter() - started
 
-    trainer, best = make_trainer(cfg, out)
+    precision, precision_why = training_precision(cfg, module)
+    trainer, best = make_trainer(cfg, out, precision)
     ckpt_path = resumable_checkpoint(out, cfg, saved_config)
     fit_s = fit(trainer, module, data, out, ckpt_path)
     metrics = {"variant": variant_name(cfg), "seed": seed, "model": cfg.model.name, "epochs": trainer.current_epoch,
                "steps": trainer.global_step, "skipped_batches": int(module.skipped_batches),
                "features_seconds": round(features_s, 1), "fit_seconds": round(fit_s, 1),
                "train_hours": round(sum(data.train_set.durations) / 3600, 3), "best_val_wer": best_score(best),
-               "resumed_from": ckpt_path,
+               "resumed_from": ckpt_path, "precision": precision_why,
                "audio_seconds_per_second": round(module.audio_seconds_seen / max(fit_s, 1e-9), 1)}
     metrics.update(post_fit_report(trainer)[0])  # weight averaging, then the test split
     if trainer.is_global_zero:
@@ -119,7 +121,19 @@ def start_run_folder(cfg: DictConfig, out: Path) -> tuple[Tokenizer, DictConfig 
     return tokenizer, saved
 
 
-def make_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoint]:
+def training_precision(cfg: DictConfig, module: ASRModule) -> tuple[str, dict]:
+    """trainer.precision, with "auto" resolved for this machine and model (hardware.resolve_precision: bf16-mixed
+    only where the CPU has bf16 instructions and a timed training step of this model is faster in it); -> (the
+    Lightning precision, why)."""
+    tr = cfg.trainer
+    batch = synthetic_batch(cfg.model.n_mels, module.model.vocab_size, float(cfg.train.max_batch_seconds))
+    precision, why = resolve_precision(str(tr.precision), tr.accelerator, step_timer(module.model, batch))
+    if tr.precision == "auto":
+        print(f"trainer.precision=auto -> {precision}: {why['reason']}")
+    return precision, why
+
+
+def make_trainer(cfg: DictConfig, out: Path, precision: str) -> tuple[L.Trainer, ModelCheckpoint]:
     """The Trainer with its checkpoints (best.ckpt by val/wer, last.ckpt every epoch) and the callbacks that
     train.max_time, train.average_last and train.test_after_fit ask for; -> (trainer, the best.ckpt callback)."""
     t, tr = cfg.train, cfg.trainer
@@ -136,7 +150,7 @@ def make_trainer(cfg: DictConfig, out: Path) -> tuple[L.Trainer, ModelCheckpoint
         callbacks.append(DecodeTestSplit(best, t.test_methods, t.decode.beam, t.decode.ctc_weight))
     trainer = L.Trainer(
         accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
-        precision=tr.precision, deterministic=tr.deterministic, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        precision=precision, deterministic=tr.deterministic, max_epochs=t.max_epochs, max_steps=t.max_steps,
         gradient_clip_val=t.grad_clip, check_val_every_n_epoch=t.val_every_n_epochs,
         log_every_n_steps=tr.log_every_n_steps, logger=make_loggers(cfg, out), callbacks=callbacks,
         enable_progress_bar=bool(tr.get("progress_bar", True)), use_distributed_sampler=False,
