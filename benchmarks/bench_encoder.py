@@ -49,8 +49,18 @@ IDIM = 80
 
 # Sizes that are not in conf/model (the smoke test uses "tiny"); every other name is read from conf/model.
 BUILTIN_SIZES = {
-    "tiny": dict(d_model=32, n_layers=1, n_heads=4, ff_dim=64, kernel_size=7, dropout=0.1, norm="layer",
-                 subsampling_factor=4, subsampling_channels=8, dws_subsampling=False),
+    "tiny": dict(
+        d_model=32,
+        n_layers=1,
+        n_heads=4,
+        ff_dim=64,
+        kernel_size=7,
+        dropout=0.1,
+        norm="layer",
+        subsampling_factor=4,
+        subsampling_channels=8,
+        dws_subsampling=False,
+    )
 }
 
 
@@ -62,10 +72,18 @@ def load_size(name: str) -> dict:
 
     model = compose([f"model={name}"]).model
     enc = model.encoder
-    return dict(d_model=int(enc.d_model), n_layers=int(enc.n_layers), n_heads=int(enc.n_heads),
-                ff_dim=int(enc.ff_dim), kernel_size=int(enc.kernel_size), dropout=float(enc.dropout),
-                norm=str(enc.norm), subsampling_factor=int(model.subsampling_factor),
-                subsampling_channels=model.subsampling_channels, dws_subsampling=model.subsampling == "dws")
+    return dict(
+        d_model=int(enc.d_model),
+        n_layers=int(enc.n_layers),
+        n_heads=int(enc.n_heads),
+        ff_dim=int(enc.ff_dim),
+        kernel_size=int(enc.kernel_size),
+        dropout=float(enc.dropout),
+        norm=str(enc.norm),
+        subsampling_factor=int(model.subsampling_factor),
+        subsampling_channels=model.subsampling_channels,
+        dws_subsampling=model.subsampling == "dws",
+    )
 
 
 class TorchaudioEncoder(nn.Module):
@@ -74,9 +92,14 @@ class TorchaudioEncoder(nn.Module):
     def __init__(self, subsampling: nn.Module, cfg: dict):
         super().__init__()
         self.subsampling = subsampling
-        self.blocks = Conformer(input_dim=cfg["d_model"], num_heads=cfg["n_heads"], ffn_dim=cfg["ff_dim"],
-                                num_layers=cfg["n_layers"], depthwise_conv_kernel_size=cfg["kernel_size"],
-                                dropout=cfg["dropout"])
+        self.blocks = Conformer(
+            input_dim=cfg["d_model"],
+            num_heads=cfg["n_heads"],
+            ffn_dim=cfg["ff_dim"],
+            num_layers=cfg["n_layers"],
+            depthwise_conv_kernel_size=cfg["kernel_size"],
+            dropout=cfg["dropout"],
+        )
 
     def forward(self, feats, lengths):
         x, lengths = self.subsampling(feats, lengths)
@@ -86,10 +109,20 @@ class TorchaudioEncoder(nn.Module):
 def build_models(cfg: dict, seed: int = 0) -> dict[str, nn.Module]:
     def ours(pos):
         torch.manual_seed(seed)
-        return ConformerEncoder(idim=IDIM, d_model=cfg["d_model"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
-                                ff_dim=cfg["ff_dim"], kernel_size=cfg["kernel_size"], dropout=cfg["dropout"],
-                                subsampling_factor=cfg["subsampling_factor"], dws_subsampling=cfg["dws_subsampling"],
-                                pos=pos, norm=cfg["norm"], subsampling_channels=cfg["subsampling_channels"])
+        return ConformerEncoder(
+            idim=IDIM,
+            d_model=cfg["d_model"],
+            n_layers=cfg["n_layers"],
+            n_heads=cfg["n_heads"],
+            ff_dim=cfg["ff_dim"],
+            kernel_size=cfg["kernel_size"],
+            dropout=cfg["dropout"],
+            subsampling_factor=cfg["subsampling_factor"],
+            dws_subsampling=cfg["dws_subsampling"],
+            pos=pos,
+            norm=cfg["norm"],
+            subsampling_channels=cfg["subsampling_channels"],
+        )
 
     models = {"ours_abs": ours("abs"), "ours_rel": ours("rel")}
     # Same seed => same front-end weights; copy them anyway so the comparison never rests on RNG order.
@@ -147,16 +180,21 @@ def interleaved(fn, names, reps: int, warmup: int) -> dict[str, list[float]]:
             fn(name)
     times = {name: [] for name in names}
     for r in range(reps):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(fn(name))
     return times
 
 
 def bench_size(size: str, cfg: dict, args) -> dict:
     models = build_models(cfg)
-    result = {"size": size, "config": cfg,
-              "params": {"front_end": count_params(models["ours_rel"].subsampling),
-                         **{f"{n}_blocks": block_params(n, m) for n, m in models.items()}}}
+    result = {
+        "size": size,
+        "config": cfg,
+        "params": {
+            "front_end": count_params(models["ours_rel"].subsampling),
+            **{f"{n}_blocks": block_params(n, m) for n, m in models.items()},
+        },
+    }
 
     # (1) training throughput
     feats, lengths = make_batch(args.batch, args.min_sec, args.max_sec, seed=1)
@@ -164,36 +202,48 @@ def bench_size(size: str, cfg: dict, args) -> dict:
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
     for m in models.values():
         m.train()
-    steps = interleaved(lambda n: train_step(models[n], opts[n], feats, lengths), list(MODELS), args.reps,
-                        args.warmup)
+    steps = interleaved(lambda n: train_step(models[n], opts[n], feats, lengths), list(MODELS), args.reps, args.warmup)
     step_s = {n: statistics.median(t) for n, t in steps.items()}
     step_best = {n: min(t) for n, t in steps.items()}
-    result["train"] = {"batch": args.batch, "padded_frames": feats.size(1), "audio_seconds": audio_s,
-                       "step_s": step_s, "step_s_best": step_best, "step_s_all": steps,
-                       "throughput": {n: audio_s / s for n, s in step_s.items()},
-                       "throughput_best": {n: audio_s / s for n, s in step_best.items()}}
+    result["train"] = {
+        "batch": args.batch,
+        "padded_frames": feats.size(1),
+        "audio_seconds": audio_s,
+        "step_s": step_s,
+        "step_s_best": step_best,
+        "step_s_all": steps,
+        "throughput": {n: audio_s / s for n, s in step_s.items()},
+        "throughput_best": {n: audio_s / s for n, s in step_best.items()},
+    }
     opts.clear()  # frees the optimizer states before the inference runs
 
     # (2) batch-1 inference RTF
     feats1, lengths1 = make_batch(1, args.rtf_sec, args.rtf_sec, seed=2)
     for m in models.values():
         m.eval()
-    calls = interleaved(lambda n: infer_call(models[n], feats1, lengths1, args.infer_inner), list(MODELS),
-                        args.reps, args.warmup)
+    calls = interleaved(
+        lambda n: infer_call(models[n], feats1, lengths1, args.infer_inner), list(MODELS), args.reps, args.warmup
+    )
     call_s = {n: statistics.median(t) for n, t in calls.items()}
     call_best = {n: min(t) for n, t in calls.items()}
-    result["infer"] = {"audio_seconds": args.rtf_sec, "inner": args.infer_inner, "call_s": call_s,
-                       "call_s_best": call_best, "call_s_all": calls,
-                       "rtf": {n: s / args.rtf_sec for n, s in call_s.items()},
-                       "rtf_best": {n: s / args.rtf_sec for n, s in call_best.items()}}
+    result["infer"] = {
+        "audio_seconds": args.rtf_sec,
+        "inner": args.infer_inner,
+        "call_s": call_s,
+        "call_s_best": call_best,
+        "call_s_all": calls,
+        "rtf": {n: s / args.rtf_sec for n, s in call_s.items()},
+        "rtf_best": {n: s / args.rtf_sec for n, s in call_best.items()},
+    }
 
     # "ratios" compares medians (the headline numbers); "ratios_best" compares the fastest rep of each model,
     # the estimate least affected by other processes on a shared machine.
     for key, suffix in (("ratios", ""), ("ratios_best", "_best")):
         thr, rtf = result["train"]["throughput" + suffix], result["infer"]["rtf" + suffix]
-        result[key] = {f"{n}/torchaudio": {"throughput": thr[n] / thr["torchaudio"],
-                                           "rtf": rtf[n] / rtf["torchaudio"]}
-                       for n in ("ours_abs", "ours_rel")}
+        result[key] = {
+            f"{n}/torchaudio": {"throughput": thr[n] / thr["torchaudio"], "rtf": rtf[n] / rtf["torchaudio"]}
+            for n in ("ours_abs", "ours_rel")
+        }
     return result
 
 
@@ -207,37 +257,55 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"processor": cpu, "system": u.system, "release": u.release, "machine": u.machine, "node": u.node,
-            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    return {
+        "processor": cpu,
+        "system": u.system,
+        "release": u.release,
+        "machine": u.machine,
+        "node": u.node,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
 
 
 def format_report(report: dict) -> str:
-    lines = [f"torch {report['torch']}, torchaudio {report['torchaudio']}, {report['threads']} thread(s), "
-             f"median of {report['reps']} reps after {report['warmup']} warm-up, {report['machine']['processor']}"]
+    lines = [
+        f"torch {report['torch']}, torchaudio {report['torchaudio']}, {report['threads']} thread(s), "
+        f"median of {report['reps']} reps after {report['warmup']} warm-up, {report['machine']['processor']}"
+    ]
     for r in report["results"]:
         c, tr, inf = r["config"], r["train"], r["infer"]
-        lines += ["",
-                  f"== {r['size']}: d={c['d_model']} x{c['n_layers']} blocks, {c['n_heads']} heads, ff {c['ff_dim']}, "
-                  f"kernel {c['kernel_size']}; front end {r['params']['front_end']:,} params (shared); "
-                  f"train batch {tr['batch']} ({tr['audio_seconds']:.1f} s audio, padded to {tr['padded_frames']} "
-                  f"frames), RTF on {inf['audio_seconds']:g} s",
-                  f"{'model':<11} {'block params':>13} {'train step s':>13} {'audio s / s':>12} {'(best)':>8} "
-                  f"{'RTF':>8} {'(best)':>8}"]
+        lines += [
+            "",
+            f"== {r['size']}: d={c['d_model']} x{c['n_layers']} blocks, {c['n_heads']} heads, ff {c['ff_dim']}, "
+            f"kernel {c['kernel_size']}; front end {r['params']['front_end']:,} params (shared); "
+            f"train batch {tr['batch']} ({tr['audio_seconds']:.1f} s audio, padded to {tr['padded_frames']} "
+            f"frames), RTF on {inf['audio_seconds']:g} s",
+            f"{'model':<11} {'block params':>13} {'train step s':>13} {'audio s / s':>12} {'(best)':>8} "
+            f"{'RTF':>8} {'(best)':>8}",
+        ]
         for n in MODELS:
-            lines.append(f"{n:<11} {r['params'][n + '_blocks']:>13,} {tr['step_s'][n]:>13.3f} "
-                         f"{tr['throughput'][n]:>12.1f} {tr['throughput_best'][n]:>8.1f} "
-                         f"{inf['rtf'][n]:>8.4f} {inf['rtf_best'][n]:>8.4f}")
+            lines.append(
+                f"{n:<11} {r['params'][n + '_blocks']:>13,} {tr['step_s'][n]:>13.3f} "
+                f"{tr['throughput'][n]:>12.1f} {tr['throughput_best'][n]:>8.1f} "
+                f"{inf['rtf'][n]:>8.4f} {inf['rtf_best'][n]:>8.4f}"
+            )
         for k, v in r["ratios"].items():
             b = r["ratios_best"][k]
-            lines.append(f"{k:<20} throughput x{v['throughput']:.2f} (best x{b['throughput']:.2f}; >1: ours faster)   "
-                         f"RTF x{v['rtf']:.2f} (best x{b['rtf']:.2f}; <1: ours faster)")
+            lines.append(
+                f"{k:<20} throughput x{v['throughput']:.2f} (best x{b['throughput']:.2f}; >1: ours faster)   "
+                f"RTF x{v['rtf']:.2f} (best x{b['rtf']:.2f}; <1: ours faster)"
+            )
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="small,conformer_s",
-                   help="comma-separated conf/model names (or 'tiny', a built-in smoke-test size)")
+    p.add_argument(
+        "--sizes",
+        default="small,conformer_s",
+        help="comma-separated conf/model names (or 'tiny', a built-in smoke-test size)",
+    )
     p.add_argument("--reps", type=int, default=5, help="timed reps per model and measurement (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed reps per model before timing")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -255,10 +323,17 @@ def main(argv=None) -> dict:
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        report = {"torch": torch.__version__, "torchaudio": torchaudio.__version__, "threads": args.threads,
-                  "reps": args.reps, "warmup": args.warmup, "machine": machine(),
-                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "loadavg_start": list(os.getloadavg()), "results": []}
+        report = {
+            "torch": torch.__version__,
+            "torchaudio": torchaudio.__version__,
+            "threads": args.threads,
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "machine": machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "loadavg_start": list(os.getloadavg()),
+            "results": [],
+        }
         t0 = time.perf_counter()
         for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
             report["results"].append(bench_size(size, load_size(size), args))
@@ -267,8 +342,10 @@ def main(argv=None) -> dict:
     finally:
         torch.set_num_threads(prev_threads)
     print(format_report(report))
-    print(f"load average {report['loadavg_start'][0]:.2f} at start, {report['loadavg_end'][0]:.2f} at end "
-          f"({os.cpu_count()} CPUs); wall {report['wall_s']:.0f} s")
+    print(
+        f"load average {report['loadavg_start'][0]:.2f} at start, {report['loadavg_end'][0]:.2f} at end "
+        f"({os.cpu_count()} CPUs); wall {report['wall_s']:.0f} s"
+    )
     line = json.dumps(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

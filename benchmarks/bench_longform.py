@@ -92,9 +92,11 @@ def paired_delta(refs: list[str], one: list[str], long: list[str], resamples: in
     rng = np.random.default_rng(0)
     idx = rng.integers(0, len(refs), (resamples, len(refs)))
     boot = 100 * (b[idx].sum(1) - a[idx].sum(1)) / n[idx].sum(1)
-    return {"delta": 100 * (b.sum() - a.sum()) / n.sum(), "ci95": [float(np.percentile(boot, 2.5)),
-                                                                  float(np.percentile(boot, 97.5))],
-            "utterances_changed": int(sum(x != y for x, y in zip(one, long)))}
+    return {
+        "delta": 100 * (b.sum() - a.sum()) / n.sum(),
+        "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "utterances_changed": int(sum(x != y for x, y in zip(one, long))),
+    }
 
 
 def words_by_utterance(words: list[dict], starts: list[float]) -> list[str]:
@@ -120,8 +122,11 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     module = load_trained(args.model)
-    s = Settings(**{**decoding_defaults(module), "method": args.method}, first_pass=args.first_pass,
-                 max_segment_seconds=1e9 if args.child == "whole" else 20.0)
+    s = Settings(
+        **{**decoding_defaults(module), "method": args.method},
+        first_pass=args.first_pass,
+        max_segment_seconds=1e9 if args.child == "whole" else 20.0,
+    )
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     items = [Item(p) for p in args.inputs]
     t0 = time.perf_counter()
@@ -130,16 +135,38 @@ def child(args) -> None:
     errors = [o.error for o in outcomes if o.error]
     assert not errors, errors
     audio = sum(o.transcript.seconds for o in outcomes)
-    print(json.dumps({"mode": args.child, "audio_seconds": audio, "compute_seconds": wall, "rtf": wall / audio,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_after_load_mb": loaded, "files": len(items)}))
+    print(
+        json.dumps(
+            {
+                "mode": args.child,
+                "audio_seconds": audio,
+                "compute_seconds": wall,
+                "rtf": wall / audio,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "rss_after_load_mb": loaded,
+                "files": len(items),
+            }
+        )
+    )
 
 
 def run_child(args, mode: str, inputs: list[str]) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join(inputs))
-    cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--threads", str(args.threads),
-           "--method", args.method, "--inputs-file", f.name] + (["--first-pass"] if args.first_pass else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--model",
+        args.model,
+        "--threads",
+        str(args.threads),
+        "--method",
+        args.method,
+        "--inputs-file",
+        f.name,
+    ] + (["--first-pass"] if args.first_pass else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     os.unlink(f.name)
     if proc.returncode:
@@ -149,28 +176,37 @@ def run_child(args, mode: str, inputs: list[str]) -> dict:
 
 # ------------------------------------------------------------------------------------------------ parts
 def memory_part(args, rows, tmp: Path) -> dict:
-    short = [r["audio_filepath"] for r in rows[:args.short_utterances]]
+    short = [r["audio_filepath"] for r in rows[: args.short_utterances]]
     if not short:  # no manifest: synthetic utterances of 1-4 s
         rng = np.random.default_rng(1)
         for i in range(args.short_utterances):
             sf.write(tmp / f"short{i}.flac", synthetic_burst(rng.uniform(1.0, 4.0), rng), SAMPLE_RATE)
             short.append(str(tmp / f"short{i}.flac"))
     base = run_child(args, "longform", short)
-    print(f"baseline: {len(short)} utterances one by one ({base['audio_seconds']:.0f} s): RTF {base['rtf']:.4f}, "
-          f"peak RSS {base['peak_rss_mb']:.0f} MB")
+    print(
+        f"baseline: {len(short)} utterances one by one ({base['audio_seconds']:.0f} s): RTF {base['rtf']:.4f}, "
+        f"peak RSS {base['peak_rss_mb']:.0f} MB"
+    )
     results = []
-    lengths = [("longform", float(m)) for m in args.minutes.split(",") if m] + \
-              [("whole", float(m)) for m in args.whole_minutes.split(",") if m]
+    lengths = [("longform", float(m)) for m in args.minutes.split(",") if m] + [
+        ("whole", float(m)) for m in args.whole_minutes.split(",") if m
+    ]
     for mode, minutes in lengths:
         path = tmp / f"{minutes:g}min.flac"
         if not path.exists():
             build_recording(rows, path, minutes)
         r = run_child(args, mode, [str(path)])
-        r.update(minutes=minutes, rtf_ratio=r["rtf"] / base["rtf"], peak_ratio=r["peak_rss_mb"] / base["peak_rss_mb"],
-                 peak_growth_mb=r["peak_rss_mb"] - base["peak_rss_mb"])
+        r.update(
+            minutes=minutes,
+            rtf_ratio=r["rtf"] / base["rtf"],
+            peak_ratio=r["peak_rss_mb"] / base["peak_rss_mb"],
+            peak_growth_mb=r["peak_rss_mb"] - base["peak_rss_mb"],
+        )
         results.append(r)
-        print(f"{mode:8s} {minutes:6.1f} min: peak RSS {r['peak_rss_mb']:7.0f} MB ({r['peak_ratio']:.2f}x baseline, "
-              f"{r['peak_growth_mb']:+.0f} MB), RTF {r['rtf']:.4f} ({r['rtf_ratio']:.2f}x short-utterance RTF)")
+        print(
+            f"{mode:8s} {minutes:6.1f} min: peak RSS {r['peak_rss_mb']:7.0f} MB ({r['peak_ratio']:.2f}x baseline, "
+            f"{r['peak_growth_mb']:+.0f} MB), RTF {r['rtf']:.4f} ({r['rtf_ratio']:.2f}x short-utterance RTF)"
+        )
     return {"baseline": base, "lengths": results}
 
 
@@ -204,11 +240,15 @@ def wer_part(args, rows, tmp: Path) -> dict:
     reference, used, starts = build_recording(rows, path, args.wer_minutes)
     refs = [rows[k]["text"] for k in used]
     t0 = time.perf_counter()
-    one = [o.transcript.text for o in transcribe_items(module, [Item(rows[k]["audio_filepath"]) for k in used],
-                                                       Settings(**defaults))]
+    one = [
+        o.transcript.text
+        for o in transcribe_items(module, [Item(rows[k]["audio_filepath"]) for k in used], Settings(**defaults))
+    ]
     out["utterances"] = {"wer": wer(reference, " ".join(one)), "n": len(used), "seconds": time.perf_counter() - t0}
-    print(f"{args.wer_minutes:g}-minute recording of {len(used)} test utterances ({args.method}): one by one WER "
-          f"{out['utterances']['wer']:.2f}%")
+    print(
+        f"{args.wer_minutes:g}-minute recording of {len(used)} test utterances ({args.method}): one by one WER "
+        f"{out['utterances']['wer']:.2f}%"
+    )
     # The noise floor: the same utterances one by one, each after --shift-ms of silence. A window or a segment
     # starts on the 40 ms frame grid of the recording, not where an utterance file starts.
     if args.shift_ms > 0:
@@ -216,30 +256,43 @@ def wer_part(args, rows, tmp: Path) -> dict:
         audio = {k: torch.cat([pad, read_audio(rows[k]["audio_filepath"])]) for k in set(used)}
         shifted = []
         for i in range(0, len(used), 16):
-            shifted += [t.text for t in transcribe_batch(module, [audio[k] for k in used[i:i + 16]],
-                                                         Settings(**defaults))]
-        r = {"shift_ms": args.shift_ms, "wer": wer(reference, " ".join(shifted)),
-             "paired": paired_delta(refs, one, shifted)}
+            shifted += [
+                t.text for t in transcribe_batch(module, [audio[k] for k in used[i : i + 16]], Settings(**defaults))
+            ]
+        r = {
+            "shift_ms": args.shift_ms,
+            "wer": wer(reference, " ".join(shifted)),
+            "paired": paired_delta(refs, one, shifted),
+        }
         out["utterances_shifted"] = r
         lo, hi = r["paired"]["ci95"]
-        print(f"  one by one after {args.shift_ms:g} ms of silence: WER {r['wer']:.2f}% "
-              f"({r['paired']['delta']:+.2f} points, 95% CI {lo:+.2f} to {hi:+.2f})")
+        print(
+            f"  one by one after {args.shift_ms:g} ms of silence: WER {r['wer']:.2f}% "
+            f"({r['paired']['delta']:+.2f} points, 95% CI {lo:+.2f} to {hi:+.2f})"
+        )
     out["longform"] = []
     for config in args.configs.split(","):
         chunk, context = map(float, config.split(":"))
         s = Settings(**defaults, chunk_seconds=chunk, context_seconds=context, timestamps=True)
         t0 = time.perf_counter()
         t = transcribe_long(module, read_blocks(str(path)), s)
-        r = {"chunk_seconds": chunk, "context_seconds": context, "wer": wer(reference, t.text),
-             "segments": t.segments, "compute_seconds": time.perf_counter() - t0}
+        r = {
+            "chunk_seconds": chunk,
+            "context_seconds": context,
+            "wer": wer(reference, t.text),
+            "segments": t.segments,
+            "compute_seconds": time.perf_counter() - t0,
+        }
         r["wer_delta"] = r["wer"] - out["utterances"]["wer"]
         # the same difference per utterance (words assigned by their timestamps), for a confidence interval
         r["paired"] = paired_delta(refs, one, words_by_utterance(t.words, starts))
         out["longform"].append(r)
         lo, hi = r["paired"]["ci95"]
-        print(f"  long-form chunk {chunk:g} s, context {context:g} s: WER {r['wer']:.2f}% "
-              f"({r['wer_delta']:+.2f} points; per utterance {r['paired']['delta']:+.2f}, 95% CI {lo:+.2f} to "
-              f"{hi:+.2f}), {t.segments} segments, RTF {r['compute_seconds'] / t.seconds:.4f}")
+        print(
+            f"  long-form chunk {chunk:g} s, context {context:g} s: WER {r['wer']:.2f}% "
+            f"({r['wer_delta']:+.2f} points; per utterance {r['paired']['delta']:+.2f}, 95% CI {lo:+.2f} to "
+            f"{hi:+.2f}), {t.segments} segments, RTF {r['compute_seconds'] / t.seconds:.4f}"
+        )
 
     # 2. groups short enough to decode whole: whole vs long-form vs chunked attention
     if args.group_minutes <= 0:
@@ -260,8 +313,11 @@ def wer_part(args, rows, tmp: Path) -> dict:
     enc = module.model.encoder
     s = Settings(**{**defaults, "method": "ctc_greedy"})  # one decoder for every row: only the encoding differs
     alone = [o.transcript.text for o in transcribe_items(module, [Item(r["audio_filepath"]) for r in rows], s)]
-    hyps: dict[str, list[str]] = {"utterances": [" ".join(alone[k] for k in m) for m in members], "whole": [],
-                                  "longform": []}
+    hyps: dict[str, list[str]] = {
+        "utterances": [" ".join(alone[k] for k in m) for m in members],
+        "whole": [],
+        "longform": [],
+    }
     # the chunked-attention rows: a full-context encoder run with the streaming path's masks (for a first pass,
     # already chunk-masked and causal, whole-input decoding is exactly what streaming it gives)
     chunked = [] if args.first_pass else [(args.stream_chunk, -1), (args.stream_chunk, args.stream_left)]
@@ -279,8 +335,12 @@ def wer_part(args, rows, tmp: Path) -> dict:
                 ids = decode("ctc_greedy", module.model.ctc_log_probs(o)[0], blank=BLANK_ID)
                 hyps[f"chunked_{c}_left{left}"].append(module.tokenizer.decode(ids))
     ids = [f"group{i}" for i in range(len(groups))]
-    out["groups"] = {"minutes": args.group_minutes, "n": len(groups), "causal": bool(enc.blocks[0].conv.causal),
-                     "trained_chunk_size": enc.chunk_size}
+    out["groups"] = {
+        "minutes": args.group_minutes,
+        "n": len(groups),
+        "causal": bool(enc.blocks[0].conv.causal),
+        "trained_chunk_size": enc.chunk_size,
+    }
     whole_wer = score(refs, hyps["whole"], ids)["wer"]
     print(f"{len(groups)} groups of ~{args.group_minutes:g} min (greedy CTC): whole-input WER {whole_wer:.2f}%")
     for name, h in hyps.items():
@@ -316,10 +376,17 @@ def main(argv: list[str] | None = None) -> dict | None:
         child(args)
         return None
     rows = utterances(args.manifest)
-    report = {"model": args.model, "manifest": args.manifest, "threads": args.threads, "method": args.method,
-              "first_pass": args.first_pass,
-              "machine": platform.platform(), "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    report = {
+        "model": args.model,
+        "manifest": args.manifest,
+        "threads": args.threads,
+        "method": args.method,
+        "first_pass": args.first_pass,
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_average_start": os.getloadavg(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         if "memory" in args.part:
             report["memory"] = memory_part(args, rows, Path(tmp))

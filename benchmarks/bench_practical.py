@@ -48,24 +48,42 @@ from edgeconformer.models.lightning import build_model
 MODELS = ("baseline", "practical")
 FRAMES_PER_SECOND = 100  # 10 ms feature hop
 
-QUICK_COMMON = ["model.encoder.d_model=32", "model.encoder.n_layers=2", "model.encoder.n_heads=2",
-                "model.encoder.ff_dim=64", "model.encoder.kernel_size=7", "model.subsampling_channels=8",
-                "model.decoder.n_heads=2", "model.decoder.ff_dim=64"]
-QUICK_PRACTICAL = ["model.encoder.conv_only_layers=1", "model.encoder.performer_features=16",
-                   "model.encoder.stages=[{n_layers:1,d_model:32},{n_layers:1,d_model:24,n_heads:2,ff_dim:48}]",
-                   "model.cascade.n_layers=1", "model.cascade.d_model=32", "model.cascade.n_heads=2",
-                   "model.cascade.ff_dim=64"]
+QUICK_COMMON = [
+    "model.encoder.d_model=32",
+    "model.encoder.n_layers=2",
+    "model.encoder.n_heads=2",
+    "model.encoder.ff_dim=64",
+    "model.encoder.kernel_size=7",
+    "model.subsampling_channels=8",
+    "model.decoder.n_heads=2",
+    "model.decoder.ff_dim=64",
+]
+QUICK_PRACTICAL = [
+    "model.encoder.conv_only_layers=1",
+    "model.encoder.performer_features=16",
+    "model.encoder.stages=[{n_layers:1,d_model:32},{n_layers:1,d_model:24,n_heads:2,ff_dim:48}]",
+    "model.cascade.n_layers=1",
+    "model.cascade.d_model=32",
+    "model.cascade.n_heads=2",
+    "model.cascade.ff_dim=64",
+]
 
 
 def configs(args) -> dict[str, dict]:
     """Composed model configs of both sides (conf/ through Hydra, so the experiment file is what is measured)."""
-    common = ["model.subsampling=dws", f"model.encoder.chunk_size={args.chunk}", "model.encoder.left_chunks=-1",
-              *(QUICK_COMMON if args.quick else [])]
+    common = [
+        "model.subsampling=dws",
+        f"model.encoder.chunk_size={args.chunk}",
+        "model.encoder.left_chunks=-1",
+        *(QUICK_COMMON if args.quick else []),
+    ]
     base = compose(["model.encoder.causal=true", "model.encoder.dynamic_chunk=false", *common])
     prac = compose(["+experiment=practical", *common, *(QUICK_PRACTICAL if args.quick else [])])
-    return {"baseline": OmegaConf.to_container(base.model, resolve=True),
-            "practical": OmegaConf.to_container(prac.model, resolve=True),
-            "vocab_size": int(base.data.tokenizer.vocab_size)}
+    return {
+        "baseline": OmegaConf.to_container(base.model, resolve=True),
+        "practical": OmegaConf.to_container(prac.model, resolve=True),
+        "vocab_size": int(base.data.tokenizer.vocab_size),
+    }
 
 
 def first_pass_ctc(model, x):
@@ -93,7 +111,7 @@ def stream_once(model, feats, chunk_frames):
     with torch.inference_mode():
         for s in range(0, T, chunk_frames):
             t0 = time.perf_counter()
-            out, state = enc.stream(feats[:, s:s + chunk_frames], state, final=s + chunk_frames >= T)
+            out, state = enc.stream(feats[:, s : s + chunk_frames], state, final=s + chunk_frames >= T)
             if out.size(1):
                 first_pass_ctc(model, out)
             calls.append(time.perf_counter() - t0)
@@ -115,7 +133,7 @@ def interleaved(fn, names, reps: int, warmup: int) -> dict[str, list]:
             fn(name)
     out = {name: [] for name in names}
     for r in range(reps):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             out[name].append(fn(name))
     return out
 
@@ -142,13 +160,21 @@ def bench(args) -> dict:
     feats = torch.randn(1, T, cfgs["baseline"]["n_mels"], generator=gen)
     lengths = torch.tensor([T])
 
-    streams = interleaved(lambda n: stream_once(models[n], feats, chunk_frames)[0], list(MODELS), args.reps,
-                          args.warmup)
+    streams = interleaved(
+        lambda n: stream_once(models[n], feats, chunk_frames)[0], list(MODELS), args.reps, args.warmup
+    )
     fulls = interleaved(lambda n: full_once(models[n], feats, lengths), list(MODELS), args.reps, args.warmup)
     firsts = interleaved(lambda n: first_only(models[n], feats, lengths), list(MODELS), args.reps, args.warmup)
 
-    result = {"config": {"seconds": args.seconds, "chunk_size": args.chunk, "chunk_ms": chunk_frames * 10,
-                         "calls": len(streams["baseline"][0]), "models": {n: cfgs[n] for n in MODELS}}}
+    result = {
+        "config": {
+            "seconds": args.seconds,
+            "chunk_size": args.chunk,
+            "chunk_ms": chunk_frames * 10,
+            "calls": len(streams["baseline"][0]),
+            "models": {n: cfgs[n] for n in MODELS},
+        }
+    }
     per = {}
     for n, model in models.items():
         medians = [statistics.median(c) for c in streams[n]]  # per rep: median call latency over the utterance
@@ -183,8 +209,8 @@ def bench(args) -> dict:
         "full_utterance_latency": b["full_s"] / p["full_s"],
         "first_pass_full_latency": b["first_pass_full_s"] / p["first_pass_full_s"],
         "first_pass_flops": b["first_pass_gflops_per_audio_second"] / p["first_pass_gflops_per_audio_second"],
-        "attention_state": b["attention_state_bytes"][f"{args.seconds:g}"] /
-        max(1, p["attention_state_bytes"][f"{args.seconds:g}"]),
+        "attention_state": b["attention_state_bytes"][f"{args.seconds:g}"]
+        / max(1, p["attention_state_bytes"][f"{args.seconds:g}"]),
     }
     return result
 
@@ -207,34 +233,46 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"processor": cpu, "system": u.system, "release": u.release, "machine": u.machine,
-            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    return {
+        "processor": cpu,
+        "system": u.system,
+        "release": u.release,
+        "machine": u.machine,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
 
 
 def format_report(report: dict) -> str:
     r = report["result"]
     c = r["config"]
-    lines = [f"torch {report['torch']}, {report['threads']} thread(s), median of {report['reps']} reps after "
-             f"{report['warmup']} warm-up, {report['machine']['processor']}",
-             f"{c['seconds']:g} s utterance, batch 1, streamed in chunks of {c['chunk_size']} encoder frames "
-             f"({c['chunk_ms']} ms, {c['calls']} calls)",
-             f"{'model':<10} {'params':>10} {'GFLOPs/s':>9} {'1st pass':>9} {'call ms':>8} {'(best)':>7} "
-             f"{'last ms':>8} {'str. RTF':>9} {'full RTF':>9} {'attn state B':>13} {'pos. state B':>13} "
-             f"{'conv state B':>13}"]
+    lines = [
+        f"torch {report['torch']}, {report['threads']} thread(s), median of {report['reps']} reps after "
+        f"{report['warmup']} warm-up, {report['machine']['processor']}",
+        f"{c['seconds']:g} s utterance, batch 1, streamed in chunks of {c['chunk_size']} encoder frames "
+        f"({c['chunk_ms']} ms, {c['calls']} calls)",
+        f"{'model':<10} {'params':>10} {'GFLOPs/s':>9} {'1st pass':>9} {'call ms':>8} {'(best)':>7} "
+        f"{'last ms':>8} {'str. RTF':>9} {'full RTF':>9} {'attn state B':>13} {'pos. state B':>13} "
+        f"{'conv state B':>13}",
+    ]
     end = f"{c['seconds']:g}"
     for n in MODELS:
         m = r["models"][n]
-        lines.append(f"{n:<10} {m['params']:>10,} {m['gflops_per_audio_second']:>9.3f} "
-                     f"{m['first_pass_gflops_per_audio_second']:>9.3f} {m['stream_call_ms']:>8.3f} "
-                     f"{m['stream_call_ms_best']:>7.3f} {m['stream_call_ms_last']:>8.3f} {m['stream_rtf']:>9.4f} "
-                     f"{m['full_rtf']:>9.4f} {m['attention_state_bytes'][end]:>13,} "
-                     f"{m['position_state_bytes'][end]:>13,} {m['conv_state_bytes'][end]:>13,}")
+        lines.append(
+            f"{n:<10} {m['params']:>10,} {m['gflops_per_audio_second']:>9.3f} "
+            f"{m['first_pass_gflops_per_audio_second']:>9.3f} {m['stream_call_ms']:>8.3f} "
+            f"{m['stream_call_ms_best']:>7.3f} {m['stream_call_ms_last']:>8.3f} {m['stream_rtf']:>9.4f} "
+            f"{m['full_rtf']:>9.4f} {m['attention_state_bytes'][end]:>13,} "
+            f"{m['position_state_bytes'][end]:>13,} {m['conv_state_bytes'][end]:>13,}"
+        )
     q = r["ratios"]
-    lines.append(f"baseline/practical: streaming call latency x{q['stream_call_latency']:.2f} "
-                 f"(best x{q['stream_call_latency_best']:.2f}, at the longest context x"
-                 f"{q['stream_call_latency_last']:.2f}), streaming RTF x{q['stream_rtf']:.2f}, full utterance "
-                 f"x{q['full_utterance_latency']:.2f} (first pass only x{q['first_pass_full_latency']:.2f}), "
-                 f"first-pass FLOPs x{q['first_pass_flops']:.2f}, attention state x{q['attention_state']:.1f}")
+    lines.append(
+        f"baseline/practical: streaming call latency x{q['stream_call_latency']:.2f} "
+        f"(best x{q['stream_call_latency_best']:.2f}, at the longest context x"
+        f"{q['stream_call_latency_last']:.2f}), streaming RTF x{q['stream_rtf']:.2f}, full utterance "
+        f"x{q['full_utterance_latency']:.2f} (first pass only x{q['first_pass_full_latency']:.2f}), "
+        f"first-pass FLOPs x{q['first_pass_flops']:.2f}, attention state x{q['attention_state']:.1f}"
+    )
     return "\n".join(lines)
 
 
@@ -258,10 +296,16 @@ def main(argv=None) -> dict:
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        report = {"torch": torch.__version__, "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
-                  "quick": args.quick, "machine": machine(),
-                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "loadavg_start": list(os.getloadavg())}
+        report = {
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "quick": args.quick,
+            "machine": machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "loadavg_start": list(os.getloadavg()),
+        }
         t0 = time.perf_counter()
         report["result"] = bench(args)
         report["loadavg_end"] = list(os.getloadavg())
@@ -269,8 +313,10 @@ def main(argv=None) -> dict:
     finally:
         torch.set_num_threads(prev_threads)
     print(format_report(report))
-    print(f"load average {report['loadavg_start'][0]:.2f} at start, {report['loadavg_end'][0]:.2f} at end "
-          f"({os.cpu_count()} CPUs); wall {report['wall_s']:.0f} s")
+    print(
+        f"load average {report['loadavg_start'][0]:.2f} at start, {report['loadavg_end'][0]:.2f} at end "
+        f"({os.cpu_count()} CPUs); wall {report['wall_s']:.0f} s"
+    )
     line = json.dumps(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

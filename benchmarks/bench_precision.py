@@ -38,14 +38,23 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = {p: timer(p) for p in ("32-true", "bf16-mixed")}
     chosen, why = resolve_precision("auto", "cpu", step_seconds=lambda p: seconds[p])
     cpu = describe_cpu()
-    result = {"model": cfg.model.name, "subsampling": cfg.model.subsampling, "threads": args.threads,
-              "batch": list(batch[0].shape), "cpu": cpu, "step_seconds": seconds,
-              "ratio_fp32_over_bf16": seconds["32-true"] / seconds["bf16-mixed"], "auto": chosen,
-              "auto_reason": why["reason"]}
+    result = {
+        "model": cfg.model.name,
+        "subsampling": cfg.model.subsampling,
+        "threads": args.threads,
+        "batch": list(batch[0].shape),
+        "cpu": cpu,
+        "step_seconds": seconds,
+        "ratio_fp32_over_bf16": seconds["32-true"] / seconds["bf16-mixed"],
+        "auto": chosen,
+        "auto_reason": why["reason"],
+    }
     print(f"CPU: {cpu['torch_cpu_capability']}, bf16 instructions: {cpu['bf16_instructions'] or 'none'}")
     print(f"{cfg.model.name} ({cfg.model.subsampling}), batch {tuple(batch[0].shape)}, {args.threads} threads")
-    print(f"step fp32 {seconds['32-true']:.3f} s, bf16-mixed {seconds['bf16-mixed']:.3f} s: "
-          f"x{result['ratio_fp32_over_bf16']:.2f} (fp32 / bf16)")
+    print(
+        f"step fp32 {seconds['32-true']:.3f} s, bf16-mixed {seconds['bf16-mixed']:.3f} s: "
+        f"x{result['ratio_fp32_over_bf16']:.2f} (fp32 / bf16)"
+    )
     print(f"trainer.precision=auto -> {chosen}: {why['reason']}")
     print(json.dumps(result))
     return result

@@ -43,34 +43,185 @@ from edgeconformer.models.lightning import ASRModule
 # Op name (without the "aten::" prefix; backward nodes by the forward op they differentiate) -> group.
 GROUPS = {
     "matmul": ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_mm", "addmv", "mv", "dot", "einsum"),
-    "attention": ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                  "_scaled_dot_product_attention_math", "_softmax", "softmax", "_softmax_backward_data",
-                  "log_softmax", "_log_softmax", "_log_softmax_backward_data"),
-    "conv": ("convolution", "_convolution", "conv1d", "conv2d", "mkldnn_convolution", "_conv_depthwise2d",
-             "convolution_backward", "_slow_conv2d_forward", "_slow_conv2d_backward", "thnn_conv2d"),
-    "norm": ("layer_norm", "native_layer_norm", "native_layer_norm_backward", "batch_norm", "native_batch_norm",
-             "native_batch_norm_backward", "_batch_norm_impl_index"),
-    "activation": ("silu", "silu_backward", "glu", "glu_backward", "sigmoid", "sigmoid_backward", "relu",
-                   "threshold_backward", "gelu", "gelu_backward", "tanh", "tanh_backward"),
-    "loss": ("ctc_loss", "_ctc_loss", "_ctc_loss_backward", "nll_loss", "nll_loss_forward", "nll_loss_backward",
-             "kl_div", "cross_entropy"),
+    "attention": (
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_attention_math",
+        "_softmax",
+        "softmax",
+        "_softmax_backward_data",
+        "log_softmax",
+        "_log_softmax",
+        "_log_softmax_backward_data",
+    ),
+    "conv": (
+        "convolution",
+        "_convolution",
+        "conv1d",
+        "conv2d",
+        "mkldnn_convolution",
+        "_conv_depthwise2d",
+        "convolution_backward",
+        "_slow_conv2d_forward",
+        "_slow_conv2d_backward",
+        "thnn_conv2d",
+    ),
+    "norm": (
+        "layer_norm",
+        "native_layer_norm",
+        "native_layer_norm_backward",
+        "batch_norm",
+        "native_batch_norm",
+        "native_batch_norm_backward",
+        "_batch_norm_impl_index",
+    ),
+    "activation": (
+        "silu",
+        "silu_backward",
+        "glu",
+        "glu_backward",
+        "sigmoid",
+        "sigmoid_backward",
+        "relu",
+        "threshold_backward",
+        "gelu",
+        "gelu_backward",
+        "tanh",
+        "tanh_backward",
+    ),
+    "loss": (
+        "ctc_loss",
+        "_ctc_loss",
+        "_ctc_loss_backward",
+        "nll_loss",
+        "nll_loss_forward",
+        "nll_loss_backward",
+        "kl_div",
+        "cross_entropy",
+    ),
     "optimizer": ("_fused_adamw_",),  # and every _foreach_ op (AdamW's multi-tensor kernels)
-    "data movement": ("copy_", "cat", "stack", "index", "index_select", "gather", "scatter", "masked_fill",
-                      "masked_fill_", "where", "pad", "constant_pad_nd", "transpose", "permute", "contiguous",
-                      "clone", "to", "_to_copy", "empty", "empty_like", "zeros", "zeros_like", "fill_", "zero_",
-                      "view", "reshape", "unsqueeze", "squeeze", "slice", "select", "expand", "as_strided",
-                      "narrow", "flip", "roll", "repeat", "unfold", "index_put_", "_index_put_impl_", "new_zeros",
-                      "embedding", "embedding_dense_backward", "full", "arange", "resize_", "t", "split",
-                      "chunk", "unbind", "_unsafe_view", "masked_scatter", "nonzero", "set_"),
-    "reduction": ("sum", "mean", "max", "min", "amax", "norm", "var", "std", "logsumexp", "any", "all", "argmax",
-                  "cumsum", "linalg_vector_norm"),
-    "elementwise": ("add", "add_", "mul", "mul_", "div", "div_", "sub", "sub_", "neg", "exp", "log", "pow", "rsqrt",
-                    "abs", "clamp", "lt", "gt", "le", "ge", "eq", "ne", "bitwise_and", "bitwise_not", "logical_not",
-                    "rand", "bernoulli_", "uniform_", "native_dropout", "native_dropout_backward", "dropout",
-                    "sign", "floor", "ceil", "round", "reciprocal", "square", "maximum", "minimum", "exp2"),
+    "data movement": (
+        "copy_",
+        "cat",
+        "stack",
+        "index",
+        "index_select",
+        "gather",
+        "scatter",
+        "masked_fill",
+        "masked_fill_",
+        "where",
+        "pad",
+        "constant_pad_nd",
+        "transpose",
+        "permute",
+        "contiguous",
+        "clone",
+        "to",
+        "_to_copy",
+        "empty",
+        "empty_like",
+        "zeros",
+        "zeros_like",
+        "fill_",
+        "zero_",
+        "view",
+        "reshape",
+        "unsqueeze",
+        "squeeze",
+        "slice",
+        "select",
+        "expand",
+        "as_strided",
+        "narrow",
+        "flip",
+        "roll",
+        "repeat",
+        "unfold",
+        "index_put_",
+        "_index_put_impl_",
+        "new_zeros",
+        "embedding",
+        "embedding_dense_backward",
+        "full",
+        "arange",
+        "resize_",
+        "t",
+        "split",
+        "chunk",
+        "unbind",
+        "_unsafe_view",
+        "masked_scatter",
+        "nonzero",
+        "set_",
+    ),
+    "reduction": (
+        "sum",
+        "mean",
+        "max",
+        "min",
+        "amax",
+        "norm",
+        "var",
+        "std",
+        "logsumexp",
+        "any",
+        "all",
+        "argmax",
+        "cumsum",
+        "linalg_vector_norm",
+    ),
+    "elementwise": (
+        "add",
+        "add_",
+        "mul",
+        "mul_",
+        "div",
+        "div_",
+        "sub",
+        "sub_",
+        "neg",
+        "exp",
+        "log",
+        "pow",
+        "rsqrt",
+        "abs",
+        "clamp",
+        "lt",
+        "gt",
+        "le",
+        "ge",
+        "eq",
+        "ne",
+        "bitwise_and",
+        "bitwise_not",
+        "logical_not",
+        "rand",
+        "bernoulli_",
+        "uniform_",
+        "native_dropout",
+        "native_dropout_backward",
+        "dropout",
+        "sign",
+        "floor",
+        "ceil",
+        "round",
+        "reciprocal",
+        "square",
+        "maximum",
+        "minimum",
+        "exp2",
+    ),
 }
-PARTS = ("collate", "specaug+cmvn", "forward:front end", "forward:encoder blocks", "forward:heads+losses",
-         "backward", "optimizer")
+PARTS = (
+    "collate",
+    "specaug+cmvn",
+    "forward:front end",
+    "forward:encoder blocks",
+    "forward:heads+losses",
+    "backward",
+    "optimizer",
+)
 
 
 def op_group(name: str) -> str:
@@ -92,15 +243,21 @@ def setup(variant: str, threads: int, overrides: list[str]):
     tokenizer = Tokenizer(tok_path)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     t = cfg.train
-    module = ASRModule(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(t, resolve=True),
-                       tokenizer.vocab_size, seed=int(cfg.seed), decode=OmegaConf.to_container(t.decode, resolve=True))
+    module = ASRModule(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        OmegaConf.to_container(t, resolve=True),
+        tokenizer.vocab_size,
+        seed=int(cfg.seed),
+        decode=OmegaConf.to_container(t.decode, resolve=True),
+    )
     module.tokenizer = tokenizer
     rows = [r for s in cfg.data.train_splits for r in load_split(cfg.data, s, t)]
     train_set = FeatureDataset(rows, tokenizer, module.fbank, "train")
     module.cmvn.set_stats(*cmvn_stats(train_set.feats))
     dev_set = FeatureDataset(load_split(cfg.data, cfg.data.dev_split), tokenizer, module.fbank, cfg.data.dev_split)
-    sampler = DurationBucketSampler(train_set.durations, t.max_batch_seconds, max_batch_size=t.max_batch_size,
-                                    shuffle=True, seed=int(cfg.seed))
+    sampler = DurationBucketSampler(
+        train_set.durations, t.max_batch_seconds, max_batch_size=t.max_batch_size, shuffle=True, seed=int(cfg.seed)
+    )
     return cfg, module, train_set, dev_set, sampler
 
 
@@ -123,6 +280,7 @@ def instrument(module: ASRModule) -> None:
         def call(*args, **kwargs):
             with record_function(name):
                 return fn(*args, **kwargs)
+
         return call
 
     enc.subsampling.forward = ranged(enc.subsampling.forward, "forward:front end")
@@ -176,31 +334,54 @@ def profile_steps(module, opt, batches, warmup: int, clip: float) -> dict:
         "backward": ranges.get("backward", 0.0),
         "optimizer": ranges.get("optimizer", 0.0),
     }
-    parts["forward:heads+losses"] = max(0.0, ranges.get("forward:model", 0.0) - parts["forward:front end"]
-                                        - parts["forward:encoder blocks"])
+    parts["forward:heads+losses"] = max(
+        0.0, ranges.get("forward:model", 0.0) - parts["forward:front end"] - parts["forward:encoder blocks"]
+    )
     groups = defaultdict(float)
     for evt in prof.key_averages():
         if evt.key in (*PARTS, "forward:model") or evt.key.startswith("ProfilerStep"):
             continue
         groups[op_group(evt.key)] += evt.self_cpu_time_total / 1e6
-    top = sorted(((e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()
-                  if e.key not in (*PARTS, "forward:model")), key=lambda r: -r[1])[:15]
+    top = sorted(
+        (
+            (e.key, e.self_cpu_time_total / 1e6, e.count)
+            for e in prof.key_averages()
+            if e.key not in (*PARTS, "forward:model")
+        ),
+        key=lambda r: -r[1],
+    )[:15]
     audio_s = sum(float(b["feat_lengths"].sum()) for b in timed) / 100.0  # 10 ms hop
-    return {"steps": len(timed), "step_s_median": statistics.median(step_s), "step_s_total": total,
-            "audio_seconds": audio_s, "audio_seconds_per_second": audio_s / total,
-            "parts_s": parts, "parts_share": {k: v / total for k, v in parts.items()},
-            "outside_encoder_share": 1 - (parts["forward:encoder blocks"] + parts["forward:front end"]) / total,
-            "op_groups_s": dict(groups), "op_groups_share": {k: v / sum(groups.values()) for k, v in groups.items()},
-            "top_ops": [{"op": k, "self_s": s, "calls": c} for k, s, c in top]}
+    return {
+        "steps": len(timed),
+        "step_s_median": statistics.median(step_s),
+        "step_s_total": total,
+        "audio_seconds": audio_s,
+        "audio_seconds_per_second": audio_s / total,
+        "parts_s": parts,
+        "parts_share": {k: v / total for k, v in parts.items()},
+        "outside_encoder_share": 1 - (parts["forward:encoder blocks"] + parts["forward:front end"]) / total,
+        "op_groups_s": dict(groups),
+        "op_groups_share": {k: v / sum(groups.values()) for k, v in groups.items()},
+        "top_ops": [{"op": k, "self_s": s, "calls": c} for k, s, c in top],
+    }
 
 
 def lightning_overhead(module, batches, clip: float, threads: int) -> dict:
     """The same batches through Trainer.fit (logging every step as the recipe does) vs the plain loop."""
     torch.set_num_threads(threads)
     loader = DataLoader(batches, batch_size=None, shuffle=False)
-    trainer = L.Trainer(max_steps=len(batches), logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, gradient_clip_val=clip,
-                        num_sanity_val_steps=0, accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_steps=len(batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=clip,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+    )
     t0 = time.perf_counter()
     trainer.fit(module, loader)
     fit_s = time.perf_counter() - t0
@@ -216,8 +397,11 @@ def lightning_overhead(module, batches, clip: float, threads: int) -> dict:
 @torch.no_grad()
 def validation_cost(module, dev_set, val_max_batch_seconds: float) -> dict:
     module.eval()
-    loader = DataLoader(dev_set, collate_fn=collate_features,
-                        batch_sampler=DurationBucketSampler(dev_set.durations, val_max_batch_seconds, shuffle=False))
+    loader = DataLoader(
+        dev_set,
+        collate_fn=collate_features,
+        batch_sampler=DurationBucketSampler(dev_set.durations, val_max_batch_seconds, shuffle=False),
+    )
     t0 = time.perf_counter()
     forward_s = 0.0
     for batch in loader:
@@ -228,8 +412,12 @@ def validation_cost(module, dev_set, val_max_batch_seconds: float) -> dict:
         module.decode_encoder_output(out["encoder_out"], out["encoder_lengths"], method="ctc_greedy")
     total = time.perf_counter() - t0
     module.train()
-    return {"seconds": total, "forward_s": forward_s, "decode_s": total - forward_s,
-            "audio_seconds": sum(dev_set.durations)}
+    return {
+        "seconds": total,
+        "forward_s": forward_s,
+        "decode_s": total - forward_s,
+        "audio_seconds": sum(dev_set.durations),
+    }
 
 
 def machine() -> dict:
@@ -238,16 +426,24 @@ def machine() -> dict:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    return {"platform": platform.platform(), "processor": platform.processor(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+    }
 
 
 def format_report(r: dict) -> str:
     p = r["profile"]
-    lines = [f"training step profile: variant {r['variant']}, {p['steps']} steps, {r['threads']} threads, "
-             f"median step {p['step_s_median'] * 1000:.0f} ms, {p['audio_seconds_per_second']:.1f} audio s/s",
-             f"padded fraction of the epoch's batches: {r['padding']['padded_fraction']:.1%} "
-             f"({r['padding']['batches']} batches)", "", "model part                 seconds   share"]
+    lines = [
+        f"training step profile: variant {r['variant']}, {p['steps']} steps, {r['threads']} threads, "
+        f"median step {p['step_s_median'] * 1000:.0f} ms, {p['audio_seconds_per_second']:.1f} audio s/s",
+        f"padded fraction of the epoch's batches: {r['padding']['padded_fraction']:.1%} "
+        f"({r['padding']['batches']} batches)",
+        "",
+        "model part                 seconds   share",
+    ]
     for k in PARTS:
         if k in p["parts_s"]:
             lines.append(f"{k:<24} {p['parts_s'][k]:9.2f}  {p['parts_share'][k]:6.1%}")
@@ -259,13 +455,17 @@ def format_report(r: dict) -> str:
     lines += [f"  {o['op']:<48} {o['self_s']:8.2f} s  {o['calls']:6d} calls" for o in p["top_ops"]]
     if "lightning" in r:
         lo = r["lightning"]
-        lines.append(f"\nLightning loop: Trainer.fit {lo['fit_s']:.2f} s vs plain loop {lo['plain_s']:.2f} s "
-                     f"(x{lo['ratio_fit/plain']:.2f}) on the same {p['steps'] + r['warmup']} batches")
+        lines.append(
+            f"\nLightning loop: Trainer.fit {lo['fit_s']:.2f} s vs plain loop {lo['plain_s']:.2f} s "
+            f"(x{lo['ratio_fit/plain']:.2f}) on the same {p['steps'] + r['warmup']} batches"
+        )
     if "validation" in r:
         v = r["validation"]
-        lines.append(f"validation pass: {v['seconds']:.1f} s ({v['decode_s']:.1f} s CTC greedy decoding), "
-                     f"{v['seconds'] / r['epoch_estimate_s']:.1%} of an estimated training epoch of "
-                     f"{r['epoch_estimate_s']:.0f} s")
+        lines.append(
+            f"validation pass: {v['seconds']:.1f} s ({v['decode_s']:.1f} s CTC greedy decoding), "
+            f"{v['seconds'] / r['epoch_estimate_s']:.1%} of an estimated training epoch of "
+            f"{r['epoch_estimate_s']:.0f} s"
+        )
     return "\n".join(lines)
 
 
@@ -294,9 +494,15 @@ def main(argv=None) -> dict:
     collate_s = (time.perf_counter() - t0) / n
     instrument(module)
     state = {k: v.clone() for k, v in module.state_dict().items()}
-    report = {"variant": args.variant, "threads": args.threads, "warmup": args.warmup, "torch": torch.__version__,
-              "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "padding": padded_fraction(
-                  train_set, sampler)}
+    report = {
+        "variant": args.variant,
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "padding": padded_fraction(train_set, sampler),
+    }
     report["profile"] = profile_steps(module, module.make_optimizer(), batches, args.warmup, float(cfg.train.grad_clip))
     p = report["profile"]
     p["parts_s"]["collate"] = collate_s * p["steps"]

@@ -10,8 +10,10 @@ from edgeconformer.report import build_report
 
 def report(cfg):
     result = build_report("metrics", "reports", "reports/summary.md", "reports/plots", docs_root=".")
-    print(f"wrote {result['summary']} and {len(result['plots'])} plot(s) for {', '.join(result['variants'])}; "
-          f"results blocks updated in: {', '.join(result['docs']) or 'none (already current)'}")
+    print(
+        f"wrote {result['summary']} and {len(result['plots'])} plot(s) for {', '.join(result['variants'])}; "
+        f"results blocks updated in: {', '.join(result['docs']) or 'none (already current)'}"
+    )
     return result
 
 

@@ -41,15 +41,33 @@ def python() -> str:
 
 
 # A tiny offline corpus and model: enough to run every stage in seconds.
-TINY_DATA = ["data.synth.train_hours=0.01", "data.synth.dev_utterances=4", "data.synth.test_utterances=4",
-             "data.synth.train_espeak_speakers=4", "data.synth.train_flite_speakers=4",
-             "data.synth.heldout_espeak_speakers=1", "data.synth.heldout_flite_speakers=1",
-             "data.tokenizer.vocab_size=40", "data.jobs=2"]
-TINY_MODEL = ["model.encoder.d_model=32", "model.encoder.n_layers=1", "model.encoder.n_heads=2",
-              "model.encoder.ff_dim=64", "model.encoder.kernel_size=7", "model.subsampling_channels=8",
-              "model.decoder.n_layers=1", "model.decoder.n_heads=2", "model.decoder.ff_dim=64",
-              "train.max_batch_seconds=12", "train.warmup_steps=5", "logger=csv", "trainer.progress_bar=false",
-              "trainer.log_every_n_steps=1"]
+TINY_DATA = [
+    "data.synth.train_hours=0.01",
+    "data.synth.dev_utterances=4",
+    "data.synth.test_utterances=4",
+    "data.synth.train_espeak_speakers=4",
+    "data.synth.train_flite_speakers=4",
+    "data.synth.heldout_espeak_speakers=1",
+    "data.synth.heldout_flite_speakers=1",
+    "data.tokenizer.vocab_size=40",
+    "data.jobs=2",
+]
+TINY_MODEL = [
+    "model.encoder.d_model=32",
+    "model.encoder.n_layers=1",
+    "model.encoder.n_heads=2",
+    "model.encoder.ff_dim=64",
+    "model.encoder.kernel_size=7",
+    "model.subsampling_channels=8",
+    "model.decoder.n_layers=1",
+    "model.decoder.n_heads=2",
+    "model.decoder.ff_dim=64",
+    "train.max_batch_seconds=12",
+    "train.warmup_steps=5",
+    "logger=csv",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +104,13 @@ def package_metadata(path) -> dict:
 
     meta = ct.utils.load_spec(str(path)).description.metadata
     user = dict(meta.userDefined)
-    out = {"author": meta.author, "license": meta.license, "short_description": meta.shortDescription,
-           "version": meta.versionString, **user}
+    out = {
+        "author": meta.author,
+        "license": meta.license,
+        "short_description": meta.shortDescription,
+        "version": meta.versionString,
+        **user,
+    }
     for key in ("features", "cmvn_folded", "vocabulary"):
         if key in user:
             out[key] = json.loads(user[key])

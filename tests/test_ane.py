@@ -88,8 +88,9 @@ VARIANTS = {
 
 
 # performer_shift only changes Performer blocks: both arithmetics are checked there
-@pytest.mark.parametrize("variant, performer_shift",
-                         [(v, True) for v in VARIANTS] + [(v, False) for v in VARIANTS if "performer" in v])
+@pytest.mark.parametrize(
+    "variant, performer_shift", [(v, True) for v in VARIANTS] + [(v, False) for v in VARIANTS if "performer" in v]
+)
 def test_fp32_equivalence(variant, performer_shift):
     asr = tiny_asr(**VARIANTS[variant])
     ane = ANEConformer.from_asr(asr, performer_shift=performer_shift)
@@ -115,8 +116,9 @@ def test_equal_length_batch_is_per_utterance():
 def test_cmvn_folded_in():
     asr = tiny_asr()
     g = torch.Generator().manual_seed(3)
-    cmvn = GlobalCMVN(N_MELS, mean=torch.randn(N_MELS, generator=g) * 3 - 5,
-                      std=torch.rand(N_MELS, generator=g) * 2 + 0.5)
+    cmvn = GlobalCMVN(
+        N_MELS, mean=torch.randn(N_MELS, generator=g) * 3 - 5, std=torch.rand(N_MELS, generator=g) * 2 + 0.5
+    )
     ane = ANEConformer.from_asr(asr, cmvn=cmvn)
     raw = features() * 2 - 5  # log-mel-like: offset and spread per bin
     normalised = cmvn(raw, torch.tensor([raw.size(1)]))
@@ -174,11 +176,17 @@ def test_layout_contract():
     # every original Linear became a 1x1 Conv2d of the same name
     ane_modules = dict(ane.named_modules())
     linears = [n for n, m in asr.named_modules() if isinstance(m, nn.Linear) and not n.startswith("decoder")]
-    assert linears and all(isinstance(ane_modules[n], nn.Conv2d) and ane_modules[n].kernel_size == (1, 1)
-                           for n in linears)
+    assert linears and all(
+        isinstance(ane_modules[n], nn.Conv2d) and ane_modules[n].kernel_size == (1, 1) for n in linears
+    )
     # norms and softmaxes are named like the original's modules (softmax: where the fused kernel ran)
-    assert {"encoder.blocks.0.ffn1.norm", "encoder.blocks.0.norm_mhsa", "encoder.blocks.0.conv.norm",
-            "encoder.blocks.1.norm", "encoder.blocks.0.mhsa.softmax"} <= set(ane_modules)
+    assert {
+        "encoder.blocks.0.ffn1.norm",
+        "encoder.blocks.0.norm_mhsa",
+        "encoder.blocks.0.conv.norm",
+        "encoder.blocks.1.norm",
+        "encoder.blocks.0.mhsa.softmax",
+    } <= set(ane_modules)
 
     feats = features()
     T_out = ane.encoder.subsampling.subsample(feats.size(1))
@@ -187,10 +195,14 @@ def test_layout_contract():
     def hook(name):
         def record(module, args, output):
             seen[name] = tuple(output.shape)
+
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in ane.named_modules()
-               if (n.startswith("encoder.blocks.") or n in ("encoder.subsampling.out", "ctc"))]
+    handles = [
+        m.register_forward_hook(hook(n))
+        for n, m in ane.named_modules()
+        if (n.startswith("encoder.blocks.") or n in ("encoder.subsampling.out", "ctc"))
+    ]
     with torch.no_grad():
         ane(feats)
     for h in handles:
@@ -237,9 +249,21 @@ def test_runs_in_float16_on_cpu(prenorm, softmax):
 def test_practical_conformer_blocks():
     # Botros et al. options of the encoder: convolution-only first blocks, per-block widths with projections, and a
     # cascade whose second pass is non-causal with full attention.
-    encoder = ConformerEncoder(idim=N_MELS, d_model=24, n_layers=3, n_heads=4, ff_dim=40, kernel_size=5, dropout=0.0,
-                               subsampling_channels=8, causal=True, chunk_size=3, conv_only_layers=1,
-                               block_dims=[(32, 4, 48), (32, 4, 48), (24, 2, 40)], first_pass_layers=2)
+    encoder = ConformerEncoder(
+        idim=N_MELS,
+        d_model=24,
+        n_layers=3,
+        n_heads=4,
+        ff_dim=40,
+        kernel_size=5,
+        dropout=0.0,
+        subsampling_channels=8,
+        causal=True,
+        chunk_size=3,
+        conv_only_layers=1,
+        block_dims=[(32, 4, 48), (32, 4, 48), (24, 2, 40)],
+        first_pass_layers=2,
+    )
     asr = randomize(DualDecoderASR(encoder, VOCAB, ctc_weight=1.0))
     ane = ANEConformer.from_asr(asr)
     assert not hasattr(ane.encoder.blocks[0], "mhsa") and "2" in ane.encoder.projections
@@ -266,6 +290,7 @@ def test_bad_input_and_unsupported_models():
     with pytest.raises(ValueError, match="prenorm"):
         ANEConformer.from_asr(asr, prenorm="rms")
 
+
 class _OtherAttention(nn.Module):
     n_heads = 4
 
@@ -280,8 +305,15 @@ def test_unknown_attention_has_no_ane_form():
 def test_practical_model_with_performer_and_cascade():
     # The practical variant's shape in small: conv-only block, a downsized causal Performer block, then a non-causal
     # softmax second pass. The graph reads the second pass (the exported output), equal to the trained model's.
-    m = tiny_model_config(n_layers=2, conv_only_layers=1, attention="performer", performer_features=16, causal=True,
-                          chunk_size=3, stages=[{"n_layers": 1}, {"n_layers": 1, "d_model": 24, "ff_dim": 40}])
+    m = tiny_model_config(
+        n_layers=2,
+        conv_only_layers=1,
+        attention="performer",
+        performer_features=16,
+        causal=True,
+        chunk_size=3,
+        stages=[{"n_layers": 1}, {"n_layers": 1, "d_model": 24, "ff_dim": 40}],
+    )
     m["cascade"].update(enabled=True, n_layers=1, d_model=32, n_heads=4, ff_dim=48)
     asr = randomize(build_model(m, VOCAB))
     ane = ANEConformer.from_asr(asr, performer_shift=True)
@@ -322,7 +354,7 @@ def _aligned_keys(d_head=32, heads=2, T=24, m=32, seed=0):
     x = torch.randn(1, D, 1, T, generator=g) * 0.5
     for t in range(0, T, 3):  # every third frame: head h's key = feature row (t + h) of W, in x' = x / d^(1/4)
         for h in range(heads):
-            x[0, h * d_head:(h + 1) * d_head, 0, t] = w[(t + h) % m] * d_head ** 0.25
+            x[0, h * d_head : (h + 1) * d_head, 0, t] = w[(t + h) % m] * d_head**0.25
     return layer, x
 
 
@@ -331,7 +363,7 @@ def _performer_reference(layer, x, mask):
     # projections: (1, D, 1, T) -> (1, D, 1, T)
     H, d, T = layer.n_heads, layer.d_head, x.size(3)
     v = x[0, :, 0].T.double().reshape(T, H, d).transpose(0, 1)  # (H, T, d)
-    xs = v * d ** -0.25
+    xs = v * d**-0.25
     a = torch.einsum("htd,md->htm", xs, layer.features.double()) - 0.5 * (xs * xs).sum(-1, keepdim=True)
     qf, kf = torch.exp(a - a.amax(-1, keepdim=True)), torch.exp(a)  # (H, T, m)
     weights = qf @ kf.transpose(1, 2)  # (H, T, T)
@@ -350,7 +382,7 @@ def test_performer_fp16_shift_keeps_features_finite(chunk):
     mask = chunk_attention_mask(T, chunk, -1, x.device)[None, :, None, :] if chunk else None
     ref = _performer_reference(layer, x, mask).float()
     with torch.no_grad():
-        assert layer.logits(x[:, :layer.d_head]).max() > 11.1  # the unshifted key features overflow FP16
+        assert layer.logits(x[:, : layer.d_head]).max() > 11.1  # the unshifted key features overflow FP16
         fp32 = layer(x, mask)
         half = layer.half()
         shifted = half(x.half(), mask).float()
@@ -374,9 +406,14 @@ def test_coreml_conversion():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(ane, feats)
         for length in (feats.size(1), ct.RangeDim(31, 3000, default=31)):
-            mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="feats", shape=(1, length, N_MELS))],
-                                 convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
-                                 compute_precision=ct.precision.FLOAT32, skip_model_load=True)
+            mlmodel = ct.convert(
+                traced,
+                inputs=[ct.TensorType(name="feats", shape=(1, length, N_MELS))],
+                convert_to="mlprogram",
+                minimum_deployment_target=ct.target.iOS16,
+                compute_precision=ct.precision.FLOAT32,
+                skip_model_load=True,
+            )
             ops = Counter(op.op_type for f in mlmodel._mil_program.functions.values() for op in f.operations)
             # P3: every per-head product is Core ML's native einsum (rel: content, position, output), none fell back
             # to transposes around a matmul; the Linears are convolutions; nothing gathers data (shape-only gathers
@@ -392,9 +429,10 @@ TRAINED = resolve_model_dir(REPO / "models/dws") / "best.ckpt"
 TEST_MANIFEST = REPO / "data/prepared/manifests/test.jsonl"
 
 
-@pytest.mark.skipif(not (TRAINED.exists() and TEST_MANIFEST.exists()),
-                    reason="needs the trained models/dws checkpoint and data/prepared/manifests/test.jsonl "
-                           "(dvc repro train@dws)")
+@pytest.mark.skipif(
+    not (TRAINED.exists() and TEST_MANIFEST.exists()),
+    reason="needs the trained models/dws checkpoint and data/prepared/manifests/test.jsonl (dvc repro train@dws)",
+)
 def test_trained_model_transcripts_match():
     from edgeconformer.cli import load_trained
     from edgeconformer.data.dataset import load_audio

@@ -13,10 +13,22 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "edgeconformer"
 LAZY_ALLOWED = {"coremltools", "wandb", "wandb_workspaces"}
-TOP = {"cli", "ablate"}            # orchestration above the stages: may import anything below
+TOP = {"cli", "ablate"}  # orchestration above the stages: may import anything below
 STAGES = "stages"
-LIBRARY = {"errors", "files", "config", "data", "decoding", "models", "scoring", "stabilize", "export", "metrics",
-           "training", "hardware"}
+LIBRARY = {
+    "errors",
+    "files",
+    "config",
+    "data",
+    "decoding",
+    "models",
+    "scoring",
+    "stabilize",
+    "export",
+    "metrics",
+    "training",
+    "hardware",
+}
 MAX_FUNCTION_LINES = 60  # def line to last line, docstring and comments included
 
 
@@ -65,7 +77,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"
@@ -114,7 +126,7 @@ def test_imports_are_at_module_level_but_heavy_optional_ones_with_a_reason(name)
             root = (node.module if isinstance(node, ast.ImportFrom) else node.names[0].name).split(".")[0]
             where = f"{path.name}:{node.lineno}"
             assert root in LAZY_ALLOWED, f"{where}: import {root} inside a function; move it to the top"
-            block = "\n".join(lines[max(0, node.lineno - 4):node.lineno])
+            block = "\n".join(lines[max(0, node.lineno - 4) : node.lineno])
             assert "lazy:" in block or "try:" in block, f"{where}: say why the import is lazy (# lazy: ...)"
 
 
@@ -122,8 +134,12 @@ def test_the_code_passes_the_configured_linter():
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     assert ruff, "ruff is not installed: run ./setup.sh (it installs the test extras)"
     root = SRC.parents[1]
-    proc = subprocess.run([ruff, "check", "--no-cache", "src", "tests", "benchmarks", "pipelines", "hydra_plugins"],
-                          cwd=root, capture_output=True, text=True)
+    proc = subprocess.run(
+        [ruff, "check", "--no-cache", "src", "tests", "benchmarks", "pipelines", "hydra_plugins"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
 
 

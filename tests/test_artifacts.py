@@ -74,8 +74,9 @@ def test_documentation_tables_are_generated_from_the_committed_metrics():
     from edgeconformer.report import generated_blocks, load_comparisons, load_metrics
 
     generated = generated_blocks(load_metrics(REPO / "metrics"), load_comparisons(REPO / "metrics"))
-    assert stale_blocks(REPO, generated) == [], ("results blocks differ from metrics/*.json: run "
-                                                 "`dvc repro report` (or python pipelines/report.py) and commit")
+    assert stale_blocks(REPO, generated) == [], (
+        "results blocks differ from metrics/*.json: run `dvc repro report` (or python pipelines/report.py) and commit"
+    )
 
 
 class _RunsACommand:
@@ -110,9 +111,11 @@ def test_dvc_composes_the_runs_from_conf_in_its_own_process(tmp_path):
     import sys
 
     out = tmp_path / "params.yaml"
-    code = ("from dvc.utils.hydra import compose_and_dump; "
-            f"compose_and_dump({str(out)!r}, {str(REPO / 'conf')!r}, None, 'config', {str(REPO)!r}, "
-            "['seeds=[4,5]', 'ablation_seeds=[1,2]'])")
+    code = (
+        "from dvc.utils.hydra import compose_and_dump; "
+        f"compose_and_dump({str(out)!r}, {str(REPO / 'conf')!r}, None, 'config', {str(REPO)!r}, "
+        "['seeds=[4,5]', 'ablation_seeds=[1,2]'])"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = OmegaConf.load(out).runs

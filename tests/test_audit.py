@@ -21,8 +21,17 @@ FP16 = format_limits("fp16")
 
 def tiny_asr(seed=0, dws=False):
     torch.manual_seed(seed)
-    enc = ConformerEncoder(idim=20, d_model=32, n_layers=2, n_heads=2, ff_dim=64, kernel_size=7, dropout=0.0,
-                           subsampling_channels=8, dws_subsampling=dws)
+    enc = ConformerEncoder(
+        idim=20,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        ff_dim=64,
+        kernel_size=7,
+        dropout=0.0,
+        subsampling_channels=8,
+        dws_subsampling=dws,
+    )
     return DualDecoderASR(enc, 12, None, ctc_weight=1.0).eval()
 
 
@@ -46,11 +55,26 @@ def test_format_limits():
 
 def test_value_counts_exact_on_crafted_tensor():
     # boundaries are exclusive: 65504 is finite, 2^-14 normal, 2^-24 the smallest subnormal (not flushed)
-    x = torch.tensor([0.0, 65504.0, 70000.0, -1e6, 2.0**-14, 2.0**-15, -1e-5, 2.0**-24, 1e-8, -1e-30,
-                      float("inf"), float("-inf"), float("nan"), 3.0])
+    x = torch.tensor(
+        [
+            0.0,
+            65504.0,
+            70000.0,
+            -1e6,
+            2.0**-14,
+            2.0**-15,
+            -1e-5,
+            2.0**-24,
+            1e-8,
+            -1e-30,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+            3.0,
+        ]
+    )
     c = value_counts(x, FP16)
-    assert c == {"max_abs": 1e6, "inf": 2, "nan": 1, "overflow": 2, "underflow": 5, "flush_to_zero": 2,
-                 "elements": 14}
+    assert c == {"max_abs": 1e6, "inf": 2, "nan": 1, "overflow": 2, "underflow": 5, "flush_to_zero": 2, "elements": 14}
     # an FP16 tensor: what overflowed is inf already, values below 2^-25 are zeros, subnormals survive
     h = x.half()
     c = value_counts(h, FP16)
@@ -177,8 +201,10 @@ def test_bad_input_is_refused():
 
 
 def test_write_and_plot_are_atomic(tmp_path):
-    reports = {"vanilla": audit(tiny_asr(2), [torch.randn(1, 40, 20)]),
-               "dws": audit(tiny_asr(2, dws=True), [torch.randn(1, 40, 20)])}
+    reports = {
+        "vanilla": audit(tiny_asr(2), [torch.randn(1, 40, 20)]),
+        "dws": audit(tiny_asr(2, dws=True), [torch.randn(1, 40, 20)]),
+    }
     path = write_audit(reports["dws"], tmp_path / "out" / "audit.json")
     assert json.loads(path.read_text()) == json.loads(json.dumps(reports["dws"]))
     png = plot_audit(reports, tmp_path / "audit.png")
@@ -205,11 +231,18 @@ def test_compare_audits_ratios():
         compare_audits(a, _report({"ctc": 1.0}))
 
 
-@pytest.mark.skipif(not all((REPO / p).exists() for p in (resolve_model_dir(REPO / "models/vanilla") / "best.ckpt",
-                                                         resolve_model_dir(REPO / "models/dws") / "best.ckpt",
-                                                           "data/prepared/manifests/test.jsonl")),
-                    reason="needs trained checkpoints models/{vanilla,dws}/s<seed>/best.ckpt and the prepared test "
-                           "split (dvc repro train)")
+@pytest.mark.skipif(
+    not all(
+        (REPO / p).exists()
+        for p in (
+            resolve_model_dir(REPO / "models/vanilla") / "best.ckpt",
+            resolve_model_dir(REPO / "models/dws") / "best.ckpt",
+            "data/prepared/manifests/test.jsonl",
+        )
+    ),
+    reason="needs trained checkpoints models/{vanilla,dws}/s<seed>/best.ckpt and the prepared test "
+    "split (dvc repro train)",
+)
 def test_trained_front_ends_vanilla_vs_dws():
     # Paper 1, claim 7, measured on the shipped checkpoints: the DWS front end has the smaller peak activation.
     from edgeconformer.cli import load_trained

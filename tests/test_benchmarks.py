@@ -21,9 +21,30 @@ def positive(x):
 def test_bench_encoder_tiny(tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "bench.json"
-    report = bench.main(["--sizes", "tiny", "--reps", "1", "--warmup", "1", "--threads", "1", "--batch", "2",
-                         "--min-sec", "1", "--max-sec", "1.5", "--rtf-sec", "1", "--infer-inner", "1",
-                         "--json", str(out)])
+    report = bench.main(
+        [
+            "--sizes",
+            "tiny",
+            "--reps",
+            "1",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--batch",
+            "2",
+            "--min-sec",
+            "1",
+            "--max-sec",
+            "1.5",
+            "--rtf-sec",
+            "1",
+            "--infer-inner",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
 
     # The last printed line and the --json file are the same report.
     printed = capsys.readouterr().out.strip().splitlines()
@@ -58,8 +79,22 @@ def test_bench_train_profile_tiny(data_dir, tmp_path, capsys):
 
     bench = load_bench("bench_train_profile")
     out = tmp_path / "profile.json"
-    report = bench.main(["--steps", "2", "--warmup", "1", "--threads", "1", "--json", str(out), *TINY_DATA,
-                         f"data.root={data_dir / 'raw'}", f"data.out_dir={data_dir / 'prepared'}", *TINY_MODEL])
+    report = bench.main(
+        [
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+            *TINY_DATA,
+            f"data.root={data_dir / 'raw'}",
+            f"data.out_dir={data_dir / 'prepared'}",
+            *TINY_MODEL,
+        ]
+    )
     printed = capsys.readouterr().out.strip().splitlines()
     assert json.loads(printed[-1]) == json.loads(out.read_text())
     p = report["profile"]
@@ -83,9 +118,22 @@ def test_op_groups_cover_the_kinds_of_work():
 
 def test_bench_precision_tiny(capsys):
     bench = load_bench("bench_precision")
-    result = bench.main(["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.ff_dim=64",
-                         "model.encoder.n_layers=1", "model.subsampling_channels=8", "train.max_batch_seconds=4",
-                         "--steps", "1", "--threads", "1", "--vocab", "16"])
+    result = bench.main(
+        [
+            "model.encoder.d_model=32",
+            "model.encoder.n_heads=2",
+            "model.encoder.ff_dim=64",
+            "model.encoder.n_layers=1",
+            "model.subsampling_channels=8",
+            "train.max_batch_seconds=4",
+            "--steps",
+            "1",
+            "--threads",
+            "1",
+            "--vocab",
+            "16",
+        ]
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
     assert all(positive(s) for s in result["step_seconds"].values())
     assert result["ratio_fp32_over_bf16"] == result["step_seconds"]["32-true"] / result["step_seconds"]["bf16-mixed"]

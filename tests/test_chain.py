@@ -14,14 +14,30 @@ from edgeconformer.config import compose
 
 pytestmark = pytest.mark.slow  # the whole chain on a tiny corpus: CI runs it; `-m "not slow"` skips it
 
-FAST_EVAL = ["eval.rtf.utterances=2", "eval.rtf.repeats=1", "eval.rtf.warmup=1", "eval.flops.seconds=2.0",
-             "eval.device_estimate.seconds=2.0", "stabilize.stress_utterances=4",
-             "stabilize.softmax.error_table_sizes=[16,256]", "export.shapes.policy=ranged"]
+FAST_EVAL = [
+    "eval.rtf.utterances=2",
+    "eval.rtf.repeats=1",
+    "eval.rtf.warmup=1",
+    "eval.flops.seconds=2.0",
+    "eval.device_estimate.seconds=2.0",
+    "stabilize.stress_utterances=4",
+    "stabilize.softmax.error_table_sizes=[16,256]",
+    "export.shapes.policy=ranged",
+]
 
 
 def chain_cfg(data_dir, out, *extra):
-    return compose([*TINY_DATA, f"data.root={data_dir / 'raw'}", f"data.out_dir={data_dir / 'prepared'}",
-                    *TINY_MODEL, *FAST_EVAL, f"out_dir={out}", *extra])
+    return compose(
+        [
+            *TINY_DATA,
+            f"data.root={data_dir / 'raw'}",
+            f"data.out_dir={data_dir / 'prepared'}",
+            *TINY_MODEL,
+            *FAST_EVAL,
+            f"out_dir={out}",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +145,26 @@ def test_report_reads_the_chain_outputs(chain, tmp_path):
 def test_ablation_multirun_runs_each_job_end_to_end_with_one_wandb_run(data_dir, tmp_path):
     from edgeconformer.wandb_report import read_offline_run
 
-    overrides = [*TINY_DATA, f"data.root={data_dir / 'raw'}", f"data.out_dir={data_dir / 'prepared'}",
-                 *[o for o in TINY_MODEL if not o.startswith("logger=")], *FAST_EVAL, "logger=wandb",
-                 "logger.csv=true", "train.max_epochs=1", "train.test_after_fit=false", "hydra.sweep.dir=sweeps/a"]
+    overrides = [
+        *TINY_DATA,
+        f"data.root={data_dir / 'raw'}",
+        f"data.out_dir={data_dir / 'prepared'}",
+        *[o for o in TINY_MODEL if not o.startswith("logger=")],
+        *FAST_EVAL,
+        "logger=wandb",
+        "logger.csv=true",
+        "train.max_epochs=1",
+        "train.test_after_fit=false",
+        "hydra.sweep.dir=sweeps/a",
+    ]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "ablate.py"), "-m",
-                           "stabilize.prenorm=none,mad", *overrides], cwd=tmp_path, capture_output=True, text=True,
-                          env=env)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "ablate.py"), "-m", "stabilize.prenorm=none,mad", *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job in ("0", "1"):
         metrics = json.loads((tmp_path / "sweeps" / "a" / job / "metrics.json").read_text())

@@ -12,8 +12,16 @@ from edgeconformer.config import runs_table
 from edgeconformer.errors import UserError
 from edgeconformer.stages.compare import compare
 
-MODES = ("fp32", "fp16", "fp16_unstabilized", "acc16_none", "acc16_prenorm", "acc16_lut", "acc16_both",
-         "acc16_both_uncapped")
+MODES = (
+    "fp32",
+    "fp16",
+    "fp16_unstabilized",
+    "acc16_none",
+    "acc16_prenorm",
+    "acc16_lut",
+    "acc16_both",
+    "acc16_both_uncapped",
+)
 N, SIM = 40, 10  # utterances; the Core ML simulation's subset
 
 
@@ -36,13 +44,24 @@ def write_run(root, variant, seed, rate, rng, frontend_peak=10.0):
             totals[mode][1] += words[i]
         rows.append(row)
     wer = {m: 100 * e / w for m, (e, w) in totals.items()}
-    evaluation = {"variant": variant, "seed": seed, "wer_fp32": wer["fp32"], "wer_fp16": wer["fp16"],
-                  "wer_fp16_unstabilized": wer["fp16_unstabilized"], "cer_fp32": wer["fp32"] / 2,
-                  "cer_fp16": wer["fp16"] / 2, "wer_coreml_sim": wer["coreml_sim"], "wer_coreml": None,
-                  "n_utterances": N, "gflops_per_audio_second": 0.15 if variant == "dws" else 0.18,
-                  "flops_subsampling_share": 0.10 if variant == "dws" else 0.25, "params_millions": 2.6,
-                  "rtf_cpu": 0.004 + 0.001 * seed, "audit_frontend_peak": frontend_peak,
-                  **{f"wer_{m}": wer[m] for m in MODES if m.startswith("acc16_")}}
+    evaluation = {
+        "variant": variant,
+        "seed": seed,
+        "wer_fp32": wer["fp32"],
+        "wer_fp16": wer["fp16"],
+        "wer_fp16_unstabilized": wer["fp16_unstabilized"],
+        "cer_fp32": wer["fp32"] / 2,
+        "cer_fp16": wer["fp16"] / 2,
+        "wer_coreml_sim": wer["coreml_sim"],
+        "wer_coreml": None,
+        "n_utterances": N,
+        "gflops_per_audio_second": 0.15 if variant == "dws" else 0.18,
+        "flops_subsampling_share": 0.10 if variant == "dws" else 0.25,
+        "params_millions": 2.6,
+        "rtf_cpu": 0.004 + 0.001 * seed,
+        "audit_frontend_peak": frontend_peak,
+        **{f"wer_{m}": wer[m] for m in MODES if m.startswith("acc16_")},
+    }
     paths.evaluation.write_text(json.dumps(evaluation))
     paths.utterances.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return evaluation
@@ -55,10 +74,19 @@ def chain_root(tmp_path):
     for seed in (1, 2, 3):
         evals[("vanilla", seed)] = write_run(tmp_path, "vanilla", seed, 0.30, rng, frontend_peak=25.0)
         evals[("dws", seed)] = write_run(tmp_path, "dws", seed, 0.10, rng, frontend_peak=10.0)
-    cfg = OmegaConf.create({"runs": runs_table(["vanilla", "dws"], ["vanilla", "dws"], [1, 2, 3], [1]),
-                            "compared": ["vanilla", "dws"],
-                            "compare": {"resamples": 2000, "confidence": 0.95, "seed": 0,
-                                        "streaming_baseline": "streaming", "ablations": ["conv_only"]}})
+    cfg = OmegaConf.create(
+        {
+            "runs": runs_table(["vanilla", "dws"], ["vanilla", "dws"], [1, 2, 3], [1]),
+            "compared": ["vanilla", "dws"],
+            "compare": {
+                "resamples": 2000,
+                "confidence": 0.95,
+                "seed": 0,
+                "streaming_baseline": "streaming",
+                "ablations": ["conv_only"],
+            },
+        }
+    )
     return tmp_path, cfg, evals
 
 
@@ -102,8 +130,11 @@ def test_comparisons_are_paired_on_the_same_utterances_with_cis_and_verdicts(cha
     dws = by[("dws/fp32", "vanilla/fp32")]
     expect = np.mean([evals[("dws", s)]["wer_fp32"] - evals[("vanilla", s)]["wer_fp32"] for s in (1, 2, 3)])
     assert dws["diff"] == pytest.approx(expect) and dws["verdict"] == "better" and dws["ci95"][1] < 0
-    assert dws["n_seeds"] == 3 and dws["n_utterances"] == N and set(dws) >= {"a", "b", "metric", "diff", "ci95",
-                                                                             "n_seeds", "n_utterances", "verdict"}
+    assert (
+        dws["n_seeds"] == 3
+        and dws["n_utterances"] == N
+        and set(dws) >= {"a", "b", "metric", "diff", "ci95", "n_seeds", "n_utterances", "verdict"}
+    )
     assert ("dws/fp16", "vanilla/fp16") in by
     assert by[("vanilla/fp16_unstabilized", "vanilla/fp32")]["verdict"] == "worse"
     sim = by[("dws/coreml_sim", "dws/fp16")]
@@ -120,8 +151,10 @@ def test_report_opens_with_the_headline_and_generates_the_doc_blocks(chain_root)
     root, cfg, _ = chain_root
     compare(cfg, root)
     doc = root / "README.md"
-    doc.write_text("intro\n<!-- results:headline -->\nold numbers\n<!-- /results:headline -->\n"
-                   "<!-- results:claims -->\n<!-- /results:claims -->\nend\n")
+    doc.write_text(
+        "intro\n<!-- results:headline -->\nold numbers\n<!-- /results:headline -->\n"
+        "<!-- results:claims -->\n<!-- /results:claims -->\nend\n"
+    )
     out = build_report(root / "metrics", root / "reports", root / "reports" / "summary.md", docs_root=root)
     md = out["summary"].read_text()
     assert md.index("## Headline") < md.index("## Ablation: all figures")
@@ -152,9 +185,16 @@ def test_compare_names_the_missing_run_and_the_stage_to_run(chain_root):
         compare(cfg, root)
 
 
-@pytest.mark.parametrize("ci, status", [([-0.4, 0.3], "reproduced"), ([-2.1, 0.99], "reproduced"),
-                                        ([-2.1, 5.9], "inconclusive"), ([0.2, 1.4], "inconclusive"),
-                                        ([1.2, 3.0], "not reproduced")])
+@pytest.mark.parametrize(
+    "ci, status",
+    [
+        ([-0.4, 0.3], "reproduced"),
+        ([-2.1, 0.99], "reproduced"),
+        ([-2.1, 5.9], "inconclusive"),
+        ([0.2, 1.4], "inconclusive"),
+        ([1.2, 3.0], "not reproduced"),
+    ],
+)
 def test_keeps_accuracy_is_non_inferiority_at_the_margin(ci, status):
     from edgeconformer.claims import MARGIN, kept
 
@@ -166,8 +206,16 @@ def test_dws_accuracy_claim_needs_seeds_and_a_narrow_interval():
     from edgeconformer.claims import dws_wer
 
     by = {"vanilla": {"n_seeds": 3}, "dws": {"n_seeds": 3}}
-    comp = {"a": "dws/fp32", "b": "vanilla/fp32", "metric": "wer", "diff": 1.56, "ci95": [-2.12, 5.89],
-            "verdict": "not distinguishable", "n_seeds": 3, "n_utterances": 200}
+    comp = {
+        "a": "dws/fp32",
+        "b": "vanilla/fp32",
+        "metric": "wer",
+        "diff": 1.56,
+        "ci95": [-2.12, 5.89],
+        "verdict": "not distinguishable",
+        "n_seeds": 3,
+        "n_utterances": 200,
+    }
     assert dws_wer(by, [comp])[0] == "inconclusive"  # not distinguishable is not "kept"
     assert dws_wer(by, [{**comp, "diff": 0.1, "ci95": [-0.6, 0.8]}])[0] == "reproduced"
     one = {"vanilla": {"n_seeds": 1}, "dws": {"n_seeds": 1}}

@@ -48,9 +48,14 @@ def test_allowed_lengths_reads_the_shape_policy_of_an_exported_spec():
         (ct.Shape(shape=(1, ct.RangeDim(lower_bound=16, upper_bound=500, default=200), 80)), ("ranged", (16, 500))),
         ((1, 200, 80), ("fixed", [200])),
     ]:
-        model = ct.convert(traced, convert_to="mlprogram", inputs=[ct.TensorType(name="feats", shape=shape)],
-                           outputs=[ct.TensorType(name="log_probs")], minimum_deployment_target=ct.target.iOS16,
-                           skip_model_load=True)
+        model = ct.convert(
+            traced,
+            convert_to="mlprogram",
+            inputs=[ct.TensorType(name="feats", shape=shape)],
+            outputs=[ct.TensorType(name="log_probs")],
+            minimum_deployment_target=ct.target.iOS16,
+            skip_model_load=True,
+        )
         assert allowed_lengths(model.get_spec()) == expected
 
 
@@ -71,8 +76,13 @@ def test_each_compute_unit_matches_pytorch_on_macos(tmp_path):
 
     model = Tiny().eval()
     path = tmp_path / "tiny.mlpackage"
-    export_coreml(model, path, shapes={"policy": "ranged", "range": [16, 400], "default": 100}, precision="fp32",
-                  metadata={"subsampling_factor": 1, "cmvn_folded": False})
+    export_coreml(
+        model,
+        path,
+        shapes={"policy": "ranged", "range": [16, 400], "default": 100},
+        precision="fp32",
+        metadata={"subsampling_factor": 1, "cmvn_folded": False},
+    )
     feats = [np.random.default_rng(i).standard_normal((1, 50 + 10 * i, 80)).astype(np.float32) for i in range(3)]
     with torch.no_grad():
         reference = [model(torch.from_numpy(f))[0].numpy() for f in feats]
@@ -95,8 +105,13 @@ def test_input_dtype_follows_the_exported_precision(tmp_path):
 
     for precision, expected in (("fp16", np.float16), ("fp32", np.float32)):
         path = tmp_path / f"{precision}.mlpackage"
-        export_coreml(Tiny(), path, shapes={"policy": "fixed", "fixed_length": 40}, precision=precision,
-                      metadata={"subsampling_factor": 1, "cmvn_folded": False})
+        export_coreml(
+            Tiny(),
+            path,
+            shapes={"policy": "fixed", "fixed_length": 40},
+            precision=precision,
+            metadata={"subsampling_factor": 1, "cmvn_folded": False},
+        )
         import coremltools as ct
 
         assert input_dtype(ct.utils.load_spec(str(path))) == expected

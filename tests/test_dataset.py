@@ -10,8 +10,15 @@ from edgeconformer.data.tokenizer import Tokenizer, train_tokenizer
 from edgeconformer.errors import UserError
 from edgeconformer.files import write_jsonl_atomic
 
-TEXTS = ["AND THE LORD SAID", "IN THE BEGINNING WAS THE WORD", "LET THERE BE LIGHT", "AND THERE WAS LIGHT",
-         "THE EARTH WAS WITHOUT FORM", "AND GOD SAW THE LIGHT THAT IT WAS GOOD", "HE CALLED THE DRY LAND EARTH"]
+TEXTS = [
+    "AND THE LORD SAID",
+    "IN THE BEGINNING WAS THE WORD",
+    "LET THERE BE LIGHT",
+    "AND THERE WAS LIGHT",
+    "THE EARTH WAS WITHOUT FORM",
+    "AND GOD SAW THE LIGHT THAT IT WAS GOOD",
+    "HE CALLED THE DRY LAND EARTH",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +32,9 @@ def rows(tmp_path):
     for i, (seconds, text) in enumerate(zip([0.5, 0.8, 0.3, 1.1, 0.6], TEXTS)):
         uid = f"7-8-{i:04d}"
         path = write_flac(tmp_path / "audio" / f"{uid}.flac", seconds=seconds, seed=i)
-        out.append({"id": uid, "audio_filepath": str(path), "duration": seconds, "text": text, "speaker": "7",
-                    "chapter": "8"})
+        out.append(
+            {"id": uid, "audio_filepath": str(path), "duration": seconds, "text": text, "speaker": "7", "chapter": "8"}
+        )
     return out
 
 
@@ -92,8 +100,8 @@ def test_collate_shapes_and_padding(rows, tokenizer):
     assert batch["audio"].shape == (3, max(n)) and batch["tokens"].shape == (3, max(u))
     assert batch["audio_lengths"].tolist() == n and batch["token_lengths"].tolist() == u
     for i, it in enumerate(items):
-        assert torch.equal(batch["audio"][i, : n[i]], it["audio"]) and (batch["audio"][i, n[i]:] == 0).all()
-        assert torch.equal(batch["tokens"][i, : u[i]], it["tokens"]) and (batch["tokens"][i, u[i]:] == -1).all()
+        assert torch.equal(batch["audio"][i, : n[i]], it["audio"]) and (batch["audio"][i, n[i] :] == 0).all()
+        assert torch.equal(batch["tokens"][i, : u[i]], it["tokens"]) and (batch["tokens"][i, u[i] :] == -1).all()
 
 
 def test_a_loader_as_training_builds_it_covers_every_kept_utterance(rows, tokenizer):
@@ -101,8 +109,9 @@ def test_a_loader_as_training_builds_it_covers_every_kept_utterance(rows, tokeni
 
     dataset = ASRDataset(rows, tokenizer, max_duration=1.0)
     assert dataset.dropped_ids == ["7-8-0003"]
-    loader = DataLoader(dataset, collate_fn=collate,
-                        batch_sampler=DurationBucketSampler(dataset.durations, 1.5, shuffle=True, seed=1))
+    loader = DataLoader(
+        dataset, collate_fn=collate, batch_sampler=DurationBucketSampler(dataset.durations, 1.5, shuffle=True, seed=1)
+    )
     ids = []
     for batch in loader:
         assert len(batch["ids"]) * batch["audio"].shape[1] / 16000 <= 1.5 + 1e-9
@@ -117,7 +126,7 @@ def test_a_loader_as_training_builds_it_covers_every_kept_utterance(rows, tokeni
 @pytest.fixture(scope="module")
 def durations():
     rng = random.Random(0)
-    return [round(rng.uniform(0.5, 20.0), 2) for _ in range(997)] + [45.0, 60.0]   # two over the 40 s cap
+    return [round(rng.uniform(0.5, 20.0), 2) for _ in range(997)] + [45.0, 60.0]  # two over the 40 s cap
 
 
 def test_sampler_covers_each_index_once_and_respects_cap(durations):
@@ -174,7 +183,7 @@ def test_sampler_replicas_disjoint_equal(durations, replicas):
         s.set_epoch(1)
         shards.append(list(s))
         assert len(shards[-1]) == len(s)
-    assert len({len(s) for s in shards}) == 1                       # equal counts
+    assert len({len(s) for s in shards}) == 1  # equal counts
     # dealt out round-robin from the shared list, padded by repeating its head
     pad = len(shards[0]) * replicas - len(total)
     assert 0 <= pad < replicas

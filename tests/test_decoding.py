@@ -171,7 +171,7 @@ def test_prefix_beam_finds_label_argmax_where_best_path_is_wrong_on_random_matri
 def test_prefix_beam_token_prune_and_length():
     lp = random_log_probs(8, 5, seed=7, sharpness=1.0)
     # top-1 pruning leaves only the best path: result is the greedy labelling with the path score.
-    (hyp, score), = ctc_prefix_beam_search(lp, beam=5, token_prune=1)
+    ((hyp, score),) = ctc_prefix_beam_search(lp, beam=5, token_prune=1)
     assert hyp == ctc_greedy(lp)
     assert score == pytest.approx(lp.max(-1).values.sum().item(), abs=1e-9)
     # Pruning to the full vocabulary changes nothing.
@@ -195,11 +195,7 @@ def garden_path_decoder() -> MarkovDecoder:
     # Greedy takes "a" (0.6) and then wanders: best greedy sequence a a eos = 0.6 * 0.36 * 0.5 = 0.108.
     # The best sequence is "b eos" = 0.4 * 0.9 = 0.36, which needs a beam of 2 to be kept.
     return MarkovDecoder(
-        table={
-            (): [0.0, 0.6, 0.0, 0.4],
-            (A,): [0.0, 0.36, 0.30, 0.34],
-            (B,): [0.0, 0.05, 0.90, 0.05],
-        },
+        table={(): [0.0, 0.6, 0.0, 0.4], (A,): [0.0, 0.36, 0.30, 0.34], (B,): [0.0, 0.05, 0.90, 0.05]},
         default=[0.0, 0.25, 0.5, 0.25],
     )
 
@@ -296,19 +292,10 @@ def test_ctc_prefix_scorer_vectorised_candidates_match_single_scoring():
 def disagreeing_case() -> tuple[torch.Tensor, MarkovDecoder]:
     # CTC's best path reads "a b"; the attention decoder's greedy output is "b a".
     ctc = log_matrix(
-        [
-            [0.30, 0.50, 0.01, 0.19],
-            [0.50, 0.20, 0.01, 0.29],
-            [0.30, 0.10, 0.01, 0.59],
-            [0.60, 0.10, 0.01, 0.29],
-        ]
+        [[0.30, 0.50, 0.01, 0.19], [0.50, 0.20, 0.01, 0.29], [0.30, 0.10, 0.01, 0.59], [0.60, 0.10, 0.01, 0.29]]
     )
     att = MarkovDecoder(
-        table={
-            (): [0.0, 0.3, 0.1, 0.6],
-            ("last", B): [0.0, 0.7, 0.2, 0.1],
-            ("last", A): [0.0, 0.2, 0.6, 0.2],
-        },
+        table={(): [0.0, 0.3, 0.1, 0.6], ("last", B): [0.0, 0.7, 0.2, 0.1], ("last", A): [0.0, 0.2, 0.6, 0.2]},
         default=[0.0, 0.2, 0.6, 0.2],
     )
     return ctc, att
@@ -442,8 +429,9 @@ def test_decode_dispatches_to_each_method():
     assert decode("ctc_greedy", ctc) == ctc_greedy(ctc)
     assert decode("ctc_beam", ctc, beam=4) == ctc_prefix_beam_search(ctc, beam=4)[0][0]
     assert decode("attention", step_fn=att, sos_eos=EOS, beam=4) == attention_beam_search(att, EOS, beam=4)[0][0]
-    assert decode("joint", ctc, att, EOS, beam=4, ctc_weight=0.5) == (
-        joint_ctc_attention_beam_search(ctc, att, EOS, ctc_weight=0.5, beam=4)[0][0]
+    assert (
+        decode("joint", ctc, att, EOS, beam=4, ctc_weight=0.5)
+        == (joint_ctc_attention_beam_search(ctc, att, EOS, ctc_weight=0.5, beam=4)[0][0])
     )
     nbest = ctc_prefix_beam_search(ctc, beam=4)
     expect = attention_rescoring(nbest, lambda h: sequence_scores_from_step(att, h, EOS), ctc_weight=0.5)[0]

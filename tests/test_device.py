@@ -30,8 +30,12 @@ def tiny(dws=False, device="meta", channels=None):
 
 
 def profile(peak=1e12, efficiency=0.5, bandwidth=1e10, precision="fp16"):
-    return {"name": "test-device", "peak_flops": {precision: {"value": peak}}, "efficiency": {"value": efficiency},
-            "memory_bandwidth": {"value": bandwidth}}
+    return {
+        "name": "test-device",
+        "peak_flops": {precision: {"value": peak}},
+        "efficiency": {"value": efficiency},
+        "memory_bandwidth": {"value": bandwidth},
+    }
 
 
 @pytest.mark.parametrize("shape", [(7, 40), (1, 7, 40)])

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_encoder(**kwargs):
-    args = dict(idim=IDIM, d_model=32, n_layers=3, n_heads=2, ff_dim=64, kernel_size=5, dropout=0.0, causal=True,
-                chunk_size=3)
+    args = dict(
+        idim=IDIM, d_model=32, n_layers=3, n_heads=2, ff_dim=64, kernel_size=5, dropout=0.0, causal=True, chunk_size=3
+    )
     args.update(kwargs)
     return ConformerEncoder(**args).eval()
 
@@ -33,7 +34,7 @@ def streamed_state(enc, seconds, piece=13):
     state = enc.stream_init()
     with torch.no_grad():
         for s in range(0, x.size(1), piece):
-            _, state = enc.stream(x[:, s:s + piece], state, final=s + piece >= x.size(1))
+            _, state = enc.stream(x[:, s : s + piece], state, final=s + piece >= x.size(1))
     return state
 
 
@@ -44,8 +45,12 @@ STATE_VARIANTS = [
     dict(pos="abs", left_chunks=1, conv_only_layers=1),  # no position table
     dict(attention="performer", conv_only_layers=1, performer_features=16),
     dict(attention="performer", conv_only_layers=1, block_dims=[(32, 2, 64), (48, 4, 96), (24, 2, 48)]),
-    dict(n_layers=4, conv_only_layers=1, first_pass_layers=3, block_dims=[(32, 2, 64), (48, 2, 96), (48, 2, 96),
-                                                                          (32, 2, 64)]),  # a cascade's first pass
+    dict(
+        n_layers=4,
+        conv_only_layers=1,
+        first_pass_layers=3,
+        block_dims=[(32, 2, 64), (48, 2, 96), (48, 2, 96), (32, 2, 64)],
+    ),  # a cascade's first pass
 ]
 
 
@@ -60,8 +65,13 @@ def test_state_equals_the_bytes_of_a_real_streamed_state(variant, seconds):
     assert counted["encoder_frames"] == int(enc.subsampling.subsample_lengths(round(seconds * 100)))
     assert counted["blocks"] == len(enc.stream_blocks()) and counted["streamable"]
     assert sum(r["attention"] for r in counted["per_block"]) == counted["attention"]
-    assert counted["per_block"][0] == {"block": 0, "kind": "conv_only", "attention": 0, "positions": 0,
-                                       "conv": 4 * 32 * 4}  # no attention: only (kernel - 1) frames x D x float32
+    assert counted["per_block"][0] == {
+        "block": 0,
+        "kind": "conv_only",
+        "attention": 0,
+        "positions": 0,
+        "conv": 4 * 32 * 4,
+    }  # no attention: only (kernel - 1) frames x D x float32
 
 
 def test_performer_state_is_constant_and_softmax_state_grows_linearly():
@@ -88,10 +98,23 @@ def test_documented_baseline_and_practical_states_at_10_seconds():
     # docs/practical.md, benchmarks/bench_practical.py: 10 s, DWS front end, causal, 8-frame chunks.
     with torch.device("meta"):
         baseline = ConformerEncoder(80, 144, 4, 4, 576, 15, 0.1, 4, True, causal=True, chunk_size=8)
-        practical = ConformerEncoder(80, 144, 6, 4, 576, 15, 0.1, 4, True, causal=True, chunk_size=8,
-                                     conv_only_layers=2, attention="performer",
-                                     block_dims=[(144, 4, 576)] * 2 + [(96, 4, 384)] * 2 + [(144, 4, 576)] * 2,
-                                     first_pass_layers=4)
+        practical = ConformerEncoder(
+            80,
+            144,
+            6,
+            4,
+            576,
+            15,
+            0.1,
+            4,
+            True,
+            causal=True,
+            chunk_size=8,
+            conv_only_layers=2,
+            attention="performer",
+            block_dims=[(144, 4, 576)] * 2 + [(96, 4, 384)] * 2 + [(144, 4, 576)] * 2,
+            first_pass_layers=4,
+        )
     b, p = attention_state_bytes(baseline, 10.0), attention_state_bytes(practical, 10.0)
     assert (b["attention"], b["positions"]) == (1_147_392, 589_824)
     assert (p["attention"], p["positions"], p["blocks"]) == (51_200, 0, 4)  # only the first pass streams
@@ -131,13 +154,27 @@ def tiny_module(cascade: bool):
     from edgeconformer.config import compose
     from edgeconformer.models.lightning import ASRModule
 
-    overrides = ["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.ff_dim=64",
-                 "model.encoder.kernel_size=5", "model.subsampling_channels=8", "model.decoder.n_heads=2",
-                 "model.decoder.ff_dim=64", "model.encoder.n_layers=2", "model.encoder.conv_only_layers=1",
-                 "model.encoder.causal=true", "model.encoder.chunk_size=4"]
+    overrides = [
+        "model.encoder.d_model=32",
+        "model.encoder.n_heads=2",
+        "model.encoder.ff_dim=64",
+        "model.encoder.kernel_size=5",
+        "model.subsampling_channels=8",
+        "model.decoder.n_heads=2",
+        "model.decoder.ff_dim=64",
+        "model.encoder.n_layers=2",
+        "model.encoder.conv_only_layers=1",
+        "model.encoder.causal=true",
+        "model.encoder.chunk_size=4",
+    ]
     if cascade:
-        overrides += ["model.encoder.attention=performer", "model.encoder.performer_features=16",
-                      "model.cascade.enabled=true", "model.cascade.n_layers=1", "model.cascade.d_model=48"]
+        overrides += [
+            "model.encoder.attention=performer",
+            "model.encoder.performer_features=16",
+            "model.cascade.enabled=true",
+            "model.cascade.n_layers=1",
+            "model.cascade.d_model=48",
+        ]
     cfg = compose(overrides)
     torch.manual_seed(0)
     module = ASRModule(OmegaConf.to_container(cfg.model, resolve=True), {}, VOCAB).eval()
@@ -194,8 +231,11 @@ def test_first_pass_metrics_are_null_without_a_cascade():
     module = tiny_module(cascade=False)
     utts, audio = utterances(module, n=1)
     assert not is_cascade(module) and is_cascade(tiny_module(cascade=True))
-    assert first_pass_metrics(module, utts, audio, None) == {"wer_first_pass_fp32": None,
-                                                              "rtf_cpu_first_pass": None, "rows": None}
+    assert first_pass_metrics(module, utts, audio, None) == {
+        "wer_first_pass_fp32": None,
+        "rtf_cpu_first_pass": None,
+        "rows": None,
+    }
 
 
 # ------------------------------------------------------------------------------------------ printout
@@ -208,8 +248,14 @@ def test_format_metrics_prints_the_practical_figures_and_reads_old_metrics():
     from edgeconformer.stages.evaluate import format_metrics
 
     state = {"seconds": 10.0, "attention": 51_200, "positions": 0, "conv": 26_880}
-    text = format_metrics(metrics_fixture(gflops_per_audio_second_streamed=0.0799, attention_state_bytes=state,
-                                          wer_first_pass_fp32=41.5, rtf_cpu_first_pass=0.0123))
+    text = format_metrics(
+        metrics_fixture(
+            gflops_per_audio_second_streamed=0.0799,
+            attention_state_bytes=state,
+            wer_first_pass_fp32=41.5,
+            rtf_cpu_first_pass=0.0123,
+        )
+    )
     assert "0.080 GFLOPs per audio second streamed" in text
     assert "51,200 B attention (+0 B positions, 26,880 B conv caches) at 10 s" in text
     assert "first pass  WER % fp32 41.50  RTF cpu 0.0123" in text

@@ -83,9 +83,19 @@ def exported(tokenizer, tmp_path_factory):
     for (sub, precision), shapes in CASES.items():
         path = root / f"{sub}_{precision}.mlpackage"
         report = export_coreml(
-            models[sub], path, precision=precision, shapes=shapes, tokenizer_model=tokenizer.model_path,
-            metadata={"author": "tests", "license": "MIT", "subsampling_factor": 4, "cmvn_folded": True,
-                      "stabilization": {"prenorm": "mad"}})
+            models[sub],
+            path,
+            precision=precision,
+            shapes=shapes,
+            tokenizer_model=tokenizer.model_path,
+            metadata={
+                "author": "tests",
+                "license": "MIT",
+                "subsampling_factor": 4,
+                "cmvn_folded": True,
+                "stabilization": {"prenorm": "mad"},
+            },
+        )
         out[sub, precision] = {"module": models[sub], "path": path, "report": report}
     return out
 
@@ -134,8 +144,20 @@ def test_metadata_round_trips(exported, tokenizer):
     assert (meta.author, meta.license, meta.versionString) == ("tests", "MIT", __version__)
     assert meta.shortDescription
     user = dict(meta.userDefined)
-    for key in ("sample_rate", "features", "cmvn_folded", "subsampling_factor", "blank_id", "vocabulary",
-                "sentencepiece_model", "precision", "stabilization", "input", "output", "edgeconformer_version"):
+    for key in (
+        "sample_rate",
+        "features",
+        "cmvn_folded",
+        "subsampling_factor",
+        "blank_id",
+        "vocabulary",
+        "sentencepiece_model",
+        "precision",
+        "stabilization",
+        "input",
+        "output",
+        "edgeconformer_version",
+    ):
         assert key in user, key
     # The same through MLModel (what an app-side Python tool would open) and the decoded view.
     with warnings.catch_warnings():
@@ -193,8 +215,9 @@ def test_shape_policies_are_in_the_spec(exported, tmp_path):
     # Ranged: any length in the range runs, not only the traced default.
     module = Small().eval()
     path = tmp_path / "ranged.mlpackage"
-    report = export_coreml(module, path, precision="fp32", metadata=META,
-                           shapes={"policy": "ranged", "range": [16, 200], "default": 40})
+    report = export_coreml(
+        module, path, precision="fp32", metadata=META, shapes={"policy": "ranged", "range": [16, 200], "default": 40}
+    )
     arr = feats_spec(path).type.multiArrayType
     assert arr.WhichOneof("ShapeFlexibility") == "shapeRange"
     assert [(r.lowerBound, r.upperBound) for r in arr.shapeRange.sizeRanges] == [(1, 1), (16, 200), (80, 80)]
@@ -299,15 +322,18 @@ def test_failed_save_leaves_no_partial_package(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.mlpackage"]
 
 
-@pytest.mark.parametrize("shapes, match", [
-    ({"policy": "dynamic"}, "export.shapes.policy"),
-    ({"policy": "enumerated", "lengths": []}, "export.shapes.lengths"),
-    ({"policy": "enumerated", "lengths": [64, 64]}, "export.shapes.lengths"),
-    ({"policy": "enumerated", "lengths": [64, 128], "default": 100}, "export.shapes.default"),
-    ({"policy": "ranged", "range": [100, 50]}, "export.shapes.range"),
-    ({"policy": "ranged", "range": "big"}, "export.shapes.range"),
-    ({"policy": "fixed", "fixed_length": 0}, "export.shapes.fixed_length"),
-])
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        ({"policy": "dynamic"}, "export.shapes.policy"),
+        ({"policy": "enumerated", "lengths": []}, "export.shapes.lengths"),
+        ({"policy": "enumerated", "lengths": [64, 64]}, "export.shapes.lengths"),
+        ({"policy": "enumerated", "lengths": [64, 128], "default": 100}, "export.shapes.default"),
+        ({"policy": "ranged", "range": [100, 50]}, "export.shapes.range"),
+        ({"policy": "ranged", "range": "big"}, "export.shapes.range"),
+        ({"policy": "fixed", "fixed_length": 0}, "export.shapes.fixed_length"),
+    ],
+)
 def test_bad_shape_config_names_the_key(shapes, match):
     with pytest.raises(ConfigError, match=match):
         input_shape(shapes)
@@ -364,8 +390,9 @@ def test_lowerings_keep_pytorch_semantics(tmp_path):
     assert log_probs.min() < -60  # far below what log(softmax) keeps in fp16
     for precision in ("fp32", "fp16"):
         path = tmp_path / f"lowerings_{precision}.mlpackage"
-        export_coreml(Lowerings(), path, precision=precision, metadata=META,
-                      shapes={"policy": "fixed", "fixed_length": 24})
+        export_coreml(
+            Lowerings(), path, precision=precision, metadata=META, shapes={"policy": "fixed", "fixed_length": 24}
+        )
         out = MILExecutor(load_program(path)).run({"feats": x.numpy()})["log_probs"].astype(np.float64)
         got_lp, got_rec, got_inf = np.split(out, 3, axis=-1)
         if precision == "fp32":
@@ -391,8 +418,18 @@ def test_practical_model_exports_and_runs(tokenizer, tmp_path, precision):
     cfg = yaml.safe_load((REPO / "conf/model/small.yaml").read_text())
     del cfg["defaults"]  # Hydra's defaults list (the structured schema), not a model key
     cfg.update(subsampling="dws", subsampling_channels=8)
-    cfg["encoder"].update(d_model=32, n_layers=2, n_heads=2, ff_dim=64, kernel_size=5, conv_only_layers=1,
-                          attention="performer", performer_features=16, causal=True, chunk_size=4)
+    cfg["encoder"].update(
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        ff_dim=64,
+        kernel_size=5,
+        conv_only_layers=1,
+        attention="performer",
+        performer_features=16,
+        causal=True,
+        chunk_size=4,
+    )
     cfg["cascade"].update(enabled=True, n_layers=1, ff_dim=64)
     cfg["decoder"].update(ff_dim=64, n_heads=2)
     torch.manual_seed(0)
@@ -401,10 +438,14 @@ def test_practical_model_exports_and_runs(tokenizer, tmp_path, precision):
         asr.ctc.weight.mul_(6.0)
     ane = ANEConformer.from_asr(asr, prenorm="mad", performer_shift=True)
     path = tmp_path / "practical.mlpackage"
-    report = export_coreml(ane, path, precision=precision, shapes={"policy": "enumerated", "lengths": LENGTHS},
-                           tokenizer_model=tokenizer.model_path,
-                           metadata={"author": "tests", "license": "MIT", "subsampling_factor": 4,
-                                     "cmvn_folded": False})
+    report = export_coreml(
+        ane,
+        path,
+        precision=precision,
+        shapes={"policy": "enumerated", "lengths": LENGTHS},
+        tokenizer_model=tokenizer.model_path,
+        metadata={"author": "tests", "license": "MIT", "subsampling_factor": 4, "cmvn_folded": False},
+    )
     assert report["n_ops"] > 0
     run = MILExecutor(load_program(path))
     for T in LENGTHS:

@@ -1,4 +1,3 @@
-
 import numpy as np
 import pytest
 import torch
@@ -19,8 +18,16 @@ def rows(tmp_path):
     out = []
     for i, seconds in enumerate([0.5, 0.83, 0.31, 1.2]):
         path = write_flac(tmp_path / f"1-2-{i:04d}.flac", seconds=seconds, seed=i)
-        out.append({"id": f"1-2-{i:04d}", "audio_filepath": str(path), "duration": seconds, "text": "A B",
-                    "speaker": "1", "chapter": "2"})
+        out.append(
+            {
+                "id": f"1-2-{i:04d}",
+                "audio_filepath": str(path),
+                "duration": seconds,
+                "text": "A B",
+                "speaker": "1",
+                "chapter": "2",
+            }
+        )
     return out
 
 
@@ -44,14 +51,14 @@ def test_fbank_batch_equals_single(fbank):
     batch = torch.zeros(len(waves), int(lengths.max()))
     for i, w in enumerate(waves):
         batch[i, : len(w)] = w
-    batch[1, len(waves[1]):] = 5.0  # garbage in the padding must not leak into valid frames
+    batch[1, len(waves[1]) :] = 5.0  # garbage in the padding must not leak into valid frames
     feats, frame_lengths = fbank(batch, lengths)
     assert feats.shape == (4, frames_for_samples(16000), 80)
     for i, w in enumerate(waves):
         single, single_len = fbank(w[None])
         assert frame_lengths[i] == single_len[0] == single.shape[1]
         torch.testing.assert_close(feats[i, : single.shape[1]], single[0], atol=1e-5, rtol=0)
-        assert (feats[i, single.shape[1]:] == 0).all()
+        assert (feats[i, single.shape[1] :] == 0).all()
 
 
 def test_fbank_is_fp32_under_autocast(fbank):
@@ -96,7 +103,7 @@ def test_cmvn_normalises_valid_frames_and_keeps_padding(fbank, rows):
     feats, flen = fbank(batch, lengths)
     x = cmvn(feats, flen)
     valid = torch.arange(x.shape[1])[None] < flen[:, None]
-    frames = x[valid].double()                          # (sum T, F)
+    frames = x[valid].double()  # (sum T, F)
     assert frames.mean(0).abs().max() < 1e-4
     assert (frames.var(0, unbiased=False) - 1).abs().max() < 1e-3
     assert (x[~valid] == 0).all()
@@ -131,10 +138,11 @@ def test_specaugment_identity_in_eval():
 
 
 def test_specaugment_masks_only_valid_frames():
-    aug = SpecAugment(freq_mask_param=10, num_freq_masks=2, time_mask_param=20, num_time_masks=3,
-                      max_time_ratio=0.3).train()
+    aug = SpecAugment(
+        freq_mask_param=10, num_freq_masks=2, time_mask_param=20, num_time_masks=3, max_time_ratio=0.3
+    ).train()
     lengths = torch.tensor([100, 60, 7, 0])
-    x = torch.ones(4, 100, 40)                     # ones in the padding too: nothing may change there
+    x = torch.ones(4, 100, 40)  # ones in the padding too: nothing may change there
     masked_any = False
     for seed in range(20):
         y = aug(x, lengths, generator=torch.Generator().manual_seed(seed))
@@ -152,8 +160,8 @@ def test_specaugment_widths_respect_caps():
     for seed in range(30):
         g = torch.Generator().manual_seed(seed)
         y = time_only(x, lengths, generator=g)
-        masked_frames = (y == 0).all(-1).sum(1)    # (B,)
-        assert masked_frames[0] <= 15 and masked_frames[1] <= 2   # 0.2 x 10 frames for the short utterance
+        masked_frames = (y == 0).all(-1).sum(1)  # (B,)
+        assert masked_frames[0] <= 15 and masked_frames[1] <= 2  # 0.2 x 10 frames for the short utterance
         y = freq_only(x, lengths, generator=g)
         masked_bins = (y[:, 0] == 0).sum(-1)
         assert (masked_bins <= 6).all()

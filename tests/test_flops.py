@@ -79,9 +79,11 @@ def test_conformer_m_subsampling_share(capsys):
     results = {dws: count_flops(build(*CONFORMER["M"], dws=dws, device="meta"), seconds=10.0) for dws in (False, True)}
     vanilla, dws = results[False], results[True]
     with capsys.disabled():
-        print(f"\nConformer-M, 10 s: subsampling share vanilla {vanilla['shares']['subsampling']:.1%} "
-              f"({vanilla['gflops_per_audio_second']:.2f} GFLOPs/s), DWS {dws['shares']['subsampling']:.1%} "
-              f"({dws['gflops_per_audio_second']:.2f} GFLOPs/s)")
+        print(
+            f"\nConformer-M, 10 s: subsampling share vanilla {vanilla['shares']['subsampling']:.1%} "
+            f"({vanilla['gflops_per_audio_second']:.2f} GFLOPs/s), DWS {dws['shares']['subsampling']:.1%} "
+            f"({dws['gflops_per_audio_second']:.2f} GFLOPs/s)"
+        )
     assert vanilla["flops"]["subsampling"] >= 4 * dws["flops"]["subsampling"]
     assert vanilla["shares"]["subsampling"] > 0.2  # the reason the paper replaces it
     # everything but the front end is unchanged
@@ -122,9 +124,22 @@ def tiny_cascade():
     # second pass: block 3 softmax at 32 (projection 3: 48 -> 32, in front of the second pass).
     from edgeconformer.models.cascade import CascadedASR
 
-    enc = ConformerEncoder(80, 32, n_layers=4, n_heads=2, ff_dim=64, kernel_size=5, dropout=0.0, conv_only_layers=1,
-                           block_dims=[(32, 2, 64), (48, 2, 96), (48, 2, 96), (32, 2, 64)], first_pass_layers=3,
-                           attention="performer", performer_features=16, causal=True, chunk_size=4)
+    enc = ConformerEncoder(
+        80,
+        32,
+        n_layers=4,
+        n_heads=2,
+        ff_dim=64,
+        kernel_size=5,
+        dropout=0.0,
+        conv_only_layers=1,
+        block_dims=[(32, 2, 64), (48, 2, 96), (48, 2, 96), (32, 2, 64)],
+        first_pass_layers=3,
+        attention="performer",
+        performer_features=16,
+        causal=True,
+        chunk_size=4,
+    )
     dec = TransformerDecoder(VOCAB, 32, 2, 64, 1)
     return CascadedASR(enc, VOCAB, dec, ctc_weight=0.5)
 
@@ -168,11 +183,13 @@ def test_streamed_flops_of_a_cascade_are_its_first_pass_and_first_pass_head():
     first_pass, _ = counted_flops(FirstPass(model), feats, lengths)  # an independent count of the streamed part
     assert r["streamed_flops"] == first_pass
     T = r["encoder_frames"]
-    second_pass = (r["block_flops"]["block3.projection"] + sum(r["block_flops"][f"block3.{p}"]
-                                                               for p in ("ffn", "mhsa", "conv")))
+    second_pass = r["block_flops"]["block3.projection"] + sum(
+        r["block_flops"][f"block3.{p}"] for p in ("ffn", "mhsa", "conv")
+    )
     # everything else: the second pass, its CTC head and the attention decoder
-    assert r["total_flops"] - r["streamed_flops"] == (second_pass + 2 * 32 * VOCAB * T
-                                                      + r["flops"]["attention_decoder"])
+    assert r["total_flops"] - r["streamed_flops"] == (
+        second_pass + 2 * 32 * VOCAB * T + r["flops"]["attention_decoder"]
+    )
     assert r["gflops_per_audio_second_streamed"] == pytest.approx(first_pass / 1e9 / seconds)
 
 
@@ -191,13 +208,28 @@ def test_practical_first_pass_streams_fewer_flops_than_the_baseline():
     from edgeconformer.models.cascade import CascadedASR
 
     with torch.device("meta"):
-        base_enc = ConformerEncoder(80, 144, 4, 4, 576, 15, 0.1, 4, True, causal=True, chunk_size=8,
-                                    subsampling_channels=64)
+        base_enc = ConformerEncoder(
+            80, 144, 4, 4, 576, 15, 0.1, 4, True, causal=True, chunk_size=8, subsampling_channels=64
+        )
         baseline = DualDecoderASR(base_enc, 128, TransformerDecoder(128, 144, 4, 576, 1), ctc_weight=0.5)
-        enc = ConformerEncoder(80, 144, 6, 4, 576, 15, 0.1, 4, True, causal=True, chunk_size=8,
-                               subsampling_channels=64, conv_only_layers=2, attention="performer",
-                               block_dims=[(144, 4, 576)] * 2 + [(96, 4, 384)] * 2 + [(144, 4, 576)] * 2,
-                               first_pass_layers=4)
+        enc = ConformerEncoder(
+            80,
+            144,
+            6,
+            4,
+            576,
+            15,
+            0.1,
+            4,
+            True,
+            causal=True,
+            chunk_size=8,
+            subsampling_channels=64,
+            conv_only_layers=2,
+            attention="performer",
+            block_dims=[(144, 4, 576)] * 2 + [(96, 4, 384)] * 2 + [(144, 4, 576)] * 2,
+            first_pass_layers=4,
+        )
         practical = CascadedASR(enc, 128, TransformerDecoder(128, 144, 4, 576, 1), ctc_weight=0.5)
     b, p = count_flops(baseline, 10.0), count_flops(practical, 10.0)
     assert round(b["gflops_per_audio_second_streamed"], 3) == 0.149

@@ -35,8 +35,9 @@ def test_auto_without_bf16_instructions_is_fp32_and_never_times():
     assert why["cpu"]["bf16_instructions"] == []
 
 
-@pytest.mark.parametrize("fp32, bf16, chosen", [(1.0, 0.5, "bf16-mixed"), (1.0, 0.98, "32-true"),
-                                               (1.0, 1.4, "32-true")])
+@pytest.mark.parametrize(
+    "fp32, bf16, chosen", [(1.0, 0.5, "bf16-mixed"), (1.0, 0.98, "32-true"), (1.0, 1.4, "32-true")]
+)
 def test_auto_with_bf16_instructions_keeps_bf16_only_where_it_is_faster(fp32, bf16, chosen):
     times = {"32-true": fp32, "bf16-mixed": bf16}
     got, why = resolve_precision("auto", "cpu", step_seconds=times.__getitem__, flags={"avx512_bf16"})
@@ -50,8 +51,18 @@ def test_auto_on_an_unknown_accelerator_asks_for_an_explicit_precision():
 
 
 def test_step_timer_times_both_precisions_without_touching_the_model_or_the_rng():
-    model = build_model(compose(["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.ff_dim=64",
-                                 "model.encoder.n_layers=1", "model.subsampling_channels=8"]).model, 16)
+    model = build_model(
+        compose(
+            [
+                "model.encoder.d_model=32",
+                "model.encoder.n_heads=2",
+                "model.encoder.ff_dim=64",
+                "model.encoder.n_layers=1",
+                "model.subsampling_channels=8",
+            ]
+        ).model,
+        16,
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(3)
     expected = torch.rand(4)
@@ -69,14 +80,24 @@ def test_the_train_stage_resolves_auto_for_its_own_model():
     from edgeconformer.models.lightning import ASRModule
     from edgeconformer.stages.train import training_precision
 
-    cfg = compose(["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.ff_dim=64",
-                   "model.encoder.n_layers=1", "model.subsampling_channels=8", "train.max_batch_seconds=4",
-                   "trainer.precision=auto"])
+    cfg = compose(
+        [
+            "model.encoder.d_model=32",
+            "model.encoder.n_heads=2",
+            "model.encoder.ff_dim=64",
+            "model.encoder.n_layers=1",
+            "model.subsampling_channels=8",
+            "train.max_batch_seconds=4",
+            "trainer.precision=auto",
+        ]
+    )
     module = ASRModule(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.train), 16)
     precision, why = training_precision(cfg, module)
     assert why["requested"] == "auto" and why["chosen"] == precision in ("32-true", "bf16-mixed")
     if not cpu_bf16():
         assert precision == "32-true"
     explicit = OmegaConf.merge(cfg, {"trainer": {"precision": "32-true"}})
-    assert training_precision(explicit, module) == ("32-true", {"requested": "32-true", "chosen": "32-true",
-                                                                "reason": "set explicitly"})
+    assert training_precision(explicit, module) == (
+        "32-true",
+        {"requested": "32-true", "chosen": "32-true", "reason": "set explicitly"},
+    )

@@ -162,8 +162,13 @@ def no_network(monkeypatch):
 
 def test_subset_table_has_official_checksums_and_mirrors():
     assert set(ls.SUBSETS) == {
-        "dev-clean", "dev-other", "test-clean", "test-other",
-        "train-clean-100", "train-clean-360", "train-other-500",
+        "dev-clean",
+        "dev-other",
+        "test-clean",
+        "test-other",
+        "train-clean-100",
+        "train-clean-360",
+        "train-other-500",
     }
     assert ls.SUBSETS["dev-clean"].md5 == "42e2234ba48799c1f50f24a7926300a1"
     assert ls.SUBSETS["train-other-500"].md5 == "d1a0fd59409feb2c614ce4d30c387708"
@@ -469,8 +474,6 @@ def test_prepare_rejects_unknown_subsets(tmp_path):
     with pytest.raises(ValueError, match="train-clean-100") as info:
         prepare_librispeech(["dev-clean", "train-clean-1000"], tmp_path)
     assert "train-clean-1000" in str(info.value)
-
-
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # 3.12+ warns about unfiltered extraction

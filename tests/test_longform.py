@@ -42,7 +42,7 @@ def models(tmp_path_factory):
 
 
 def blocks_of(x: torch.Tensor, n: int = 12345):
-    return [x[i:i + n] for i in range(0, x.numel(), n)]
+    return [x[i : i + n] for i in range(0, x.numel(), n)]
 
 
 def whole(module, x, **kw):
@@ -136,8 +136,9 @@ def test_long_input_equals_whole_input_when_segmentation_cannot_matter(models):
     assert " ".join(w["word"] for w in t.words) == t.text  # words cut across segments are joined back
 
 
-@pytest.mark.parametrize("kind,first_pass", [("attention", False), ("conv", False), ("cascade", False),
-                                             ("cascade", True)])
+@pytest.mark.parametrize(
+    "kind,first_pass", [("attention", False), ("conv", False), ("cascade", False), ("cascade", True)]
+)
 def test_utterance_sized_input_is_decoded_exactly_as_transcribe(models, kind, first_pass):
     module = models[kind]
     x = torch.from_numpy(bursts(4.0, seed=5))
@@ -153,8 +154,11 @@ def test_utterance_sized_input_is_decoded_exactly_as_transcribe(models, kind, fi
 def test_every_method_decodes_long_inputs(models, method):
     module = models["attention"]
     x = torch.from_numpy(bursts(50.0, seed=6))
-    t = transcribe_long(module, blocks_of(x), Settings(method=method, beam=2, max_segment_seconds=10.0,
-                                                       min_segment_seconds=3.0, timestamps=True))
+    t = transcribe_long(
+        module,
+        blocks_of(x),
+        Settings(method=method, beam=2, max_segment_seconds=10.0, min_segment_seconds=3.0, timestamps=True),
+    )
     assert t.segments >= 5 and t.seconds == pytest.approx(50.0)
     assert t.words and t.words[-1]["end"] <= 50.0 + 0.04
 
@@ -183,8 +187,19 @@ def fake_log_probs(path: list[int], V: int = 5) -> torch.Tensor:
 
 
 def test_cuts_fall_in_pauses_after_the_minimum_length():
-    g = Geometry(hop=160, win=400, factor=4, receptive=7, sample_rate=16000, chunk=10, left=2, right=2,
-                 max_segment=40, min_segment=10, pause=4)
+    g = Geometry(
+        hop=160,
+        win=400,
+        factor=4,
+        receptive=7,
+        sample_rate=16000,
+        chunk=10,
+        left=2,
+        right=2,
+        max_segment=40,
+        min_segment=10,
+        pause=4,
+    )
     # a pause of 6 blanks at 3..8 (too early), another at 14..19: cut in its middle, a word boundary
     path = [1, 2, 3] + [0] * 6 + [1, 2, 3, 1, 2] + [0] * 6 + [3] * 5
     assert find_cut(fake_log_probs(path), g, final=False) == (17, True)
@@ -231,8 +246,9 @@ print(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024, "seconds": tim
 
 
 def peak_memory(model_dir, audio, mode) -> dict:
-    proc = subprocess.run([sys.executable, "-c", MEASURE, str(model_dir), str(audio), mode], capture_output=True,
-                          text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(model_dir), str(audio), mode], capture_output=True, text=True, cwd=REPO
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -248,8 +264,9 @@ def test_memory_stays_flat_as_the_length_doubles(models, tmp_path):
             for k in range(minutes * 2):
                 f.write(bursts(30.0, seed=k))
         files[minutes] = path
-    peak = {(m, mode): peak_memory(model_dir, files[m], mode)["peak_mb"] for m in files
-            for mode in ("longform", "whole")}
+    peak = {
+        (m, mode): peak_memory(model_dir, files[m], mode)["peak_mb"] for m in files for mode in ("longform", "whole")
+    }
     print(peak)
     assert peak[4, "whole"] - peak[2, "whole"] > 150  # the control grows
     assert peak[4, "longform"] - peak[2, "longform"] < 15  # long-form does not
@@ -260,11 +277,14 @@ def trained_model_and_manifest():
     """A trained model and its test manifest: $EDGECONFORMER_TEST_MODEL / $EDGECONFORMER_TEST_MANIFEST, else
     models/dws and data/prepared/manifests/test.jsonl of this checkout (after `dvc repro`)."""
     model = Path(os.environ.get("EDGECONFORMER_TEST_MODEL", REPO / "models" / "dws"))
-    manifest = Path(os.environ.get("EDGECONFORMER_TEST_MANIFEST",
-                                   REPO / "data" / "prepared" / "manifests" / "test.jsonl"))
+    manifest = Path(
+        os.environ.get("EDGECONFORMER_TEST_MANIFEST", REPO / "data" / "prepared" / "manifests" / "test.jsonl")
+    )
     if not manifest.is_file() or not (any(model.glob("*.ckpt")) or any(model.glob("s*/best.ckpt"))):
-        pytest.skip(f"needs a trained model ({model}) and its test manifest ({manifest}): run `dvc repro` or set "
-                    "EDGECONFORMER_TEST_MODEL and EDGECONFORMER_TEST_MANIFEST")
+        pytest.skip(
+            f"needs a trained model ({model}) and its test manifest ({manifest}): run `dvc repro` or set "
+            "EDGECONFORMER_TEST_MODEL and EDGECONFORMER_TEST_MANIFEST"
+        )
     return model, manifest
 
 
@@ -318,12 +338,36 @@ def test_benchmark_script_smoke(models, tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     model_dir = save_model_dir(models["attention"], tmp_path / "model")
-    rows = [{"id": f"u{i}", "audio_filepath": str(write_audio(tmp_path / f"u{i}.flac", bursts(2.0, seed=i))),
-             "duration": 2.0, "text": "AND GOD SAID"} for i in range(4)]
+    rows = [
+        {
+            "id": f"u{i}",
+            "audio_filepath": str(write_audio(tmp_path / f"u{i}.flac", bursts(2.0, seed=i))),
+            "duration": 2.0,
+            "text": "AND GOD SAID",
+        }
+        for i in range(4)
+    ]
     write_jsonl_atomic(tmp_path / "test.jsonl", rows)
-    report = bench.main(["--model", str(model_dir), "--manifest", str(tmp_path / "test.jsonl"), "--minutes", "0.5",
-                         "--short-utterances", "2", "--wer-minutes", "0.4", "--group-minutes", "0.2",
-                         "--configs", "8:2,2:0.5", "--json", str(tmp_path / "r.json")])
+    report = bench.main(
+        [
+            "--model",
+            str(model_dir),
+            "--manifest",
+            str(tmp_path / "test.jsonl"),
+            "--minutes",
+            "0.5",
+            "--short-utterances",
+            "2",
+            "--wer-minutes",
+            "0.4",
+            "--group-minutes",
+            "0.2",
+            "--configs",
+            "8:2,2:0.5",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads((tmp_path / "r.json").read_text())
     (length,) = report["memory"]["lengths"]
     assert length["minutes"] == 0.5 and length["rtf_ratio"] > 0 and length["peak_rss_mb"] > 0

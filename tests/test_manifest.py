@@ -16,19 +16,23 @@ def _tree(root: Path) -> Path:
     """dev-clean with one good chapter and one chapter per kind of defect."""
     split = root / "LibriSpeech" / "dev-clean"
     write_chapter(split, "19", "198", {"0000": "HELLO WORLD", "0001": "IT'S A TEST"})
-    chap = write_chapter(split, "20", "300", {"0000": "AUDIO WITHOUT LINE", "0001": "", "0002": "lower case",
-                                              "0003": "DIGITS 42", "0004": "GOOD ONE"})
+    chap = write_chapter(
+        split,
+        "20",
+        "300",
+        {"0000": "AUDIO WITHOUT LINE", "0001": "", "0002": "lower case", "0003": "DIGITS 42", "0004": "GOOD ONE"},
+    )
     trans = chap / "20-300.trans.txt"
     lines = trans.read_text().splitlines()
-    lines = [line for line in lines if not line.startswith("20-300-0000")]      # audio without transcript
+    lines = [line for line in lines if not line.startswith("20-300-0000")]  # audio without transcript
     lines += ["20-300-0009 LINE WITHOUT AUDIO", "20-300-0004 DUPLICATE LINE"]
     trans.write_text("\n".join(lines) + "\n")
     (chap / "20-300-0005.flac").write_bytes(b"not a flac file at all")  # corrupt audio
-    write_flac(chap / "20-300-0006.flac", sr=8000)                       # wrong rate
-    write_flac(chap / "20-300-0007.flac", channels=2)                    # stereo
+    write_flac(chap / "20-300-0006.flac", sr=8000)  # wrong rate
+    write_flac(chap / "20-300-0007.flac", channels=2)  # stereo
     sf.write(chap / "20-300-0008.wav", np.zeros(0, np.float32), 16000)  # decodes, but no samples
-    write_flac(chap / "20-300-0010.flac", seconds=3.0)                   # too long for the test bound
-    write_flac(chap / "21-300-0011.flac")                                # name does not match folders
+    write_flac(chap / "20-300-0010.flac", seconds=3.0)  # too long for the test bound
+    write_flac(chap / "21-300-0011.flac")  # name does not match folders
     with open(trans, "a") as f:
         for u in ("0005", "0006", "0007", "0008", "0010"):
             f.write(f"20-300-{u} SOME WORDS\n")
@@ -47,10 +51,18 @@ def test_every_item_is_kept_or_rejected_with_reason(tmp_path):
     kept_ids = {r["id"] for r in kept}
     codes = _codes(rejected)
     assert kept_ids == {"19-198-0000", "19-198-0001", "20-300-0004", "20-300-0006", "20-300-0007"}
-    assert codes == {"20-300-0000": "no_transcript", "20-300-0001": "empty_transcript", "20-300-0002": "charset",
-                     "20-300-0003": "charset", "20-300-0004": "duplicate", "20-300-0005": "decode",
-                     "20-300-0008": "empty_audio", "20-300-0009": "no_audio", "20-300-0010": "duration",
-                     "21-300-0011": "name_mismatch"}
+    assert codes == {
+        "20-300-0000": "no_transcript",
+        "20-300-0001": "empty_transcript",
+        "20-300-0002": "charset",
+        "20-300-0003": "charset",
+        "20-300-0004": "duplicate",
+        "20-300-0005": "decode",
+        "20-300-0008": "empty_audio",
+        "20-300-0009": "no_audio",
+        "20-300-0010": "duration",
+        "21-300-0011": "name_mismatch",
+    }
     # found = distinct ids + duplicate lines; kept + rejected = found
     candidates, dup = find_candidates(split)
     assert len(kept) + len(rejected) == len(candidates) + len(dup)
@@ -87,16 +99,18 @@ def test_conversions_can_be_refused(tmp_path):
 def test_parallel_scan_equals_serial(tmp_path):
     split = tmp_path / "LibriSpeech" / "train"
     for spk in range(3):
-        write_chapter(split, str(100 + spk), "1", {f"{i:04d}": f"WORD NUMBER {'X' * (i % 4 + 1)}"
-                                                   for i in range(25)}, seconds=0.2)
+        write_chapter(
+            split, str(100 + spk), "1", {f"{i:04d}": f"WORD NUMBER {'X' * (i % 4 + 1)}" for i in range(25)}, seconds=0.2
+        )
     serial = scan_split(split, Checks(), tmp_path / "c1", jobs=1)
     parallel = scan_split(split, Checks(), tmp_path / "c2", jobs=2)
     assert serial == parallel and len(serial[0]) == 75
 
 
 def _run_prepare(python, *args):
-    return subprocess.run([python, str(REPO / "pipelines" / "prepare.py"), *args], capture_output=True, text=True,
-                          cwd=REPO)
+    return subprocess.run(
+        [python, str(REPO / "pipelines" / "prepare.py"), *args], capture_output=True, text=True, cwd=REPO
+    )
 
 
 def test_prepare_cli_contract(tmp_path, python):
@@ -105,8 +119,14 @@ def test_prepare_cli_contract(tmp_path, python):
     write_flac(split / "19" / "198" / "19-198-0003.flac")  # no transcript line -> rejected, 75% kept
     out = tmp_path / "out"
     for root in (tmp_path / "corpus", tmp_path / "corpus" / "LibriSpeech"):  # the folder or its parent
-        proc = _run_prepare(python, "data=librispeech", f"data.root={root}", "data.splits=[dev-clean]",
-                            f"data.out_dir={out}", "data.validate.min_kept_fraction=0.5")
+        proc = _run_prepare(
+            python,
+            "data=librispeech",
+            f"data.root={root}",
+            "data.splits=[dev-clean]",
+            f"data.out_dir={out}",
+            "data.validate.min_kept_fraction=0.5",
+        )
         assert proc.returncode == 0, proc.stderr
         rows = read_jsonl(out / "manifests" / "dev-clean.jsonl")
         assert [r["id"] for r in rows] == ["19-198-0000", "19-198-0001", "19-198-0002"]
@@ -121,8 +141,13 @@ def test_prepare_cli_contract(tmp_path, python):
 def test_prepare_fails_clearly_below_floor_and_on_empty_split(tmp_path, python):
     split = tmp_path / "LibriSpeech" / "dev-clean"
     write_chapter(split, "19", "198", {"0000": "HELLO", "0001": "bad text"})
-    proc = _run_prepare(python, "data=librispeech", f"data.root={tmp_path}", "data.splits=[dev-clean]",
-                        f"data.out_dir={tmp_path / 'out'}")
+    proc = _run_prepare(
+        python,
+        "data=librispeech",
+        f"data.root={tmp_path}",
+        "data.splits=[dev-clean]",
+        f"data.out_dir={tmp_path / 'out'}",
+    )
     assert proc.returncode == 1
     assert "dev-clean: kept 50.0% < data.validate.min_kept_fraction" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -130,14 +155,26 @@ def test_prepare_fails_clearly_below_floor_and_on_empty_split(tmp_path, python):
     assert read_jsonl(tmp_path / "out" / "manifests" / "dev-clean.rejected.jsonl")[0]["code"] == "charset"
 
     (tmp_path / "LibriSpeech" / "test-clean" / "1" / "2").mkdir(parents=True)
-    proc = _run_prepare(python, "data=librispeech", f"data.root={tmp_path}", "data.splits=[test-clean]",
-                        f"data.out_dir={tmp_path / 'out2'}", "data.download=false")
+    proc = _run_prepare(
+        python,
+        "data=librispeech",
+        f"data.root={tmp_path}",
+        "data.splits=[test-clean]",
+        f"data.out_dir={tmp_path / 'out2'}",
+        "data.download=false",
+    )
     assert proc.returncode == 1 and "test-clean: no usable utterances" in proc.stderr
 
 
 def test_missing_subset_without_download_names_the_fix(tmp_path, python):
-    proc = _run_prepare(python, "data=librispeech", f"data.root={tmp_path}", "data.splits=[dev-other]",
-                        f"data.out_dir={tmp_path / 'out'}", "data.download=false")
+    proc = _run_prepare(
+        python,
+        "data=librispeech",
+        f"data.root={tmp_path}",
+        "data.splits=[dev-other]",
+        f"data.out_dir={tmp_path / 'out'}",
+        "data.download=false",
+    )
     assert proc.returncode == 1 and "data.download=true" in proc.stderr and "Traceback" not in proc.stderr
 
 

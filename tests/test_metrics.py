@@ -54,10 +54,21 @@ def test_old_run_files_round_trip_with_their_extra_keys(path):
 def test_a_run_record_built_from_fields_writes_the_evaluate_layout():
     d = json.loads(FIXTURES[0].read_text())
     record = RunMetrics.parse(d)
-    rebuilt = RunMetrics(**{f: getattr(record, f) for f in ("variant", "wer_fp32", "machine")}, seed=3,
-                         stabilization_arms={"acc16_none": 40.0, "acc16_both": 35.0}, split="test")
-    assert rebuilt.to_dict() == {"variant": d["variant"], "seed": 3, "wer_fp32": d["wer_fp32"], "split": "test",
-                                 "wer_acc16_none": 40.0, "wer_acc16_both": 35.0, "machine": d["machine"]}
+    rebuilt = RunMetrics(
+        **{f: getattr(record, f) for f in ("variant", "wer_fp32", "machine")},
+        seed=3,
+        stabilization_arms={"acc16_none": 40.0, "acc16_both": 35.0},
+        split="test",
+    )
+    assert rebuilt.to_dict() == {
+        "variant": d["variant"],
+        "seed": 3,
+        "wer_fp32": d["wer_fp32"],
+        "split": "test",
+        "wer_acc16_none": 40.0,
+        "wer_acc16_both": 35.0,
+        "machine": d["machine"],
+    }
     assert rebuilt.arm_wers() == {"wer_acc16_none": 40.0, "wer_acc16_both": 35.0}
     assert rebuilt.get("wer_coreml", "n/a") == "n/a" and rebuilt.get("seed") == 3
 
@@ -102,12 +113,24 @@ def test_the_derived_tables_follow_the_fields():
 
 
 def test_wandb_summary_flattens_the_nested_figures():
-    d = {"wer_fp32": 30.0, "wer_fp16": 30.5, "wer_coreml_sim": None, "flops_shares": {"mhsa": 0.3},
-         "attention_state_bytes": {"attention": 5, "positions": 0, "conv": 2.5}, "machine": {"cpu": "x"},
-         "variant": "dws", "flag": True}
-    assert wandb_summary(d) == {"wer_fp32": 30.0, "wer_fp16": 30.5, "flops_share/mhsa": 0.3,
-                                "attention_state_bytes/attention": 5, "attention_state_bytes/positions": 0,
-                                "delta/wer_fp16": 0.5}
+    d = {
+        "wer_fp32": 30.0,
+        "wer_fp16": 30.5,
+        "wer_coreml_sim": None,
+        "flops_shares": {"mhsa": 0.3},
+        "attention_state_bytes": {"attention": 5, "positions": 0, "conv": 2.5},
+        "machine": {"cpu": "x"},
+        "variant": "dws",
+        "flag": True,
+    }
+    assert wandb_summary(d) == {
+        "wer_fp32": 30.0,
+        "wer_fp16": 30.5,
+        "flops_share/mhsa": 0.3,
+        "attention_state_bytes/attention": 5,
+        "attention_state_bytes/positions": 0,
+        "delta/wer_fp16": 0.5,
+    }
 
 
 def test_get_reads_a_key_of_the_file_like_a_dict():

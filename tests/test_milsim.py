@@ -46,7 +46,7 @@ class StandIn(nn.Module):
         x = F.relu(self.pointwise(self.depthwise(F.relu(self.conv1(x)))))  # (B, C, F', T')
         x = self.proj(x.flatten(1, 2).unsqueeze(2))  # (B, D, 1, T')
         q = self.q(x).transpose(1, 3)  # (B, T', 1, D)
-        scores = torch.einsum("bqhc,bchk->bqhk", q, self.k(x)) / 32 ** 0.5  # (B, Tq, 1, Tk)
+        scores = torch.einsum("bqhc,bchk->bqhk", q, self.k(x)) / 32**0.5  # (B, Tq, 1, Tk)
         probs = scores.softmax(dim=3)
         y = torch.einsum("bqhk,bkhc->bqhc", probs, self.v(x).transpose(1, 3)).transpose(1, 3)  # (B, D, 1, T')
         x = x + F.silu(self.time_conv(x + y))
@@ -54,8 +54,9 @@ class StandIn(nn.Module):
 
 
 def convert(module, path, precision, lengths=(48, 80)):
-    export_coreml(module, path, precision=precision, metadata=META,
-                  shapes={"policy": "enumerated", "lengths": list(lengths)})
+    export_coreml(
+        module, path, precision=precision, metadata=META, shapes={"policy": "enumerated", "lengths": list(lengths)}
+    )
     return MILExecutor(load_program(path))
 
 
@@ -112,8 +113,7 @@ def test_fp16_rounding_and_overflow_are_those_of_fp16(tmp_path):
     x = np.ones((1, 8, 80), np.float32)
     for precision in ("fp16", "fp32"):
         path = tmp_path / f"ops_{precision}.mlpackage"
-        export_coreml(Ops(), path, precision=precision, metadata=META,
-                      shapes={"policy": "fixed", "fixed_length": 8})
+        export_coreml(Ops(), path, precision=precision, metadata=META, shapes={"policy": "fixed", "fixed_length": 8})
         out = MILExecutor(load_program(path)).run({"feats": x})["log_probs"].astype(np.float64)
         rounded, big = out[..., 0::2], out[..., 1::2]
         if precision == "fp16":
@@ -126,8 +126,13 @@ def test_fp16_rounding_and_overflow_are_those_of_fp16(tmp_path):
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 @settings(max_examples=20, deadline=None)
 @given(
-    nd=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 4]), stride=st.integers(1, 3),
-    dilation=st.integers(1, 2), kernel=st.integers(1, 4), pad=st.integers(0, 2), size=st.integers(9, 16),
+    nd=st.sampled_from([1, 2]),
+    groups=st.sampled_from([1, 2, 4]),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    kernel=st.integers(1, 4),
+    pad=st.integers(0, 2),
+    size=st.integers(9, 16),
     pad_type=st.sampled_from(["custom", "valid", "same"]),
 )
 def test_conv_kernel_matches_torch(nd, groups, stride, dilation, kernel, pad, size, pad_type):
@@ -144,8 +149,16 @@ def test_conv_kernel_matches_torch(nd, groups, stride, dilation, kernel, pad, si
         ref = conv(x, w, b, stride=stride, dilation=dilation, groups=groups)
     else:
         ref = conv(x, w, b, stride=stride, padding=pad, dilation=dilation, groups=groups)
-    args = {"x": x.numpy(), "weight": w.numpy(), "bias": b.numpy(), "strides": [stride] * nd,
-            "dilations": [dilation] * nd, "groups": groups, "pad_type": pad_type, "pad": [pad, pad] * nd}
+    args = {
+        "x": x.numpy(),
+        "weight": w.numpy(),
+        "bias": b.numpy(),
+        "strides": [stride] * nd,
+        "dilations": [dilation] * nd,
+        "groups": groups,
+        "pad_type": pad_type,
+        "pad": [pad, pad] * nd,
+    }
     out = milsim.KERNELS["conv"](None, args)
     assert out.shape == tuple(ref.shape)
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-4, rtol=1e-5)
@@ -159,8 +172,13 @@ def _saved_program(tmp_path, build):
     def prog(x):
         return build(x)
 
-    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
-                       compute_precision=ct.precision.FLOAT32, skip_model_load=True)
+    model = ct.convert(
+        prog,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS17,
+        compute_precision=ct.precision.FLOAT32,
+        skip_model_load=True,
+    )
     path = tmp_path / "hand.mlpackage"
     model.save(str(path))
     return load_program(path)
@@ -203,8 +221,9 @@ def test_scatter_kernels_match_torch(mode):
     reduce = {"update": None, "add": "sum", "max": "amax"}[mode]
     index = idx[None, :, None].expand(5, 2, 3)
     ref = data.scatter(1, index, upd) if reduce is None else data.scatter_reduce(1, index, upd, reduce)
-    out = milsim.KERNELS["scatter"](None, {"data": data.numpy(), "indices": idx.numpy(), "updates": upd.numpy(),
-                                           "axis": 1, "mode": mode})
+    out = milsim.KERNELS["scatter"](
+        None, {"data": data.numpy(), "indices": idx.numpy(), "updates": upd.numpy(), "axis": 1, "mode": mode}
+    )
     np.testing.assert_array_equal(out, ref.numpy())
 
     nd_idx = torch.tensor([[0, 1], [4, 3], [2, 2]])  # (N, K=2) into the first two axes
@@ -212,8 +231,9 @@ def test_scatter_kernels_match_torch(mode):
     ref = data.clone()
     for (i, j), u in zip(nd_idx.tolist(), nd_upd):
         ref[i, j] = u if mode == "update" else (ref[i, j] + u if mode == "add" else torch.maximum(ref[i, j], u))
-    out = milsim.KERNELS["scatter_nd"](None, {"data": data.numpy(), "indices": nd_idx.numpy(),
-                                              "updates": nd_upd.numpy(), "mode": mode})
+    out = milsim.KERNELS["scatter_nd"](
+        None, {"data": data.numpy(), "indices": nd_idx.numpy(), "updates": nd_upd.numpy(), "mode": mode}
+    )
     np.testing.assert_array_equal(out, ref.numpy())
 
 

@@ -47,9 +47,18 @@ def right_edge(t):
 
 
 def model_cfg(*overrides):
-    cfg = compose(["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.ff_dim=64",
-                   "model.encoder.kernel_size=5", "model.subsampling_channels=8", "model.decoder.n_heads=2",
-                   "model.decoder.ff_dim=64", *overrides])
+    cfg = compose(
+        [
+            "model.encoder.d_model=32",
+            "model.encoder.n_heads=2",
+            "model.encoder.ff_dim=64",
+            "model.encoder.kernel_size=5",
+            "model.subsampling_channels=8",
+            "model.decoder.n_heads=2",
+            "model.decoder.ff_dim=64",
+            *overrides,
+        ]
+    )
     return OmegaConf.to_container(cfg.model, resolve=True)
 
 
@@ -102,8 +111,7 @@ def test_encoder_output_independent_of_batch_padding(variant):
 
 
 def test_stages_build_downsized_blocks_with_projections_and_counted_flops():
-    m = model_cfg("model.encoder.n_layers=3",
-                  "model.encoder.stages=[{n_layers:1},{n_layers:2,d_model:24,ff_dim:40}]")
+    m = model_cfg("model.encoder.n_layers=3", "model.encoder.stages=[{n_layers:1},{n_layers:2,d_model:24,ff_dim:40}]")
     model = build_model(m, VOCAB).eval()
     enc = model.encoder
     assert [b.ffn1.up.in_features for b in enc.blocks] == [32, 24, 24]
@@ -112,12 +120,14 @@ def test_stages_build_downsized_blocks_with_projections_and_counted_flops():
     assert enc.d_model == 24 and model.ctc.in_features == 24 and model.decoder.embed.embedding_dim == 24
 
     uniform = build_model(model_cfg("model.encoder.n_layers=3"), VOCAB)
+
     # Per-block parameter difference, closed form: FFN 2 x (2 D F + F + D), conv module, norms, attention.
     def block_params(D, F, H=2, k=5):
         ffn = 2 * (2 * D + 2 * D * F + F + D)  # two FeedForward: LayerNorm + up + down
         conv = 2 * D + (2 * D * D + 2 * D) + (D * k + D) + 2 * D + (D * D + D)
         mhsa = 2 * D + 4 * (D * D + D) + D * D + 2 * D
         return ffn + conv + mhsa + 2 * D
+
     assert count_params(enc.blocks[1]) == block_params(24, 40)
     assert count_params(uniform.encoder.blocks[1]) == block_params(32, 64)
 
@@ -146,7 +156,7 @@ def random_qkv(B=2, H=2, T=37, d=8, m=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, T, d, generator=g) for _ in range(3))
     w = orthogonal_gaussian(m, d, seed)
-    s = d ** -0.25
+    s = d**-0.25
     return positive_features(q * s, w, True), positive_features(k * s, w, False), v
 
 
@@ -166,7 +176,7 @@ def test_performer_causal_forms_agree(chunk):
         full = attn(x, x, x, mask)
         state, steps = attn.init_state(2), []
         for s in range(0, T, chunk):
-            out, state = attn.step(x[:, s:s + chunk], state)
+            out, state = attn.step(x[:, s : s + chunk], state)
             steps.append(out)
         chunked = attn(x, x, x, mask, chunk_size=chunk)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
@@ -213,14 +223,18 @@ def test_performer_converges_to_softmax_attention():
     q, k = (0.5 * torch.randn(B, H, T, d, generator=g) for _ in range(2))
     v = torch.randn(B, H, T, d, generator=g)
     exact = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1) @ v
-    s = d ** -0.25
+    s = d**-0.25
     errors = []
     for m in FEATURES:
         e = []
         for seed in range(8):
             w = orthogonal_gaussian(m, d, seed)
-            out = linear_attention(positive_features(q * s, w, True), positive_features(k * s, w, False), v,
-                                   torch.ones(B, T, dtype=torch.bool))
+            out = linear_attention(
+                positive_features(q * s, w, True),
+                positive_features(k * s, w, False),
+                v,
+                torch.ones(B, T, dtype=torch.bool),
+            )
             e.append(float((out - exact).norm() / exact.norm()))
         errors.append(sum(e) / len(e))
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
@@ -241,9 +255,16 @@ def test_features_are_orthogonal_redrawable_and_saved():
 
 def test_performer_flops_are_attention_flops_and_linear_in_length():
     def mhsa_flops(attention, seconds):
-        model = build_model(model_cfg("model.encoder.n_layers=1", f"model.encoder.attention={attention}",
-                                      "model.encoder.causal=true", "model.encoder.chunk_size=4",
-                                      "model.ctc_weight=1.0"), VOCAB)
+        model = build_model(
+            model_cfg(
+                "model.encoder.n_layers=1",
+                f"model.encoder.attention={attention}",
+                "model.encoder.causal=true",
+                "model.encoder.chunk_size=4",
+                "model.ctc_weight=1.0",
+            ),
+            VOCAB,
+        )
         r = count_flops(model, seconds, idim=80)
         assert r["flops"]["other"] == 0  # every counted op is claimed by a part
         return r["flops"]["mhsa"]
@@ -257,7 +278,7 @@ def stream(enc, x, piece):
     state, outs = enc.stream_init(), []
     with torch.no_grad():
         for s in range(0, x.size(1), piece):
-            out, state = enc.stream(x[:, s:s + piece], state, final=s + piece >= x.size(1))
+            out, state = enc.stream(x[:, s : s + piece], state, final=s + piece >= x.size(1))
             outs.append(out)
     return torch.cat(outs, 1), state
 
@@ -288,8 +309,9 @@ def test_attention_state_grows_for_softmax_and_is_constant_for_performer():
     sizes = {}
     for attention in ("softmax", "performer"):
         enc = tiny_encoder(causal=True, chunk_size=4, attention=attention, performer_features=16).eval()
-        sizes[attention] = [ConformerEncoder.stream_state_bytes(stream(enc, torch.randn(1, T, IDIM), 32)[1])
-                            for T in (63, 123)]
+        sizes[attention] = [
+            ConformerEncoder.stream_state_bytes(stream(enc, torch.randn(1, T, IDIM), 32)[1]) for T in (63, 123)
+        ]
     for T, s in zip((63, 123), sizes["softmax"]):
         frames = (T - 3) // 4  # encoder frames seen (all chunks cached: left_chunks=-1)
         assert s["attention"] == 3 * 2 * frames * 32 * 4  # 3 blocks x (K, V) x frames x D x float32
@@ -325,8 +347,9 @@ def test_init_from_softmax_checkpoint_into_performer(tmp_path):
     performer = {**softmax, "encoder": {**softmax["encoder"], "attention": "performer"}}
     torch.manual_seed(1)
     target = ASRModule(performer, {**optim, "init_from": str(tmp_path / "softmax.ckpt")}, VOCAB)
-    target.trainer = L.Trainer(default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False,
-                               enable_progress_bar=False)
+    target.trainer = L.Trainer(
+        default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     before = {k: v.clone() for k, v in target.state_dict().items()}
     target.setup("fit")
 
@@ -352,16 +375,30 @@ def test_init_from_softmax_checkpoint_into_performer(tmp_path):
 
 
 def tiny_cascade(first_pass_weight=0.5, attention="performer"):
-    enc = tiny_encoder(n_layers=4, conv_only_layers=1, attention=attention, causal=True, chunk_size=4,
-                       first_pass_layers=2, block_dims=[(32, 2, 64), (32, 2, 64), (48, 2, 96), (48, 2, 96)])
+    enc = tiny_encoder(
+        n_layers=4,
+        conv_only_layers=1,
+        attention=attention,
+        causal=True,
+        chunk_size=4,
+        first_pass_layers=2,
+        block_dims=[(32, 2, 64), (32, 2, 64), (48, 2, 96), (48, 2, 96)],
+    )
     dec = TransformerDecoder(VOCAB, d_model=48, n_heads=2, ff_dim=64, n_layers=1, dropout=0.0)
     return CascadedASR(enc, VOCAB, dec, ctc_weight=0.5, first_pass_weight=first_pass_weight)
 
 
 def test_cascade_structure_and_config():
-    model = build_model(model_cfg("model.cascade.enabled=true", "model.cascade.n_layers=1",
-                                  "model.cascade.d_model=48", "model.encoder.causal=true",
-                                  "model.encoder.chunk_size=4"), VOCAB)
+    model = build_model(
+        model_cfg(
+            "model.cascade.enabled=true",
+            "model.cascade.n_layers=1",
+            "model.cascade.d_model=48",
+            "model.encoder.causal=true",
+            "model.encoder.chunk_size=4",
+        ),
+        VOCAB,
+    )
     enc = model.encoder
     assert isinstance(model, CascadedASR) and enc.first_pass_layers == 4 and len(enc.blocks) == 5
     assert [b.conv.causal for b in enc.blocks] == [True] * 4 + [False]
@@ -385,7 +422,7 @@ def test_cascade_first_pass_is_causal_and_second_pass_is_not():
         alone, _ = model.encode_first_pass(x, torch.tensor([T]))
     assert safe > 2 * chunk
     torch.testing.assert_close(b1[:, :safe], a1[:, :safe], atol=1e-5, rtol=0)
-    assert not torch.allclose(b1[:, safe:safe + chunk], a1[:, safe:safe + chunk], atol=1e-4)
+    assert not torch.allclose(b1[:, safe : safe + chunk], a1[:, safe : safe + chunk], atol=1e-4)
     assert not torch.allclose(b2[:, :safe], a2[:, :safe], atol=1e-4)  # the second pass sees the future
     torch.testing.assert_close(alone, a1, atol=0, rtol=0)
 
@@ -411,16 +448,39 @@ def test_cascade_trains_and_both_losses_decrease():
         assert history[-1][k] < 0.5 * history[0][k], (k, history[0][k], history[-1][k])
 
 
-TINY_PRACTICAL = ["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.ff_dim=64",
-                  "model.encoder.kernel_size=5", "model.subsampling_channels=8", "model.encoder.chunk_size=4",
-                  "model.encoder.stages=[{n_layers:2},{n_layers:2,d_model:24,ff_dim:48}]",
-                  "model.encoder.performer_features=16", "model.cascade.n_layers=1", "model.cascade.d_model=32",
-                  "model.cascade.n_heads=2", "model.cascade.ff_dim=64", "model.decoder.n_heads=2",
-                  "model.decoder.ff_dim=64", "data.tokenizer.vocab_size=24", "train.max_batch_seconds=4",
-                  "train.warmup_steps=2", "train.max_epochs=1", "train.average_last=1", "logger=csv",
-                  "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "trainer.num_threads=1"]
-TEXTS = ["SING UNTO THE LORD", "ALL THE EARTH", "AND GOD SAID", "LET THERE BE LIGHT", "IN THE BEGINNING",
-         "THE WORD WAS WITH GOD"]
+TINY_PRACTICAL = [
+    "model.encoder.d_model=32",
+    "model.encoder.n_heads=2",
+    "model.encoder.ff_dim=64",
+    "model.encoder.kernel_size=5",
+    "model.subsampling_channels=8",
+    "model.encoder.chunk_size=4",
+    "model.encoder.stages=[{n_layers:2},{n_layers:2,d_model:24,ff_dim:48}]",
+    "model.encoder.performer_features=16",
+    "model.cascade.n_layers=1",
+    "model.cascade.d_model=32",
+    "model.cascade.n_heads=2",
+    "model.cascade.ff_dim=64",
+    "model.decoder.n_heads=2",
+    "model.decoder.ff_dim=64",
+    "data.tokenizer.vocab_size=24",
+    "train.max_batch_seconds=4",
+    "train.warmup_steps=2",
+    "train.max_epochs=1",
+    "train.average_last=1",
+    "logger=csv",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "trainer.num_threads=1",
+]
+TEXTS = [
+    "SING UNTO THE LORD",
+    "ALL THE EARTH",
+    "AND GOD SAID",
+    "LET THERE BE LIGHT",
+    "IN THE BEGINNING",
+    "THE WORD WAS WITH GOD",
+]
 
 
 @pytest.fixture(scope="module")
@@ -432,8 +492,15 @@ def tiny_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("practical")
     for split, n in (("train", 6), ("dev", 2), ("test", 2)):
-        rows = [{"id": f"{split}-{i}", "audio_filepath": str(write_flac(root / split / f"{i}.flac", 1.0, seed=i)),
-                 "duration": 1.0, "text": TEXTS[i]} for i in range(n)]
+        rows = [
+            {
+                "id": f"{split}-{i}",
+                "audio_filepath": str(write_flac(root / split / f"{i}.flac", 1.0, seed=i)),
+                "duration": 1.0,
+                "text": TEXTS[i],
+            }
+            for i in range(n)
+        ]
         write_jsonl_atomic(root / "prepared" / "manifests" / f"{split}.jsonl", rows)
     tokenize(compose([f"data.out_dir={root / 'prepared'}", "data.tokenizer.vocab_size=24"]))
     return root
@@ -445,8 +512,16 @@ def test_train_cascade_reports_both_passes_and_fine_tunes_into_the_performer(tin
 
     base = ["+experiment=practical", f"data.out_dir={tiny_data / 'prepared'}", *TINY_PRACTICAL]
     softmax = tmp_path / "softmax"
-    metrics = train(compose([*base, "model.encoder.attention=softmax", f"out_dir={softmax}",
-                             "train.test_methods=[ctc_greedy,attention]"]))
+    metrics = train(
+        compose(
+            [
+                *base,
+                "model.encoder.attention=softmax",
+                f"out_dir={softmax}",
+                "train.test_methods=[ctc_greedy,attention]",
+            ]
+        )
+    )
     assert json.loads((softmax / "train_metrics.json").read_text()) == metrics
     assert "test_wer_first_pass_attention" not in metrics  # the first pass has only a CTC head
     for key in ("test_wer_ctc_greedy", "test_wer_attention", "test_wer_first_pass_ctc_greedy"):
@@ -485,8 +560,12 @@ def test_practical_experiment_composes_into_the_documented_model():
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True), 128)
     enc = model.encoder
     kinds = [(type(b).__name__, b.ffn1.up.in_features, type(getattr(b, "mhsa", None)).__name__) for b in enc.blocks]
-    assert kinds == [("ConvOnlyBlock", 144, "NoneType")] * 2 + [("ConformerBlock", 96, "PerformerAttention")] * 2 \
+    assert (
+        kinds
+        == [("ConvOnlyBlock", 144, "NoneType")] * 2
+        + [("ConformerBlock", 96, "PerformerAttention")] * 2
         + [("ConformerBlock", 144, "RelPositionMultiHeadAttention")] * 2
+    )
     assert isinstance(model, CascadedASR) and enc.chunk_size == 8 and enc.first_pass_layers == 4
 
 
@@ -516,8 +595,13 @@ def test_bench_practical_quick(tmp_path, capsys):
     assert report["quick"] and report["threads"] == 1 and r["config"]["calls"] == 7  # 200 frames / 32 per call
     for name in ("baseline", "practical"):
         m = r["models"][name]
-        for key in ("stream_call_ms", "stream_rtf", "full_rtf", "gflops_per_audio_second",
-                    "first_pass_gflops_per_audio_second"):
+        for key in (
+            "stream_call_ms",
+            "stream_rtf",
+            "full_rtf",
+            "gflops_per_audio_second",
+            "first_pass_gflops_per_audio_second",
+        ):
             assert math.isfinite(m[key]) and m[key] > 0, (name, key)
         assert len(m["stream_call_ms_all"]) == 1 and len(m["stream_call_ms_all"][0]) == 7
     base, prac = r["models"]["baseline"], r["models"]["practical"]

@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 import torch.nn as nn
@@ -21,8 +20,9 @@ from edgeconformer.stabilize.precision import (
 
 def tiny_asr(seed=0):
     torch.manual_seed(seed)
-    enc = ConformerEncoder(idim=20, d_model=32, n_layers=2, n_heads=2, ff_dim=64, kernel_size=7, dropout=0.0,
-                           subsampling_channels=8)
+    enc = ConformerEncoder(
+        idim=20, d_model=32, n_layers=2, n_heads=2, ff_dim=64, kernel_size=7, dropout=0.0, subsampling_channels=8
+    )
     return DualDecoderASR(enc, 12, None, ctc_weight=1.0).eval()
 
 
@@ -38,8 +38,18 @@ def test_probe_measures_cpu_half_kernels():
     # ... and these accumulate in float32 inside it: partial sums past 65504 do not overflow. This is what makes
     # the CPU simulation optimistic (docs/stabilization.md section 5); log_softmax rounds its denominator to FP16
     # and is not.
-    for name in ("sum", "mean", "matmul", "linear", "einsum", "conv1d", "conv2d", "layer_norm", "softmax",
-                 "scaled_dot_product_attention"):
+    for name in (
+        "sum",
+        "mean",
+        "matmul",
+        "linear",
+        "einsum",
+        "conv1d",
+        "conv2d",
+        "layer_norm",
+        "softmax",
+        "scaled_dot_product_attention",
+    ):
         assert probes[name]["wide_accumulation"] is True, name
     assert probes["log_softmax"]["wide_accumulation"] is False
 
@@ -131,8 +141,13 @@ def test_fp32_mode_is_the_original_model():
         expected = asr.ctc_log_probs(asr.encode(cmvn(feats, lengths), lengths)[0])
     fp32 = precision_model(asr, "fp32", cmvn)
     assert torch.equal(fp32(feats), expected)
-    assert fp32.summary() == {"mode": "fp32", "calls": 1, "fallback_ops": {}, "wide_accumulation_ops": {},
-                              "emulated_reductions": {}}
+    assert fp32.summary() == {
+        "mode": "fp32",
+        "calls": 1,
+        "fallback_ops": {},
+        "wide_accumulation_ops": {},
+        "emulated_reductions": {},
+    }
 
 
 def test_fp16_modes_run_entirely_in_half_and_stay_close():
@@ -160,8 +175,6 @@ class DigitTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-
-
 def test_fp16_accumulation_reveals_what_the_cpu_hides():
     # A gain that puts LayerNorm's sum of squares past 65504 while every single square stays below it: CPU half
     # kernels (float32 accumulators) hide the overflow, FP16 accumulation shows it, the pre-normalizer removes it.
@@ -175,8 +188,11 @@ def test_fp16_accumulation_reveals_what_the_cpu_hides():
     feats = [torch.randn(1, T, 20) * 3 for T in (50, 90)]
     ane = ANEConformer.from_asr(asr, cmvn)
     centred = []  # max |x - mean| over the channels of every LayerNorm input
-    hooks = [m.register_forward_hook(lambda m, a, o: centred.append(float((a[0] - a[0].mean(1, True)).abs().max())))
-             for m in ane.modules() if isinstance(m, PreNormLayerNorm)]
+    hooks = [
+        m.register_forward_hook(lambda m, a, o: centred.append(float((a[0] - a[0].mean(1, True)).abs().max())))
+        for m in ane.modules()
+        if isinstance(m, PreNormLayerNorm)
+    ]
     rep = audit(ane, feats)
     for h in hooks:
         h.remove()

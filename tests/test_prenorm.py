@@ -45,10 +45,10 @@ def make_row(family, d, fmt, seed):
     n = torch.randn(d, generator=g, dtype=torch.float64)
     r = torch.rand(3, generator=g, dtype=torch.float64)
     root = math.sqrt(f.max)
-    if family == "huge":      # sqrt(M) / 4 .. sqrt(M) * 64, capped at M / 8 so x - mean(x) cannot overflow
+    if family == "huge":  # sqrt(M) / 4 .. sqrt(M) * 64, capped at M / 8 so x - mean(x) cannot overflow
         x = n * root * 2.0 ** (8 * r[0] - 2)
         x = x.clamp(-f.max / 8, f.max / 8)
-    elif family == "tiny":    # around m, some subnormal
+    elif family == "tiny":  # around m, some subnormal
         x = n * f.min_normal * 2.0 ** (8 * r[0] - 4)
     elif family == "outlier":
         x = n * 1e-2
@@ -62,7 +62,7 @@ def make_row(family, d, fmt, seed):
         if d >= 2:
             a = root * 2.0 ** (6 * r[0] - 3)
             x[0], x[-1] = a, -a
-    else:                     # "offset": a mean 10..100 times the spread
+    else:  # "offset": a mean 10..100 times the spread
         x = n + float(10 ** (1 + r[0]))
     return x.to(f.dtype)
 
@@ -95,7 +95,7 @@ def tolerance(x, w, out_ref, fmt, accumulate):
     eta = dmu * (1 + u) + u * y.abs() + mu
     c1 = 8 if accumulate == "native" else 8 + (d - 1) / 2
     s = torch.maximum(y.abs().amax(-1, keepdim=True), torch.tensor(scale_floor(EPS, fmt), dtype=torch.float64))
-    s_lo = torch.tensor(scale_floor(EPS, fmt), dtype=torch.float64)   # smallest s the layer can use
+    s_lo = torch.tensor(scale_floor(EPS, fmt), dtype=torch.float64)  # smallest s the layer can use
     eps_term = (2 * u * EPS + mu * (1 + 1 / s_lo) * s * s) / (2 * sigma**2)
     tol_n = n.abs() * (c1 * u + eps_term) + (eta + n.abs() * eta.amax(-1, keepdim=True)) / sigma + mu * (1 + s / sigma)
     w = w.double().abs()
@@ -103,7 +103,7 @@ def tolerance(x, w, out_ref, fmt, accumulate):
 
 
 def terms(y, s, p):
-    z = y / s                                   # in the format
+    z = y / s  # in the format
     return z.abs() if p == 1 else z * z
 
 
@@ -132,7 +132,7 @@ def test_bc1s_layout_normalises_dim_1(prenorm):
         ln.bias.normal_()
     x = torch.randn(2, 50, 144) * 3
     m = PreNormLayerNorm.from_layernorm(ln, prenorm, dim=1)
-    out = m(x.transpose(1, 2).unsqueeze(2))     # (B, C, 1, S)
+    out = m(x.transpose(1, 2).unsqueeze(2))  # (B, C, 1, S)
     assert out.shape == (2, 144, 1, 50)
     torch.testing.assert_close(out.squeeze(2).transpose(1, 2), ln(x), atol=1e-5, rtol=0)
 
@@ -163,8 +163,12 @@ def test_constant_rows_give_bias_without_nan(prenorm, dtype):
 
 def test_bad_arguments_raise():
     x, w = torch.randn(2, 8), torch.ones(8)
-    for kwargs, word in [({"prenorm": "rms"}, "prenorm"), ({"p": 3}, "p must"), ({"fmt": "fp8"}, "format"),
-                         ({"accumulate": "kahan"}, "accumulate")]:
+    for kwargs, word in [
+        ({"prenorm": "rms"}, "prenorm"),
+        ({"p": 3}, "p must"),
+        ({"fmt": "fp8"}, "format"),
+        ({"accumulate": "kahan"}, "accumulate"),
+    ]:
         with pytest.raises(ValueError, match=word):
             layer_norm(x, w, w, EPS, **{"prenorm": "mad", **kwargs})
     with pytest.raises(ValueError, match="one dimension"):
@@ -183,8 +187,8 @@ def test_format_table_matches_torch(name):
 
 def test_sum_in_format_rounds_after_every_addition():
     v = torch.tensor([2048.0] + [1.0] * 1024, dtype=torch.float16)
-    assert float(sum_in_format(v)) == 2048.0              # 2048 + 1 rounds back to 2048 (ties to even) each time
-    assert float(v.sum()) == 3072.0                        # torch's CPU half sum accumulates in float32
+    assert float(sum_in_format(v)) == 2048.0  # 2048 + 1 rounds back to 2048 (ties to even) each time
+    assert float(v.sum()) == 3072.0  # torch's CPU half sum accumulates in float32
     parts = cumsum_in_format(torch.tensor([[60000.0, 6000.0, 1.0]]), "fp16")
     assert parts.dtype == torch.float16 and float(parts[0, 0]) == 60000.0 and math.isinf(parts[0, 1])
     ints = torch.arange(1.0, 101.0).reshape(4, 25)
@@ -209,9 +213,11 @@ def test_bounds_numbers():
         safe = bounds("mad", 2, "fp16", 8)[key]
         assert safe < limit
         centered_only = key == "largest_safe_d_centered"
+
         def ok(d, centered_only=centered_only):
             b = bounds("mad", 2, "fp16", d)
             return b["max_sum_exact" if centered_only else "max_sum_computed"] * b["rounding_growth"] <= 65504
+
         assert ok(safe) and not ok(safe + 1)
     assert bounds("mad", 2, "fp16", 144)["overflow_free"] and not bounds("mad", 2, "fp16", 256)["overflow_free"]
     assert bounds("mad", 2, "fp32", 4096)["overflow_free"] and bounds("linf", 2, "fp16", 4096)["overflow_free"]
@@ -254,7 +260,7 @@ def test_mad_overflows_at_d_256_when_the_mean_rounds(accumulate):
         out = layer_norm(x, w, b, EPS, prenorm, 2, "fp16", -1, accumulate).double()
         if prenorm == "mad":
             assert torch.isinf(cumsum_in_format(t)).any()
-            assert float((out - ref).abs().max()) > 4                  # the last output collapses to 0 (ref 4.70)
+            assert float((out - ref).abs().max()) > 4  # the last output collapses to 0 (ref 4.70)
         else:
             assert torch.isfinite(cumsum_in_format(t)).all()
             assert ((out - ref).abs() <= tolerance(x, w, ref, "fp16", accumulate)).all()
@@ -262,22 +268,25 @@ def test_mad_overflows_at_d_256_when_the_mean_rounds(accumulate):
 
 # --- the measured limit (section 1.5): where MAD actually overflows in FP16, against the proof's width ----------
 
-FP16_OVERFLOW = 65520.0   # M + half an ulp: the smallest sum that rounds to inf in FP16
+FP16_OVERFLOW = 65520.0  # M + half an ulp: the smallest sum that rounds to inf in FP16
 
 
-@pytest.mark.parametrize("centred, accumulate, limit", [
-    (False, "sequential", 256), (False, "native", 256), (True, "sequential", 362), (True, "native", 512),
-])
+@pytest.mark.parametrize(
+    "centred, accumulate, limit",
+    [(False, "sequential", 256), (False, "native", 256), (True, "sequential", 362), (True, "native", 512)],
+)
 def test_mad_measured_overflow_limit(centred, accumulate, limit):
     # the extremal row of section 1.4 through the layer's own FP16 arithmetic: finite at limit - 1, inf at limit;
     # the proof (gamma sup <= M, sufficient only) stops well below: 217 (computed row) / 291 (exactly centred)
     assert first_overflow_d("mad", 2, "fp16", centred, accumulate) == limit
-    below, at = (float(computed_lp_sum(worst_case_row(d, "mad", "fp16", centred, accumulate), accumulate=accumulate))
-                 for d in (limit - 1, limit))
+    below, at = (
+        float(computed_lp_sum(worst_case_row(d, "mad", "fp16", centred, accumulate), accumulate=accumulate))
+        for d in (limit - 1, limit)
+    )
     assert math.isfinite(below) and math.isinf(at)
     proven = bounds("mad", 2, "fp16", limit)["largest_safe_d_centered" if centred else "largest_safe_d"]
     assert proven == (291 if centred else 217) < limit
-    if accumulate == "sequential":                 # the sums quoted in the docs' table
+    if accumulate == "sequential":  # the sums quoted in the docs' table
         assert below == (65152.0 if centred else 65024.0)
 
 
@@ -296,7 +305,7 @@ def test_worst_case_rows_attain_the_vertices(accumulate):
         xc = worst_case_row(d, "mad", "fp16", True, accumulate)
         assert torch.equal(centered(xc, accumulate=accumulate), xc)
         assert float(computed_lp_sum(xc, accumulate=accumulate)) == pytest.approx(d * d / 2, rel=2**-9)
-    assert float(computed_lp_sum(worst_case_row(144), accumulate="sequential")) == 144**2      # section 4.1
+    assert float(computed_lp_sum(worst_case_row(144), accumulate="sequential")) == 144**2  # section 4.1
 
 
 def _sum_of_row(y):
@@ -309,7 +318,7 @@ def _sum_of_row(y):
 def test_no_fp16_row_overflows_mad_below_the_measured_limit():
     d, n = 255, 150
     g = torch.Generator().manual_seed(0)
-    c = 2.0 ** (torch.rand(n, 1, generator=g) * 20 - 6)             # largest entry 2^-6 .. 2^14 (floor included)
+    c = 2.0 ** (torch.rand(n, 1, generator=g) * 20 - 6)  # largest entry 2^-6 .. 2^14 (floor included)
     sign = torch.where(torch.rand(n, d, generator=g) < 0.5, -1.0, 1.0)
     rows = []
     # one spike among noise at relative level 2^-k (k = 0..23), at a random position
@@ -319,14 +328,21 @@ def test_no_fp16_row_overflows_mad_below_the_measured_limit():
     # the spike first, then entries just under half an ulp of the running MAD sum: that sum loses all of them
     y = c * 2.0**-11 * (1 - 2.0**-8 * torch.rand(n, 1, generator=g)) * sign
     y[:, 0] = c[:, 0]
-    rows += [y, y.clone().index_put_((torch.arange(n), torch.ones(n, dtype=torch.long)),
-                                     c[:, 0] * torch.rand(n, generator=g) * 0.2)]
+    rows += [
+        y,
+        y.clone().index_put_(
+            (torch.arange(n), torch.ones(n, dtype=torch.long)), c[:, 0] * torch.rand(n, generator=g) * 0.2
+        ),
+    ]
     # up to four spikes of random sizes, Gaussian and Cauchy rows
     y = torch.zeros(n, d)
     for j in range(4):
         y[torch.arange(n), torch.randint(0, d, (n,), generator=g)] = c[:, 0] * torch.rand(n, generator=g) ** (j + 1)
-    rows += [y * sign, torch.randn(n, d, generator=g) * c,
-             torch.distributions.Cauchy(0.0, 1.0).sample((n, d)).clamp(-100, 100) * c / 100]
+    rows += [
+        y * sign,
+        torch.randn(n, d, generator=g) * c,
+        torch.distributions.Cauchy(0.0, 1.0).sample((n, d)).clamp(-100, 100) * c / 100,
+    ]
     # every FP16 spike value in three binades near the scale floor, in [1, 2) and in [2^14, 2^15)
     spikes = torch.cat([2.0**e * (1 + torch.arange(1024) / 1024) for e in (-7, -6, -5, 0, 14)])
     single = torch.zeros(len(spikes), d)
@@ -358,16 +374,23 @@ def test_optimal_scale_is_the_smallest_safe_power_of_two(p, fmt):
     f, d = FORMATS[fmt], 256
     amax = torch.tensor([1e-3, 1.0, 300.0, f.max / 16], dtype=torch.float64)
     s = overflow_safe_scale(amax, p, fmt, d)
-    assert torch.equal(torch.exp2(torch.log2(s).round()), s)                          # powers of two
+    assert torch.equal(torch.exp2(torch.log2(s).round()), s)  # powers of two
     gamma = bounds("optimal", p, fmt, d)["rounding_growth"]
+
     def worst(scale):
         return gamma * d * (amax / scale) ** p  # all |y_i| = max (even d)
+
     assert (worst(s) <= f.max).all() and (worst(s / 2) > f.max).all()
 
 
 @FAST
-@given(family=st.sampled_from(FAMILIES), d=st.sampled_from([1, 2, 3, 16, 144, 256]), seed=st.integers(0, 10**6),
-       fmt=st.sampled_from(["fp16", "bf16", "fp32"]), p=st.sampled_from([1, 2]))
+@given(
+    family=st.sampled_from(FAMILIES),
+    d=st.sampled_from([1, 2, 3, 16, 144, 256]),
+    seed=st.integers(0, 10**6),
+    fmt=st.sampled_from(["fp16", "bf16", "fp32"]),
+    p=st.sampled_from([1, 2]),
+)
 def test_partial_sums_and_underflow_within_bounds(family, d, seed, fmt, p):
     f = FORMATS[fmt]
     x = make_row(family, d, fmt, seed)
@@ -381,7 +404,7 @@ def test_partial_sums_and_underflow_within_bounds(family, d, seed, fmt, p):
         if b["overflow_free"]:
             assert torch.isfinite(partial).all(), (prenorm, family)
         assert float(partial[torch.isfinite(partial)].max()) <= b["max_partial_sum"], (prenorm, family)
-        if float(y64.sum()) == 0:                                  # computed row exactly centered: the tighter bound
+        if float(y64.sum()) == 0:  # computed row exactly centered: the tighter bound
             assert float(partial.max()) <= b["max_sum_exact"] * b["rounding_growth"], (prenorm, family)
         # underflow: exact terms of the computed y and s, counted where s is the layer's own (not the floor)
         if float(s) <= scale_floor(EPS, fmt):
@@ -394,7 +417,7 @@ def test_partial_sums_and_underflow_within_bounds(family, d, seed, fmt, p):
         nz = y64.abs()[y64 != 0]
         if len(nz) and float(nz.min()) >= b["underflow_ratio"] * float(nz.max()):
             assert counts[prenorm] == 0, (prenorm, family)
-    if "optimal" in counts and "linf" in counts:                   # s_opt < max|y| whenever 2 (gamma d / M)^(1/p) < 1
+    if "optimal" in counts and "linf" in counts:  # s_opt < max|y| whenever 2 (gamma d / M)^(1/p) < 1
         assert counts["optimal"] <= counts["linf"]
 
 
@@ -402,9 +425,13 @@ def test_partial_sums_and_underflow_within_bounds(family, d, seed, fmt, p):
 
 
 @FAST
-@given(family=st.sampled_from(FAMILIES), d=st.sampled_from([2, 16, 144, 256]), seed=st.integers(0, 10**6),
-       prenorm=st.sampled_from(["mad", "linf", "optimal"]),
-       case=st.sampled_from([("fp16", "native"), ("fp16", "sequential"), ("bf16", "native")]))
+@given(
+    family=st.sampled_from(FAMILIES),
+    d=st.sampled_from([2, 16, 144, 256]),
+    seed=st.integers(0, 10**6),
+    prenorm=st.sampled_from(["mad", "linf", "optimal"]),
+    case=st.sampled_from([("fp16", "native"), ("fp16", "sequential"), ("bf16", "native")]),
+)
 def test_low_precision_layer_norm_matches_float64(family, d, seed, prenorm, case):
     fmt, accumulate = case
     f = FORMATS[fmt]
@@ -426,11 +453,11 @@ def test_fp16_layer_norm_without_prenorm_overflows(d, seed, big):
     """Without a pre-normalizer the FP16 sum of squares overflows: either an element |y_i| >= 256 squares to inf
     (any accumulation) or, with elements below 256, the sum passes M when accumulated in FP16. MAD fixes both."""
     g = torch.Generator().manual_seed(seed)
-    if big:                                          # one x_i in [320, 3620): after centering y_i > 256, y_i^2 > M
+    if big:  # one x_i in [320, 3620): after centering y_i > 256, y_i^2 > M
         x = torch.randn(d, generator=g, dtype=torch.float64)
         x[0] = 320 * 2 ** (3.5 * float(torch.rand(1, generator=g)))
         accumulate = "native"
-    else:                                            # all |y_i| < 181 (y_i^2 < M / 2) but sum y_i^2 > 2 M
+    else:  # all |y_i| < 181 (y_i^2 < M / 2) but sum y_i^2 > 2 M
         sign = torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0).double()
         x = sign * math.sqrt(2 * 65504 * 1.2 / d) * (1 + 0.1 * torch.rand(d, generator=g, dtype=torch.float64))
         assert float(x.abs().max()) < 181

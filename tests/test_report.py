@@ -39,8 +39,10 @@ def write_audit(path: Path, obj) -> None:
 
 
 def list_audit(peaks: list[float], sumsq: dict[int, float]) -> list[dict]:
-    return [{"name": f"encoder.blocks.{i}.x", "max_abs": p, **({"sumsq_peak": sumsq[i]} if i in sumsq else {})}
-            for i, p in enumerate(peaks)]
+    return [
+        {"name": f"encoder.blocks.{i}.x", "max_abs": p, **({"sumsq_peak": sumsq[i]} if i in sumsq else {})}
+        for i, p in enumerate(peaks)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ schema
@@ -61,48 +63,73 @@ def mutate(**changes):
     return d
 
 
-@pytest.mark.parametrize("d,expected", [
-    (mutate(wer_fp32=KeyError), "missing key 'wer_fp32'"),
-    (mutate(rtf_cpu=None), "rtf_cpu is null"),
-    (mutate(wer_fp16=-1.0), "wer_fp16 must be a WER/CER in percent"),
-    (mutate(wer_fp16=float("nan")), "wer_fp16 must be a WER/CER in percent"),
-    (mutate(params_millions=0), "params_millions must be a finite number > 0"),
-    (mutate(n_utterances=True), "n_utterances must be an integer"),
-    (mutate(n_utterances=2.5), "n_utterances must be an integer"),
-    (mutate(flops_subsampling_share=1.5), "flops_subsampling_share must be a fraction"),
-    (mutate(flops_subsampling_share=0.2), "differs from flops_shares['subsampling']"),
-    (mutate(flops_shares={"subsampling": 0.099921, "ffn": 0.5}), "must sum to 1"),
-    (mutate(flops_shares={"ffn": 1.0}), "no 'subsampling' part"),
-    (mutate(rtf_device_estimate=0.5), "differs from rtf_device_estimates['apple-watch-s7']"),
-    (mutate(device=None), "device (the profile it was estimated for) is null"),
-    (mutate(rtf_device_estimates={"apple-watch-s7": -1}), "rtf_device_estimates must be an object"),
-    (mutate(machine={"platform": "x"}), "machine lacks"),
-    (mutate(variant=""), "variant must be a non-empty string"),
-    ([1, 2], "metrics must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "d,expected",
+    [
+        (mutate(wer_fp32=KeyError), "missing key 'wer_fp32'"),
+        (mutate(rtf_cpu=None), "rtf_cpu is null"),
+        (mutate(wer_fp16=-1.0), "wer_fp16 must be a WER/CER in percent"),
+        (mutate(wer_fp16=float("nan")), "wer_fp16 must be a WER/CER in percent"),
+        (mutate(params_millions=0), "params_millions must be a finite number > 0"),
+        (mutate(n_utterances=True), "n_utterances must be an integer"),
+        (mutate(n_utterances=2.5), "n_utterances must be an integer"),
+        (mutate(flops_subsampling_share=1.5), "flops_subsampling_share must be a fraction"),
+        (mutate(flops_subsampling_share=0.2), "differs from flops_shares['subsampling']"),
+        (mutate(flops_shares={"subsampling": 0.099921, "ffn": 0.5}), "must sum to 1"),
+        (mutate(flops_shares={"ffn": 1.0}), "no 'subsampling' part"),
+        (mutate(rtf_device_estimate=0.5), "differs from rtf_device_estimates['apple-watch-s7']"),
+        (mutate(device=None), "device (the profile it was estimated for) is null"),
+        (mutate(rtf_device_estimates={"apple-watch-s7": -1}), "rtf_device_estimates must be an object"),
+        (mutate(machine={"platform": "x"}), "machine lacks"),
+        (mutate(variant=""), "variant must be a non-empty string"),
+        ([1, 2], "metrics must be a JSON object"),
+    ],
+)
 def test_schema_violations_are_reported(d, expected):
     problems = validate_metrics(d)
     assert any(expected in p for p in problems), problems
 
 
 def test_nullable_keys_may_be_null():
-    d = mutate(wer_coreml=None, rtf_coreml=None, wer_coreml_sim=None, rtf_device_estimate=None, device=None,
-               rtf_device_estimates=None)
+    d = mutate(
+        wer_coreml=None,
+        rtf_coreml=None,
+        wer_coreml_sim=None,
+        rtf_device_estimate=None,
+        device=None,
+        rtf_device_estimates=None,
+    )
     assert validate_metrics(d) == []
 
 
 # Practical-Conformer keys (docs/practical.md): the figures of benchmarks/bench_practical.py's configurations at
 # 10 s; WER/RTF values illustrative.
-PRACTICAL_STATE = {"seconds": 10.0, "encoder_frames": 249, "chunk_size": 8, "left_chunks": -1, "streamable": True,
-                   "blocks": 4, "attention": 51_200, "positions": 0, "conv": 26_880}
+PRACTICAL_STATE = {
+    "seconds": 10.0,
+    "encoder_frames": 249,
+    "chunk_size": 8,
+    "left_chunks": -1,
+    "streamable": True,
+    "blocks": 4,
+    "attention": 51_200,
+    "positions": 0,
+    "conv": 26_880,
+}
 SOFTMAX_STATE = dict(PRACTICAL_STATE, attention=1_147_392, positions=589_824, conv=32_256)
 
 
 def practical(**changes) -> dict:
     d = fixture()
-    d.update(variant="practical", gflops_per_audio_second=0.152, gflops_per_audio_second_streamed=0.0799,
-             params_millions=2.85, attention_state_bytes=PRACTICAL_STATE, wer_first_pass_fp32=41.5,
-             rtf_cpu_first_pass=0.0123, wer_fp32=33.0)
+    d.update(
+        variant="practical",
+        gflops_per_audio_second=0.152,
+        gflops_per_audio_second_streamed=0.0799,
+        params_millions=2.85,
+        attention_state_bytes=PRACTICAL_STATE,
+        wer_first_pass_fp32=41.5,
+        rtf_cpu_first_pass=0.0123,
+        wer_fp32=33.0,
+    )
     d.update(changes)
     return d
 
@@ -114,17 +141,25 @@ def test_practical_keys_are_optional_nullable_and_checked():
     assert validate_metrics(practical(**dict.fromkeys(OPTIONAL))) == []  # null: not a cascade / not measured
 
 
-@pytest.mark.parametrize("changes,expected", [
-    ({"wer_first_pass_fp32": -1.0}, "wer_first_pass_fp32 must be a WER/CER in percent"),
-    ({"rtf_cpu_first_pass": 0.0}, "rtf_cpu_first_pass must be a finite number > 0"),
-    ({"gflops_per_audio_second_streamed": float("inf")}, "gflops_per_audio_second_streamed must be a finite"),
-    ({"gflops_per_audio_second_streamed": 0.2}, "exceeds the whole model's gflops_per_audio_second"),
-    ({"attention_state_bytes": 51200}, "attention_state_bytes must be an object"),
-    ({"attention_state_bytes": dict(PRACTICAL_STATE, attention=-1)}, "byte counts (integers >= 0) for ['attention']"),
-    ({"attention_state_bytes": dict(PRACTICAL_STATE, conv=1.5)}, "for ['conv']"),
-    ({"attention_state_bytes": {k: v for k, v in PRACTICAL_STATE.items() if k != "seconds"}},
-     "attention_state_bytes.seconds must be"),
-])
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        ({"wer_first_pass_fp32": -1.0}, "wer_first_pass_fp32 must be a WER/CER in percent"),
+        ({"rtf_cpu_first_pass": 0.0}, "rtf_cpu_first_pass must be a finite number > 0"),
+        ({"gflops_per_audio_second_streamed": float("inf")}, "gflops_per_audio_second_streamed must be a finite"),
+        ({"gflops_per_audio_second_streamed": 0.2}, "exceeds the whole model's gflops_per_audio_second"),
+        ({"attention_state_bytes": 51200}, "attention_state_bytes must be an object"),
+        (
+            {"attention_state_bytes": dict(PRACTICAL_STATE, attention=-1)},
+            "byte counts (integers >= 0) for ['attention']",
+        ),
+        ({"attention_state_bytes": dict(PRACTICAL_STATE, conv=1.5)}, "for ['conv']"),
+        (
+            {"attention_state_bytes": {k: v for k, v in PRACTICAL_STATE.items() if k != "seconds"}},
+            "attention_state_bytes.seconds must be",
+        ),
+    ],
+)
 def test_practical_key_violations_are_reported(changes, expected):
     problems = validate_metrics(practical(**changes))
     assert any(expected in p for p in problems), problems
@@ -153,8 +188,11 @@ def test_read_audit_accepts_the_stabilize_stage_format(tmp_path):
 
 
 def test_read_audit_before_after_stages_and_bad_files(tmp_path):
-    obj = {"unstabilized": {"modules": {"a": {"max_abs": 1e5, "sumsq_peak": 3e6}, "b": {"max_abs": 2.0}}},
-           "stabilized": list_audit([3.0, 4.0], {0: 100.0}), "format": "fp16"}
+    obj = {
+        "unstabilized": {"modules": {"a": {"max_abs": 1e5, "sumsq_peak": 3e6}, "b": {"max_abs": 2.0}}},
+        "stabilized": list_audit([3.0, 4.0], {0: 100.0}),
+        "format": "fp16",
+    }
     write_audit(tmp_path / "fp16_audit.json", obj)
     stages, problem = read_audit(tmp_path / "fp16_audit.json")
     assert problem is None and list(stages) == ["unstabilized", "stabilized"]
@@ -185,13 +223,16 @@ def test_build_report_writes_summary_and_plots(workdir):
         m = fixture(variant)
         row = next(line for line in md.splitlines() if line.startswith(f"| {variant} | {fmt(m['wer_fp32'], 'wer')}"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1:5] == [fmt(m[k], "wer") for k in ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized",
-                                                         "wer_coreml_sim")]
+        assert cells[1:5] == [
+            fmt(m[k], "wer") for k in ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim")
+        ]
         assert cells[5] == "n/a" and cells[8] == "n/a"  # wer_coreml, rtf_coreml are null
         assert cells[7] == fmt(m["rtf_cpu"], "rtf")
         assert cells[10] == fmt(m["flops_subsampling_share"], "share")
-        assert f"| {variant} | " + " | ".join(fmt(m["rtf_device_estimates"][d], "rtf")
-                                              for d in m["rtf_device_estimates"]) in md
+        assert (
+            f"| {variant} | " + " | ".join(fmt(m["rtf_device_estimates"][d], "rtf") for d in m["rtf_device_estimates"])
+            in md
+        )
     # the audit table counts modules and LayerNorms above the FP16 maximum
     assert "| vanilla | - | 3 | 1.31e+05 (encoder.blocks.1.x) | 1 | 1e+06 | 1 |" in md
     assert "| dws | - | 2 | 2 (encoder.blocks.1.x) | 0 | n/a | n/a |" in md
@@ -209,9 +250,18 @@ def table_rows(md: str) -> dict[str, list[str]]:
 
 def test_summary_has_the_practical_columns(workdir):
     (workdir / "metrics" / "practical.json").write_text(json.dumps(practical()))
-    (workdir / "metrics" / "baseline.json").write_text(json.dumps(practical(
-        variant="baseline", attention_state_bytes=SOFTMAX_STATE, gflops_per_audio_second_streamed=0.149,
-        gflops_per_audio_second=0.153, wer_first_pass_fp32=None, rtf_cpu_first_pass=None)))
+    (workdir / "metrics" / "baseline.json").write_text(
+        json.dumps(
+            practical(
+                variant="baseline",
+                attention_state_bytes=SOFTMAX_STATE,
+                gflops_per_audio_second_streamed=0.149,
+                gflops_per_audio_second=0.153,
+                wer_first_pass_fp32=None,
+                rtf_cpu_first_pass=None,
+            )
+        )
+    )
     out = build_report(workdir / "metrics", workdir / "reports", workdir / "reports" / "summary.md")
     assert out["variants"] == ["vanilla", "dws", "practical", "baseline"] and out["problems"] == {}
     rows = table_rows(out["summary"].read_text())
@@ -224,8 +274,15 @@ def test_summary_has_the_practical_columns(workdir):
     assert (p[col["WER fp32 % first pass"]], p[col["RTF cpu first pass"]]) == ("41.50", "0.0123")
     assert (b[col["WER fp32 % first pass"]], b[col["RTF cpu first pass"]]) == ("n/a", "n/a")  # null: no cascade
     # metrics written before these keys existed
-    assert [dws[col[k]] for k in ("GFLOPs / audio s streamed", "attention state B / step", "WER fp32 % first pass",
-                                  "RTF cpu first pass")] == ["n/a"] * 4
+    assert [
+        dws[col[k]]
+        for k in (
+            "GFLOPs / audio s streamed",
+            "attention state B / step",
+            "WER fp32 % first pass",
+            "RTF cpu first pass",
+        )
+    ] == ["n/a"] * 4
     assert dws[col["GFLOPs / audio s"]] == fmt(fixture()["gflops_per_audio_second"], "gflops")
     rtf_csv = (workdir / "reports" / "plot_data" / "rtf.csv").read_text()
     assert "practical/cpu first pass,practical,cpu first pass,0.0123" in rtf_csv
@@ -273,16 +330,30 @@ def test_notebook_runs_on_fixture_metrics(workdir, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     write_audit(workdir / "reports" / "dws" / "fp16_audit.json", list_audit([1.0, 2e5], {0: 9.0}))
-    (workdir / "metrics" / "comparisons.json").write_text(json.dumps([
-        {"a": "dws/fp32", "b": "vanilla/fp32", "metric": "wer", "diff": 1.25, "ci95": [-0.5, 3.0], "n_seeds": 3,
-         "n_utterances": 240, "verdict": "not distinguishable at this budget"}]))
+    (workdir / "metrics" / "comparisons.json").write_text(
+        json.dumps(
+            [
+                {
+                    "a": "dws/fp32",
+                    "b": "vanilla/fp32",
+                    "metric": "wer",
+                    "diff": 1.25,
+                    "ci95": [-0.5, 3.0],
+                    "n_seeds": 3,
+                    "n_utterances": 240,
+                    "verdict": "not distinguishable at this budget",
+                }
+            ]
+        )
+    )
     monkeypatch.setenv("EDGECONFORMER_METRICS_DIR", str(workdir / "metrics"))
     monkeypatch.setenv("EDGECONFORMER_REPORTS_DIR", str(workdir / "reports"))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(REPO / "notebooks" / "results.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stored without outputs
-    nbclient.NotebookClient(nb, kernel_name="python3", timeout=120,
-                            resources={"metadata": {"path": str(workdir)}}).execute()
+    nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(workdir)}}
+    ).execute()
     texts, images = [], 0
     for cell in nb.cells:
         for o in cell.get("outputs", []):

@@ -83,8 +83,14 @@ def test_thread_count_is_set_recorded_and_restored():
     before = torch.get_num_threads()
     target = 2 if before != 2 else 1
     seen = []
-    result = measure_rtf(lambda x: seen.append(torch.get_num_threads()), [(0, 1.0)], warmup=1, repeats=2,
-                         threads=target, clock=FakeClock())
+    result = measure_rtf(
+        lambda x: seen.append(torch.get_num_threads()),
+        [(0, 1.0)],
+        warmup=1,
+        repeats=2,
+        threads=target,
+        clock=FakeClock(),
+    )
     assert seen == [target] * 3
     assert result["machine"]["torch_threads"] == target and result["threads"] == target
     assert f"torch threads = {target}" in result["protocol"]
@@ -106,13 +112,16 @@ def test_machine_facts():
     assert info["python_version"].count(".") == 2 and info["platform"]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"inputs": []}, "at least one"),
-    ({"threads": 0}, "threads must be >= 1"),
-    ({"repeats": 0}, "repeats >= 1"),
-    ({"warmup": -1}, "warmup must be >= 0"),
-    ({"inputs": [(0, 0.0)]}, "input 0: audio length must be > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"inputs": []}, "at least one"),
+        ({"threads": 0}, "threads must be >= 1"),
+        ({"repeats": 0}, "repeats >= 1"),
+        ({"warmup": -1}, "warmup must be >= 0"),
+        ({"inputs": [(0, 0.0)]}, "input 0: audio length must be > 0"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     args = {"fn": lambda x: None, "inputs": [(0, 1.0)], **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -136,9 +145,11 @@ def test_pick_by_duration_spreads_over_lengths_deterministically():
         pick_by_duration(rows, 0)
 
 
-@pytest.mark.skipif(not (resolve_model_dir(REPO / "models/dws") / "best.ckpt").exists()
-                    or not (REPO / "data/prepared/manifests/test.jsonl").exists(),
-                    reason="needs the trained models/dws checkpoint and the prepared test split (dvc repro)")
+@pytest.mark.skipif(
+    not (resolve_model_dir(REPO / "models/dws") / "best.ckpt").exists()
+    or not (REPO / "data/prepared/manifests/test.jsonl").exists(),
+    reason="needs the trained models/dws checkpoint and the prepared test split (dvc repro)",
+)
 def test_cli_measures_a_trained_model(capsys, monkeypatch):
     from edgeconformer.evaluate.rtf import main
 
@@ -156,8 +167,15 @@ class RecordingModule:
         self.calls = []
 
     def transcribe(self, audio, audio_lengths, method="ctc_greedy", first_pass=False):
-        self.calls.append({"shape": tuple(audio.shape), "lengths": audio_lengths.tolist(), "method": method,
-                           "first_pass": first_pass, "inference": torch.is_inference_mode_enabled()})
+        self.calls.append(
+            {
+                "shape": tuple(audio.shape),
+                "lengths": audio_lengths.tolist(),
+                "method": method,
+                "first_pass": first_pass,
+                "inference": torch.is_inference_mode_enabled(),
+            }
+        )
         return ["FIRST" if first_pass else "SECOND"]
 
 
@@ -170,4 +188,5 @@ def test_recognizer_fn_transcribes_one_utterance_and_passes_first_pass_through()
     assert recognizer_fn(module, "ctc_beam", first_pass=True)(audio) == "FIRST"
     assert module.calls == [
         {"shape": (1, 1600), "lengths": [1600], "method": "ctc_greedy", "first_pass": False, "inference": True},
-        {"shape": (1, 1600), "lengths": [1600], "method": "ctc_beam", "first_pass": True, "inference": True}]
+        {"shape": (1, 1600), "lengths": [1600], "method": "ctc_beam", "first_pass": True, "inference": True},
+    ]

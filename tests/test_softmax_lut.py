@@ -33,13 +33,13 @@ def make_rows(family, width, seed, scale, range_):
     r = torch.rand(4, width, generator=g, dtype=torch.float64)
     if family == "gauss":
         return n * scale
-    if family == "uniform":                 # ranges ~ scale * R: from well inside the table to far beyond it
+    if family == "uniform":  # ranges ~ scale * R: from well inside the table to far beyond it
         return -r * range_ * scale
     if family == "outlier_up":
         x = n.clone()
         x[:, 0] += 10 * scale
         return x
-    if family == "outlier_down":            # a cluster near the max plus one entry far below (largest k)
+    if family == "outlier_down":  # a cluster near the max plus one entry far below (largest k)
         x = n * 0.5
         x[:, -1] = -range_ * scale * 8
         return x
@@ -67,7 +67,7 @@ def test_tables():
     t = exp_table(256, 16.0, torch.float64)
     assert t.shape == (256,) and t[0] == 1 and t[-1] == pytest.approx(math.exp(-16), rel=1e-15)
     assert (t[1:] < t[:-1]).all()
-    assert torch.equal(exp_table(256, 16.0, torch.float16), t.half())              # one rounding from float64
+    assert torch.equal(exp_table(256, 16.0, torch.float16), t.half())  # one rounding from float64
     d = diff_table(256, 16.0, torch.float64)
     torch.testing.assert_close(d[:-1], t[1:] - t[:-1], rtol=1e-12, atol=0)
     assert d[-1] == 0
@@ -77,10 +77,16 @@ def test_tables():
 
 
 @FAST
-@given(family=st.sampled_from(["gauss", "uniform", "outlier_up", "outlier_down", "constant"]),
-       width=st.sampled_from([1, 7, 64, 200]), seed=st.integers(0, 10**6), scale=st.sampled_from([0.1, 1.0, 3.0, 40.0]),
-       range_=st.sampled_from([8.0, 16.0]), dtype=st.sampled_from([torch.float16, torch.float32]),
-       interp=st.sampled_from(["nearest", "linear"]), max_squarings=st.sampled_from([None, "auto", 1]))
+@given(
+    family=st.sampled_from(["gauss", "uniform", "outlier_up", "outlier_down", "constant"]),
+    width=st.sampled_from([1, 7, 64, 200]),
+    seed=st.integers(0, 10**6),
+    scale=st.sampled_from([0.1, 1.0, 3.0, 40.0]),
+    range_=st.sampled_from([8.0, 16.0]),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    interp=st.sampled_from(["nearest", "linear"]),
+    max_squarings=st.sampled_from([None, "auto", 1]),
+)
 def test_error_within_documented_bound(family, width, seed, scale, range_, dtype, interp, max_squarings):
     scores = make_rows(family, width, seed, scale, range_).to(dtype)
     for table_size in SIZES:
@@ -114,7 +120,7 @@ def test_rescaling_amplifies_table_error_and_a_cap_removes_it():
 
 def test_float32_equals_torch_softmax_within_bound():
     torch.manual_seed(0)
-    scores = torch.randn(8, 4, 50, 50) * 3                                       # attention-like
+    scores = torch.randn(8, 4, 50, 50) * 3  # attention-like
     ours = lut_softmax(scores, table_size=1024, range_=16.0, interp="linear")
     ref = torch.softmax(scores, -1)
     b = error_bound(1024, 16.0, "linear", torch.float32, k=int(squarings(scores).max()), width=50, floor=FLOOR)
@@ -126,15 +132,19 @@ def test_float32_equals_torch_softmax_within_bound():
 
 
 @FAST
-@given(width=st.sampled_from([2, 10, 64]), seed=st.integers(0, 10**6),
-       dtype=st.sampled_from([torch.float16, torch.float32]), range_=st.sampled_from([8.0, 16.0]),
-       cap=st.sampled_from([None, 0, 2]))
+@given(
+    width=st.sampled_from([2, 10, 64]),
+    seed=st.integers(0, 10**6),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    range_=st.sampled_from([8.0, 16.0]),
+    cap=st.sampled_from([None, 0, 2]),
+)
 def test_squarings_only_where_the_range_exceeds_R(width, seed, dtype, range_, cap):
     g = torch.Generator().manual_seed(seed)
-    spread = 10 ** (torch.rand(16, 1, generator=g, dtype=torch.float64) * 4 - 1)   # ranges 0.1 .. 1000
+    spread = 10 ** (torch.rand(16, 1, generator=g, dtype=torch.float64) * 4 - 1)  # ranges 0.1 .. 1000
     scores = (torch.rand(16, width, generator=g, dtype=torch.float64) * spread).to(dtype)
     k = squarings(scores, range_=range_, max_squarings=cap).squeeze(-1)
-    z = (scores - scores.amax(-1, keepdim=True)).double()                     # the computed (rounded) shifts
+    z = (scores - scores.amax(-1, keepdim=True)).double()  # the computed (rounded) shifts
     rng = -z.min(-1).values
     expect = torch.where(rng > range_, torch.ceil(torch.log2(rng / range_)), torch.zeros_like(rng)).long()
     if cap is not None:
@@ -152,7 +162,7 @@ def test_rescaled_rows_reach_beyond_the_table():
     assert squarings(scores, range_=16.0).flatten().tolist() == [1, 0]
     out, plain = lut_softmax(scores, range_=16.0), lut_softmax(scores, range_=16.0, max_squarings=0)
     ref = torch.softmax(scores.double(), -1)
-    assert (plain[0, 2:] == 0).all() and (out[0, 2:] > 0).all()              # the table alone stops at -16
+    assert (plain[0, 2:] == 0).all() and (out[0, 2:] > 0).all()  # the table alone stops at -16
     torch.testing.assert_close(out[0, 2:].double() / ref[0, 2:], torch.ones(2, dtype=torch.float64), atol=1e-3, rtol=0)
     assert torch.equal(out[1], plain[1])
 
@@ -165,7 +175,7 @@ def test_auto_cap_drops_less_than_one_unit_roundoff(dtype):
             k = resolve_max_squarings("auto", range_, width, dtype)
             assert width * math.exp(-range_ * 2**k) <= u
             assert k == 0 or width * math.exp(-range_ * 2 ** (k - 1)) > u
-    assert resolve_max_squarings("auto", 16.0, 64, torch.float16) == 0                # the default needs none
+    assert resolve_max_squarings("auto", 16.0, 64, torch.float16) == 0  # the default needs none
 
 
 # --- masks ----------------------------------------------------------------------------------------------------------
@@ -175,12 +185,12 @@ def test_auto_cap_drops_less_than_one_unit_roundoff(dtype):
 def test_masks(dtype):
     torch.manual_seed(2)
     B, T = 3, 12
-    scores = (torch.randn(B, 2, T, T) * 20).to(dtype)                           # ranges beyond R: squarings
+    scores = (torch.randn(B, 2, T, T) * 20).to(dtype)  # ranges beyond R: squarings
     lengths = torch.tensor([12, 5, 0])
-    mask = (torch.arange(T)[None, :] < lengths[:, None])[:, None, None, :]      # (B, 1, 1, T) key padding
+    mask = (torch.arange(T)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, T) key padding
     out = lut_softmax(scores, mask=mask)
     assert torch.isfinite(out).all()
-    assert (out[1, ..., 5:] == 0).all() and (out[2] == 0).all()                 # masked and fully masked rows
+    assert (out[1, ..., 5:] == 0).all() and (out[2] == 0).all()  # masked and fully masked rows
     # the masked row equals the softmax of its unmasked entries alone (range and k come from them only)
     torch.testing.assert_close(out[1, ..., :5], lut_softmax(scores[1, ..., :5]), atol=1e-6, rtol=0)
     torch.testing.assert_close(out[:2].sum(-1).float(), torch.ones(2, 2, T), atol=2e-3, rtol=0)
@@ -204,9 +214,13 @@ def test_module_and_other_dims():
 
 def test_bad_arguments_raise():
     x = torch.randn(2, 5)
-    for kwargs, word in [({"table_size": 1}, "table_size"), ({"range_": 0.0}, "range_"),
-                         ({"interp": "cubic"}, "interp"), ({"max_squarings": -1}, "max_squarings"),
-                         ({"max_squarings": "always"}, "max_squarings")]:
+    for kwargs, word in [
+        ({"table_size": 1}, "table_size"),
+        ({"range_": 0.0}, "range_"),
+        ({"interp": "cubic"}, "interp"),
+        ({"max_squarings": -1}, "max_squarings"),
+        ({"max_squarings": "always"}, "max_squarings"),
+    ]:
         with pytest.raises(ValueError, match=word):
             lut_softmax(x, **kwargs)
     with pytest.raises(ValueError, match="bool"):
@@ -216,6 +230,6 @@ def test_bad_arguments_raise():
 def test_adversarial_rows_cover_every_case():
     rows = adversarial_rows(700, 32, seed=0, range_=16.0)
     rng = rows.amax(-1) - rows.amin(-1)
-    assert rows.shape == (700, 32) and (rng == 0).sum() >= 90                    # constant rows
+    assert rows.shape == (700, 32) and (rng == 0).sum() >= 90  # constant rows
     assert (rng < 16).sum() >= 200 and (rng > 16 * 2**6).sum() >= 50
-    assert torch.equal(rows, adversarial_rows(700, 32, seed=0, range_=16.0))    # deterministic
+    assert torch.equal(rows, adversarial_rows(700, 32, seed=0, range_=16.0))  # deterministic

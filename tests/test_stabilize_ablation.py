@@ -18,9 +18,9 @@ from edgeconformer.stages.stabilize import ablation_arms, ane_options, run_arms,
 def tiny():
     torch.manual_seed(0)
     cfg = compose(TINY_MODEL)
-    module = ASRModule(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.train,
-                                                                                                resolve=True),
-                       40, seed=1).eval()
+    module = ASRModule(
+        OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.train, resolve=True), 40, seed=1
+    ).eval()
     utts = [SimpleNamespace(id=str(i), feats=torch.randn(1, 60 + 17 * i, 80)) for i in range(4)]
     return module, utts, ane_options(cfg.stabilize)
 
@@ -37,8 +37,11 @@ def test_arms_switch_exactly_the_two_components(tiny):
 
 def test_arms_run_in_worker_processes_equal_the_graphs_run_here(tiny):
     module, utts, options = tiny
-    arms = {name: dict(options, **arm) for name, arm in ablation_arms(options).items() if name in
-            ("acc16_none", "acc16_both")}
+    arms = {
+        name: dict(options, **arm)
+        for name, arm in ablation_arms(options).items()
+        if name in ("acc16_none", "acc16_both")
+    }
     remote = run_arms(module, utts, arms, "fp16", workers=2)
     for name, opts in arms.items():
         local = precision_model(module.model, "fp16", module.cmvn, **opts, accumulate="fp16")

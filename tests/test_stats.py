@@ -48,8 +48,9 @@ def test_one_seed_per_side_agrees_with_scipys_paired_percentile_bootstrap():
     def stat(ea, eb, w, axis=-1):  # corpus WER difference of a resample (scipy resamples the three together)
         return 100 * (ea.sum(axis) - eb.sum(axis)) / w.sum(axis)
 
-    ref = scipy_stats.bootstrap((a[0], b[0], words), stat, paired=True, vectorized=True, n_resamples=20000,
-                                method="percentile", random_state=2).confidence_interval
+    ref = scipy_stats.bootstrap(
+        (a[0], b[0], words), stat, paired=True, vectorized=True, n_resamples=20000, method="percentile", random_state=2
+    ).confidence_interval
     _, lo, hi = paired_bootstrap(a, b, words, paired_seeds=True, resamples=20000, seed=3)
     assert lo == pytest.approx(ref.low, abs=0.15) and hi == pytest.approx(ref.high, abs=0.15)
 

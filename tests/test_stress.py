@@ -19,8 +19,9 @@ GAIN = 512.0
 
 def tiny_asr(seed=0, **kw):
     torch.manual_seed(seed)
-    args = dict(idim=20, d_model=32, n_layers=2, n_heads=2, ff_dim=64, kernel_size=7, dropout=0.0,
-                subsampling_channels=8)
+    args = dict(
+        idim=20, d_model=32, n_layers=2, n_heads=2, ff_dim=64, kernel_size=7, dropout=0.0, subsampling_channels=8
+    )
     args.update(kw)
     return DualDecoderASR(ConformerEncoder(**args), 12, None, ctc_weight=1.0).eval()
 
@@ -61,12 +62,15 @@ def test_residual_stream_is_gain_times_larger_and_outputs_unchanged():
     assert torch.equal(scaled.ctc.weight, asr.ctc.weight)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(conv_only_layers=1),  # a block without self-attention
-    dict(n_layers=3, block_dims=[(32, 2, 64), (48, 2, 96), (48, 2, 96)]),  # a width projection in front of block 1
-    dict(n_layers=3, first_pass_layers=1, block_dims=[(32, 2, 64), (32, 2, 64), (48, 2, 96)]),  # cascade
-    dict(n_layers=3, first_pass_layers=2),  # cascade without projection: the second pass stays unscaled
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(conv_only_layers=1),  # a block without self-attention
+        dict(n_layers=3, block_dims=[(32, 2, 64), (48, 2, 96), (48, 2, 96)]),  # a width projection in front of block 1
+        dict(n_layers=3, first_pass_layers=1, block_dims=[(32, 2, 64), (32, 2, 64), (48, 2, 96)]),  # cascade
+        dict(n_layers=3, first_pass_layers=2),  # cascade without projection: the second pass stays unscaled
+    ],
+)
 def test_practical_encoders_keep_their_outputs(kw):
     asr = tiny_asr(1, **kw)
     feats = torch.randn(1, 60, 20)
@@ -109,8 +113,9 @@ def test_stress_breaks_unstabilized_fp16_and_not_stabilized():
     feats = [torch.randn(1, T, 20) * 3 for T in (50, 90)]
     ref = precision_model(asr, "fp32", cmvn)
     stressed = {mode: precision_model(scaled, mode, cmvn) for mode in ("fp32", "fp16_unstabilized", "fp16")}
-    err = {mode: max(float((pm(f) - ref(f)).abs().nan_to_num(1e9).max()) for f in feats)
-           for mode, pm in stressed.items()}
+    err = {
+        mode: max(float((pm(f) - ref(f)).abs().nan_to_num(1e9).max()) for f in feats) for mode, pm in stressed.items()
+    }
     # measured: fp32 7e-6 (eps), stabilized 0.003 (FP16 rounding, as without stress), unstabilized 1.3
     assert err["fp32"] < 1e-4
     assert err["fp16"] < 0.02
@@ -127,9 +132,11 @@ def test_stress_breaks_unstabilized_fp16_and_not_stabilized():
 TRAINED = [resolve_model_dir(REPO / "models/dws") / "best.ckpt", REPO / "data/prepared/manifests/test.jsonl"]
 
 
-@pytest.mark.skipif(not all(p.exists() for p in TRAINED),
-                    reason="needs a trained checkpoint models/dws/s<seed>/best.ckpt and the prepared test split "
-                           "data/prepared/manifests/test.jsonl (dvc repro train@dws)")
+@pytest.mark.skipif(
+    not all(p.exists() for p in TRAINED),
+    reason="needs a trained checkpoint models/dws/s<seed>/best.ckpt and the prepared test split "
+    "data/prepared/manifests/test.jsonl (dvc repro train@dws)",
+)
 def test_trained_model_under_stress():
     from edgeconformer.cli import load_trained
     from edgeconformer.data.dataset import load_audio

@@ -16,8 +16,16 @@ from edgeconformer.data.synth import (
 )
 from edgeconformer.data.texts import load_pool
 
-TINY = SynthConfig(train_hours=0.01, dev_utterances=4, test_utterances=4, train_espeak_speakers=4,
-                   train_flite_speakers=4, heldout_espeak_speakers=1, heldout_flite_speakers=1, jobs=2)
+TINY = SynthConfig(
+    train_hours=0.01,
+    dev_utterances=4,
+    test_utterances=4,
+    train_espeak_speakers=4,
+    train_flite_speakers=4,
+    heldout_espeak_speakers=1,
+    heldout_flite_speakers=1,
+    jobs=2,
+)
 
 
 def test_default_plan_holds_out_speakers_and_sentences():
@@ -34,8 +42,11 @@ def test_default_plan_holds_out_speakers_and_sentences():
         # same engines and voices as train (an engine absent from train is not recognised at all) ...
         assert {(s.engine, s.voice) for s in speakers} <= {(s.engine, s.voice) for s in train_speakers}
         # ... but unseen variants / prosodies
-        assert all(s.variant in ESPEAK_HELDOUT_VARIANTS and s.variant not in train_variants
-                   for s in speakers if s.engine == "espeak-ng")
+        assert all(
+            s.variant in ESPEAK_HELDOUT_VARIANTS and s.variant not in train_variants
+            for s in speakers
+            if s.engine == "espeak-ng"
+        )
         assert all((s.rate, s.pitch) not in train_flite_prosody for s in speakers if s.engine == "flite")
         assert not {u.text for u in by_split[split]} & train_texts
     dev_variants = {u.speaker.variant for u in by_split["dev"]}
@@ -67,8 +78,11 @@ def _digest(root):
 
 def test_tiny_corpus_has_librispeech_layout_and_is_deterministic(tmp_path):
     root = build_mini_corpus(tmp_path / "a", TINY, progress=False)
-    assert root.name == "LibriSpeech" and sorted(p.name for p in root.iterdir() if p.is_dir()) == \
-        ["dev", "test", "train"]
+    assert root.name == "LibriSpeech" and sorted(p.name for p in root.iterdir() if p.is_dir()) == [
+        "dev",
+        "test",
+        "train",
+    ]
     flacs = sorted(root.rglob("*.flac"))
     plan = plan_corpus(TINY)
     assert len(flacs) == len(plan)

@@ -3,8 +3,13 @@ import pytest
 from edgeconformer.data.tokenizer import BLANK_ID, SOS_EOS_ID, UNK_ID, Tokenizer, train_tokenizer
 from edgeconformer.errors import UserError
 
-TEXTS = ["AND THE LORD SAID UNTO MOSES", "IT'S THE SAME THING", "THE EARTH WAS WITHOUT FORM AND VOID",
-         "AND GOD SAW THE LIGHT THAT IT WAS GOOD", "LET THERE BE LIGHT AND THERE WAS LIGHT"] * 20
+TEXTS = [
+    "AND THE LORD SAID UNTO MOSES",
+    "IT'S THE SAME THING",
+    "THE EARTH WAS WITHOUT FORM AND VOID",
+    "AND GOD SAW THE LIGHT THAT IT WAS GOOD",
+    "LET THERE BE LIGHT AND THERE WAS LIGHT",
+] * 20
 
 
 def test_reserved_ids_and_round_trip(tmp_path):

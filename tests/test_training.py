@@ -18,8 +18,16 @@ pytestmark = pytest.mark.slow  # trainings on a tiny corpus: CI runs it; `-m "no
 
 
 def tiny_cfg(data_dir: Path, out: Path, *extra: str):
-    return compose([*TINY_DATA, f"data.root={data_dir / 'raw'}", f"data.out_dir={data_dir / 'prepared'}",
-                    *TINY_MODEL, f"out_dir={out}", *extra])
+    return compose(
+        [
+            *TINY_DATA,
+            f"data.root={data_dir / 'raw'}",
+            f"data.out_dir={data_dir / 'prepared'}",
+            *TINY_MODEL,
+            f"out_dir={out}",
+            *extra,
+        ]
+    )
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -80,8 +88,7 @@ def test_train_writes_the_model_folder_and_transcribe_uses_it(data_dir, tmp_path
 
     out = tmp_path / "model"
     metrics = train(tiny_cfg(data_dir, out, "train.max_epochs=2"))
-    for name in ("best.ckpt", "last.ckpt", "tokenizer.model", "config.yaml", "train_metrics.json",
-                 "csv/metrics.csv"):
+    for name in ("best.ckpt", "last.ckpt", "tokenizer.model", "config.yaml", "train_metrics.json", "csv/metrics.csv"):
         assert (out / name).exists(), name
     saved = json.loads((out / "train_metrics.json").read_text())
     assert saved["averaged_epochs"] == [0, 1] and isinstance(saved["best_is_average"], bool)
@@ -94,20 +101,28 @@ def test_train_writes_the_model_folder_and_transcribe_uses_it(data_dir, tmp_path
     bad = tmp_path / "bad.flac"
     bad.write_bytes(b"garbage")
     exe = Path(sys.executable).parent / "edgeconformer"
-    proc = subprocess.run([str(exe), "transcribe", *map(str, audio), str(bad), "--model", str(out),
-                           "--method", "joint"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(exe), "transcribe", *map(str, audio), str(bad), "--model", str(out), "--method", "joint"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1  # one file failed, the others were transcribed
     lines = proc.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(a) for a in audio]
     assert f"{bad}: cannot read audio" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([str(exe), "transcribe", str(audio[0]), "--model", str(tmp_path / "nowhere")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(exe), "transcribe", str(audio[0]), "--model", str(tmp_path / "nowhere")], capture_output=True, text=True
+    )
     assert proc.returncode == 1 and "checkpoint not found" in proc.stderr
 
 
 def test_flops_contract_last_line_is_json():
-    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "flops.py"), "model=conformer_m",
-                           "model.subsampling=dws"], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "flops.py"), "model=conformer_m", "model.subsampling=dws"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0 < last["shares"]["subsampling"] < 0.15 and last["gflops_per_audio_second"] > 0
@@ -116,13 +131,24 @@ def test_flops_contract_last_line_is_json():
 
 
 def test_multirun_gives_one_wandb_run_per_job_in_one_group(data_dir, tmp_path):
-    overrides = [*TINY_DATA, f"data.root={data_dir / 'raw'}", f"data.out_dir={data_dir / 'prepared'}",
-                 *[o for o in TINY_MODEL if not o.startswith("logger=")], "logger=wandb", "train.max_epochs=1",
-                 "train.test_after_fit=false", "hydra.sweep.dir=sweeps/s1"]
+    overrides = [
+        *TINY_DATA,
+        f"data.root={data_dir / 'raw'}",
+        f"data.out_dir={data_dir / 'prepared'}",
+        *[o for o in TINY_MODEL if not o.startswith("logger=")],
+        "logger=wandb",
+        "train.max_epochs=1",
+        "train.test_after_fit=false",
+        "hydra.sweep.dir=sweeps/s1",
+    ]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "train.py"), "-m",
-                           "model.subsampling=vanilla,dws", *overrides], cwd=tmp_path, capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "train.py"), "-m", "model.subsampling=vanilla,dws", *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
@@ -150,12 +176,23 @@ def test_ddp_spawn_on_two_cpu_processes_shards_the_batches(data_dir, tmp_path):
     # list, so one epoch is half the optimizer steps of a single-process epoch.
     from edgeconformer.stages.train import train
 
-    train(tiny_cfg(data_dir, tmp_path / "ddp", "trainer=ddp_cpu", "train.max_epochs=1", "train.test_after_fit=false",
-                   "train.average_last=1"))
-    train(tiny_cfg(data_dir, tmp_path / "one", "train.max_epochs=1", "train.test_after_fit=false",
-                   "train.average_last=1"))
-    steps = {run: torch.load(tmp_path / run / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
-             for run in ("ddp", "one")}
+    train(
+        tiny_cfg(
+            data_dir,
+            tmp_path / "ddp",
+            "trainer=ddp_cpu",
+            "train.max_epochs=1",
+            "train.test_after_fit=false",
+            "train.average_last=1",
+        )
+    )
+    train(
+        tiny_cfg(data_dir, tmp_path / "one", "train.max_epochs=1", "train.test_after_fit=false", "train.average_last=1")
+    )
+    steps = {
+        run: torch.load(tmp_path / run / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+        for run in ("ddp", "one")
+    }
     assert steps["one"] >= 2 and steps["ddp"] == -(-steps["one"] // 2)
     assert (tmp_path / "ddp" / "best.ckpt").exists() and (tmp_path / "ddp" / "train_metrics.json").exists()
 
@@ -166,8 +203,16 @@ def test_features_on_the_fly_train_like_precomputed_ones(data_dir, tmp_path):
     from edgeconformer.stages.train import train
 
     for run, flag in (("pre", "true"), ("fly", "false")):
-        train(tiny_cfg(data_dir, tmp_path / run, f"train.precompute_features={flag}", "train.max_epochs=1",
-                       "train.test_after_fit=false", "train.average_last=1"))
+        train(
+            tiny_cfg(
+                data_dir,
+                tmp_path / run,
+                f"train.precompute_features={flag}",
+                "train.max_epochs=1",
+                "train.test_after_fit=false",
+                "train.average_last=1",
+            )
+        )
     a, b = _weights(tmp_path / "pre" / "last.ckpt"), _weights(tmp_path / "fly" / "last.ckpt")
     assert a.keys() == b.keys()
     for k in a:

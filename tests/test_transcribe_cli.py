@@ -66,10 +66,17 @@ def test_directories_recursively_and_manifests(model_dir, clips, tmp_path, capsy
     # a manifest in the prepare stage's format; relative paths are found next to the manifest
     monkeypatch.chdir(tmp_path)
     manifest = d / "m.jsonl"
-    manifest.write_text(json.dumps({"id": "u1", "audio_filepath": "b.wav", "text": "SING UNTO THE LORD"}) + "\n"
-                        + json.dumps({"id": "u2", "audio_filepath": clips[0], "duration": 1.0}) + "\n"
-                        + json.dumps({"id": "u3", "audio_filepath": "gone.wav"}) + "\n"
-                        + "{not json\n" + json.dumps({"id": "u5"}) + "\n")
+    manifest.write_text(
+        json.dumps({"id": "u1", "audio_filepath": "b.wav", "text": "SING UNTO THE LORD"})
+        + "\n"
+        + json.dumps({"id": "u2", "audio_filepath": clips[0], "duration": 1.0})
+        + "\n"
+        + json.dumps({"id": "u3", "audio_filepath": "gone.wav"})
+        + "\n"
+        + "{not json\n"
+        + json.dumps({"id": "u5"})
+        + "\n"
+    )
     status, rows, err = run(capsys, manifest, "--model", model_dir, "--output-format", "jsonl")
     rows = [json.loads(r) for r in rows]
     assert status == 3 and [(r["id"], r["path"]) for r in rows[:2]] == [("u1", str(d / "b.wav")), ("u2", clips[0])]
@@ -84,15 +91,23 @@ def test_score_prints_wer_cer_and_per_utterance_rows(model_dir, clips, tmp_path,
 
     manifest = tmp_path / "test.jsonl"
     refs = ["SING UNTO THE LORD", "ALL THE EARTH", "LET THERE BE LIGHT"]
-    manifest.write_text("".join(json.dumps({"id": f"u{i}", "audio_filepath": c, "text": t}) + "\n"
-                                for i, (c, t) in enumerate(zip(clips, refs))))
+    manifest.write_text(
+        "".join(
+            json.dumps({"id": f"u{i}", "audio_filepath": c, "text": t}) + "\n"
+            for i, (c, t) in enumerate(zip(clips, refs))
+        )
+    )
     status, lines, err = run(capsys, manifest, "--model", model_dir, "--score")
     hyps = [line.split("\t")[1] for line in lines]
     expected = score(refs, hyps, ["u0", "u1", "u2"])
     report = [line for line in err.splitlines() if line.startswith("score: ")]
     assert status == 0 and len(report) == 1 + 3 + 1
-    assert report[1].split("\t")[:4] == ["score: u0", f"{expected['utterances'][0]['wer']:.1f}",
-                                         str(expected["utterances"][0]["errors"]), "4"]
+    assert report[1].split("\t")[:4] == [
+        "score: u0",
+        f"{expected['utterances'][0]['wer']:.1f}",
+        str(expected["utterances"][0]["errors"]),
+        "4",
+    ]
     assert f"WER {expected['wer']:.2f}%" in report[-1] and f"CER {expected['cer']:.2f}%" in report[-1]
 
     status, rows, err = run(capsys, manifest, "--model", model_dir, "--score", "--output-format", "jsonl")
@@ -122,8 +137,9 @@ def test_bad_inputs_are_named_and_the_others_transcribed(model_dir, clips, tmp_p
     write_audio(bad["nan"], x, subtype="FLOAT")
     write_audio(bad["too_short"], bursts(0.05))
     silent = write_audio(tmp_path / "silent.wav", np.zeros(32000, dtype=np.float32))
-    odd = write_audio(tmp_path / "odd.wav", np.stack([bursts(2.0, sr=8000), bursts(2.0, sr=8000, seed=3)], 1),
-                      sr=8000)  # 8 kHz stereo: resampled and downmixed
+    odd = write_audio(
+        tmp_path / "odd.wav", np.stack([bursts(2.0, sr=8000), bursts(2.0, sr=8000, seed=3)], 1), sr=8000
+    )  # 8 kHz stereo: resampled and downmixed
     inputs = [clips[0], *bad.values(), silent, odd, clips[1]]
     status, lines, err = run(capsys, *inputs, "--model", model_dir, "--no-progress")
     assert status == len(bad)
@@ -149,8 +165,11 @@ def test_bad_inputs_are_named_and_the_others_transcribed(model_dir, clips, tmp_p
 
 def test_exit_status_counts_failures_from_the_console_script(model_dir, clips, tmp_path):
     exe = Path(sys.executable).parent / "edgeconformer"
-    proc = subprocess.run([str(exe), "transcribe", clips[0], str(tmp_path / "a.wav"), str(tmp_path / "b.wav"),
-                           "--model", str(model_dir)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(exe), "transcribe", clips[0], str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--model", str(model_dir)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and proc.stdout.startswith(clips[0] + "\t")
     assert "Traceback" not in proc.stderr and f"{tmp_path / 'b.wav'}: no such file" in proc.stderr
 
@@ -160,13 +179,18 @@ def test_decoding_defaults_come_from_the_model_config(model_dir, clips, capsys, 
 
     seen = []
     monkeypatch.setattr(cli, "run_transcribe", lambda module, inputs, settings, **kw: seen.append(settings) or 0)
-    other = save_model_dir(tiny_module("attention", tmp_path / "tok", decode={"method": "joint", "beam": 5,
-                                                                              "ctc_weight": 0.7}), tmp_path / "m")
+    other = save_model_dir(
+        tiny_module("attention", tmp_path / "tok", decode={"method": "joint", "beam": 5, "ctc_weight": 0.7}),
+        tmp_path / "m",
+    )
     main(["transcribe", clips[0], "--model", str(other)])
     main(["transcribe", clips[0], "--model", str(other), "--method", "rescoring", "--beam", "2", "--ctc-weight", "0.1"])
     main(["transcribe", clips[0], "--model", str(model_dir)])
-    assert [(s.method, s.beam, s.ctc_weight) for s in seen] == [("joint", 5, 0.7), ("rescoring", 2, 0.1),
-                                                                ("ctc_greedy", 3, 0.5)]
+    assert [(s.method, s.beam, s.ctc_weight) for s in seen] == [
+        ("joint", 5, 0.7),
+        ("rescoring", 2, 0.1),
+        ("ctc_greedy", 3, 0.5),
+    ]
 
 
 def test_progress_bar_for_more_than_a_few_files(model_dir, clips, capsys):
@@ -183,8 +207,20 @@ def test_long_recording_through_the_command(model_dir, tmp_path, capsys):
     with sf.SoundFile(path, "w", 44100, 2, subtype="PCM_16") as f:  # 44.1 kHz stereo, 70 s
         for k in range(7):
             f.write(np.stack([bursts(10.0, seed=k, sr=44100)] * 2, 1))
-    status, rows, _ = run(capsys, path, "--model", model_dir, "--output-format", "jsonl", "--max-segment-seconds",
-                          "10", "--chunk-seconds", "4", "--context-seconds", "1")
+    status, rows, _ = run(
+        capsys,
+        path,
+        "--model",
+        model_dir,
+        "--output-format",
+        "jsonl",
+        "--max-segment-seconds",
+        "10",
+        "--chunk-seconds",
+        "4",
+        "--context-seconds",
+        "1",
+    )
     (row,) = [json.loads(r) for r in rows]
     assert status == 0 and row["duration"] == pytest.approx(70.0) and row["segments"] >= 7
     assert row["sample_rate"] == 44100 and row["channels"] == 2

@@ -66,26 +66,48 @@ def test_hydra_mode_applies_the_variant_under_the_command_line(tmp_path):
         "def show(cfg):\n"
         "    assert 'hydra' not in cfg\n"
         "    print('CFG=' + json.dumps(OmegaConf.to_container(cfg.model, resolve=True)))\n"
-        "run_stage(show)\n")
-    proc = subprocess.run([sys.executable, str(script), "variant=practical", "model.encoder.performer_features=32",
-                           "model.decoder.n_layers=2", f"hydra.run.dir={tmp_path}"],
-                          capture_output=True, text=True, cwd=REPO)
+        "run_stage(show)\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "variant=practical",
+            "model.encoder.performer_features=32",
+            "model.decoder.n_layers=2",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     model = json.loads(proc.stdout.split("CFG=", 1)[1])
     assert model["name"] == "practical" and model["cascade"]["enabled"]
     assert model["encoder"]["performer_features"] == 32 and model["decoder"]["n_layers"] == 2
 
 
-@pytest.mark.parametrize("name, change", [
-    ("conv_only", {"conv_only_layers": 2}),
-    ("downsized", {"stages": [{"n_layers": 2, "d_model": 144, "ff_dim": 576},
-                              {"n_layers": 2, "d_model": 96, "n_heads": 4, "ff_dim": 384}]}),
-    ("performer", {"attention": "performer"}),  # m = 64, the default
-])
+@pytest.mark.parametrize(
+    "name, change",
+    [
+        ("conv_only", {"conv_only_layers": 2}),
+        (
+            "downsized",
+            {
+                "stages": [
+                    {"n_layers": 2, "d_model": 144, "ff_dim": 576},
+                    {"n_layers": 2, "d_model": 96, "n_heads": 4, "ff_dim": 384},
+                ]
+            },
+        ),
+        ("performer", {"attention": "performer"}),  # m = 64, the default
+    ],
+)
 def test_single_change_ablations_differ_from_the_streaming_baseline_in_one_place(name, change):
     base = OmegaConf.to_container(params_mode("variant=streaming").model)
     model = OmegaConf.to_container(params_mode(f"variant={name}").model)
     assert base["encoder"]["causal"] and base["encoder"]["chunk_size"] == 8 and base["subsampling"] == "dws"
     assert {k: v for k, v in model["encoder"].items() if base["encoder"][k] != v} == change
-    assert {k: v for k, v in model.items() if k not in ("encoder", "name")} == \
-        {k: v for k, v in base.items() if k not in ("encoder", "name")}
+    assert {k: v for k, v in model.items() if k not in ("encoder", "name")} == {
+        k: v for k, v in base.items() if k not in ("encoder", "name")
+    }

@@ -5,17 +5,38 @@ import pytest
 from edgeconformer.errors import UserError
 from edgeconformer.wandb_report import SUMMARY_KEYS, log_job, read_offline_run, report_spec
 
-METRICS = {"variant": "dws", "wer_fp32": 30.0, "wer_fp16": 30.25, "wer_fp16_unstabilized": 97.5,
-           "wer_coreml_sim": 30.25, "rtf_cpu": 0.012, "rtf_device_estimate": 0.05, "flops_subsampling_share": 0.07,
-           "flops_shares": {"subsampling": 0.07, "mhsa": 0.3}, "gflops_per_audio_second": 1.5,
-           "params_millions": 5.1, "wer_coreml": None, "machine": {"cpu": "x"},
-           "attention_state_bytes": {"seconds": 10.0, "attention": 51200, "positions": 0, "conv": 26880}}
+METRICS = {
+    "variant": "dws",
+    "wer_fp32": 30.0,
+    "wer_fp16": 30.25,
+    "wer_fp16_unstabilized": 97.5,
+    "wer_coreml_sim": 30.25,
+    "rtf_cpu": 0.012,
+    "rtf_device_estimate": 0.05,
+    "flops_subsampling_share": 0.07,
+    "flops_shares": {"subsampling": 0.07, "mhsa": 0.3},
+    "gflops_per_audio_second": 1.5,
+    "params_millions": 5.1,
+    "wer_coreml": None,
+    "machine": {"cpu": "x"},
+    "attention_state_bytes": {"seconds": 10.0, "attention": 51200, "positions": 0, "conv": 26880},
+}
 
 
 def test_offline_runs_record_config_summary_and_group(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    dirs = [log_job(dict(METRICS, variant=v), {"model": {"subsampling": v}}, project="p", entity=None,
-                    group="sweep-a", name=v, save_dir=str(tmp_path)) for v in ("vanilla", "dws")]
+    dirs = [
+        log_job(
+            dict(METRICS, variant=v),
+            {"model": {"subsampling": v}},
+            project="p",
+            entity=None,
+            group="sweep-a",
+            name=v,
+            save_dir=str(tmp_path),
+        )
+        for v in ("vanilla", "dws")
+    ]
     assert len(set(dirs)) == 2  # one run per job, each finished before the next starts
     runs = [read_offline_run(d) for d in dirs]
     assert [r["name"] for r in runs] == ["vanilla", "dws"]
@@ -45,8 +66,14 @@ def test_report_spec_panels_filter_the_sweep_group():
     assert grid.runsets[0].filters == "Group == 'sweep-a'"
     assert grid.runsets[0].project == "edgeconformer" and grid.runsets[0].entity == "me"
     titles = [p.title for p in grid.panels]
-    assert titles == ["WER vs FLOPs", "FLOP share by module", "Real-time factor", "FP16 WER deltas (points vs FP32)",
-                      "WER vs attention state per streaming step", "Streamed part: GFLOPs per audio second"]
+    assert titles == [
+        "WER vs FLOPs",
+        "FLOP share by module",
+        "Real-time factor",
+        "FP16 WER deltas (points vs FP32)",
+        "WER vs attention state per streaming step",
+        "Streamed part: GFLOPs per audio second",
+    ]
     assert grid.panels[4].x.name == "attention_state_bytes/attention"
     scatter = grid.panels[0]
     assert (scatter.x.name, scatter.y.name) == ("gflops_per_audio_second", "wer_fp32")
@@ -61,13 +88,25 @@ def test_chain_runs_are_one_per_seed_grouped_per_variant_with_the_comparisons(tm
     monkeypatch.setenv("WANDB_MODE", "offline")
     seeds = [dict(METRICS, model="small", seed=s, wer_fp32=30.0 + s) for s in (1, 2)]
     summaries = {"dws": {"variant": "dws", "n_seeds": 2, "wer_fp32_mean": 31.5, "wer_fp32_sd": 0.7, "seeds": seeds}}
-    comparisons = [{"a": "dws/fp16", "b": "dws/fp32", "metric": "wer", "diff": 0.1, "ci95": [-0.2, 0.4],
-                    "n_seeds": 2, "n_utterances": 240, "verdict": "not distinguishable at this budget"}]
+    comparisons = [
+        {
+            "a": "dws/fp16",
+            "b": "dws/fp32",
+            "metric": "wer",
+            "diff": 0.1,
+            "ci95": [-0.2, 0.4],
+            "n_seeds": 2,
+            "n_utterances": 240,
+            "verdict": "not distinguishable at this budget",
+        }
+    ]
     dirs = log_chain(summaries, comparisons, {"seeds": [1, 2]}, project="p", entity=None, save_dir=str(tmp_path))
     runs = [read_offline_run(d) for d in dirs]
     assert [(r["name"], r["group"], r["job_type"]) for r in runs] == [
-        ("dws-s1", "small-dws", "evaluate"), ("dws-s2", "small-dws", "evaluate"),
-        ("comparisons", "comparisons", "compare")]
+        ("dws-s1", "small-dws", "evaluate"),
+        ("dws-s2", "small-dws", "evaluate"),
+        ("comparisons", "comparisons", "compare"),
+    ]
     assert runs[1]["summary"]["wer_fp32"] == pytest.approx(32.0) and runs[1]["config"]["seed"] == 2
     s = runs[2]["summary"]
     assert s["dws/wer_fp32_sd"] == pytest.approx(0.7)

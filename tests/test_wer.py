@@ -59,14 +59,17 @@ def test_per_utterance_rows_add_up_to_the_corpus_figures(pairs):
     assert result["wer"] == pytest.approx(100 * errors / result["ref_words"])
 
 
-@pytest.mark.parametrize("refs,hyps,ids,match", [
-    (["A", ""], ["A", "B"], ["x", "y"], "utterance 'y': empty reference"),
-    (["A", "   "], ["A", "B"], ["x", "y"], "utterance 'y': empty reference"),
-    (["A", "B"], ["A"], ["x", "y"], "same length"),
-    (["A", "B"], ["A", "B"], ["x", "x"], "'x' appears twice"),
-    ([], [], [], "no utterances"),
-    (["A"], [None], ["x"], "must be strings"),
-])
+@pytest.mark.parametrize(
+    "refs,hyps,ids,match",
+    [
+        (["A", ""], ["A", "B"], ["x", "y"], "utterance 'y': empty reference"),
+        (["A", "   "], ["A", "B"], ["x", "y"], "utterance 'y': empty reference"),
+        (["A", "B"], ["A"], ["x", "y"], "same length"),
+        (["A", "B"], ["A", "B"], ["x", "x"], "'x' appears twice"),
+        ([], [], [], "no utterances"),
+        (["A"], [None], ["x"], "must be strings"),
+    ],
+)
 def test_bad_input_is_refused_with_a_clear_error(refs, hyps, ids, match):
     with pytest.raises(ValueError, match=match):
         score(refs, hyps, ids)

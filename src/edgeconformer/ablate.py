@@ -46,8 +46,11 @@ def job_name(cfg: DictConfig, argv: list[str] | None = None) -> str:
         task = list(HydraConfig.get().overrides.task)
     except ValueError:  # not inside a Hydra job
         return f"{cfg.model.name}-{variant_name(cfg)}"
-    swept = {a.split("=", 1)[0].lstrip("+~") for a in (sys.argv[1:] if argv is None else argv)
-             if "=" in a and _is_sweep(a.split("=", 1)[1])}
+    swept = {
+        a.split("=", 1)[0].lstrip("+~")
+        for a in (sys.argv[1:] if argv is None else argv)
+        if "=" in a and _is_sweep(a.split("=", 1)[1])
+    }
     mine = [o for o in task if o.split("=", 1)[0].lstrip("+~") in swept] or task
     return ",".join(mine) or f"{cfg.model.name}-{variant_name(cfg)}"
 
@@ -58,8 +61,10 @@ def job_dir(cfg: DictConfig) -> Path:
     try:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # not inside a Hydra job
-        raise UserError("ablate needs out_dir=<folder> when it is not run through Hydra (it must not overwrite "
-                        "the DVC outputs in models/)") from None
+        raise UserError(
+            "ablate needs out_dir=<folder> when it is not run through Hydra (it must not overwrite "
+            "the DVC outputs in models/)"
+        ) from None
 
 
 def ablate(cfg: DictConfig) -> dict:
@@ -73,7 +78,14 @@ def ablate(cfg: DictConfig) -> dict:
     metrics = evaluate(cfg)
     lg = cfg.logger
     if lg.get("wandb"):
-        log_job(metrics, OmegaConf.to_container(cfg, resolve=True), project=lg.project, entity=lg.entity,
-                group=lg.group or sweep_group() or "ablate", name=job_name(cfg), mode=lg.get("wandb_mode", "offline"),
-                job_type="ablate")
+        log_job(
+            metrics,
+            OmegaConf.to_container(cfg, resolve=True),
+            project=lg.project,
+            entity=lg.entity,
+            group=lg.group or sweep_group() or "ablate",
+            name=job_name(cfg),
+            mode=lg.get("wandb_mode", "offline"),
+            job_type="ablate",
+        )
     return {k: metrics.get(k) for k in SUMMARY_KEYS}

@@ -51,9 +51,9 @@ SEED_DIR = re.compile(r"^s(\d+)$")
 class RunPaths:
     variant: str
     seed: int
-    model_dir: Path      # models/<variant>/s<seed>: checkpoints (train), stabilized.pt, .mlpackage
-    report_dir: Path     # reports/runs/<variant>/s<seed>: audits, conversion report, per-utterance results
-    evaluation: Path     # every figure of the run (evaluate); the compare stage aggregates the chain's runs
+    model_dir: Path  # models/<variant>/s<seed>: checkpoints (train), stabilized.pt, .mlpackage
+    report_dir: Path  # reports/runs/<variant>/s<seed>: audits, conversion report, per-utterance results
+    evaluation: Path  # every figure of the run (evaluate); the compare stage aggregates the chain's runs
 
     @property
     def utterances(self) -> Path:
@@ -93,8 +93,9 @@ def run_paths(cfg: DictConfig) -> RunPaths:
 def chain_run(variant: str, seed: int, root: str | Path = ".") -> RunPaths:
     """The DVC chain's folders of one run (under `root`, the repository)."""
     reports = Path(root) / "reports" / "runs" / variant / f"s{int(seed)}"
-    return RunPaths(variant, int(seed), Path(root) / "models" / variant / f"s{int(seed)}", reports,
-                    reports / "evaluation.json")
+    return RunPaths(
+        variant, int(seed), Path(root) / "models" / variant / f"s{int(seed)}", reports, reports / "evaluation.json"
+    )
 
 
 def variant_metrics_path(variant: str, metrics_dir: str | Path = "metrics") -> Path:
@@ -106,8 +107,11 @@ def seeds_in(variant_dir: str | Path) -> list[int]:
     variant_dir = Path(variant_dir)
     if not variant_dir.is_dir():
         return []
-    found = [int(m.group(1)) for p in variant_dir.iterdir() if (m := SEED_DIR.match(p.name)) and p.is_dir()
-             and any(p.glob("*.ckpt"))]
+    found = [
+        int(m.group(1))
+        for p in variant_dir.iterdir()
+        if (m := SEED_DIR.match(p.name)) and p.is_dir() and any(p.glob("*.ckpt"))
+    ]
     return sorted(found)
 
 
@@ -121,8 +125,10 @@ def resolve_model_dir(model_dir: str | Path, seed: int | None = None) -> Path:
             raise UserError(f"{model_dir} is already one seed's run; drop --seed or give models/<variant>")
         chosen = model_dir / f"s{int(seed)}"
         if int(seed) not in seeds:
-            raise UserError(f"{chosen}: no run of seed {seed} (trained seeds in {model_dir}: {seeds or 'none'}); "
-                            f"train it with `dvc repro train@{model_dir.name}-s{seed}` (add the seed to `seeds`)")
+            raise UserError(
+                f"{chosen}: no run of seed {seed} (trained seeds in {model_dir}: {seeds or 'none'}); "
+                f"train it with `dvc repro train@{model_dir.name}-s{seed}` (add the seed to `seeds`)"
+            )
         return chosen
     if any(model_dir.glob("*.ckpt")) or not seeds:
         return model_dir
@@ -135,8 +141,10 @@ def load_trained(model_dir: str | Path, checkpoint: str = "best", seed: int | No
     ckpt = model_dir / f"{checkpoint}.ckpt"
     if not ckpt.exists():
         found = sorted(p.name for p in model_dir.glob("*.ckpt")) if model_dir.is_dir() else []
-        raise UserError(f"{ckpt}: checkpoint not found (found: {found or 'none'}); train one with "
-                        "`dvc repro train@<variant>-s<seed>` or pass --checkpoint last")
+        raise UserError(
+            f"{ckpt}: checkpoint not found (found: {found or 'none'}); train one with "
+            "`dvc repro train@<variant>-s<seed>` or pass --checkpoint last"
+        )
     try:  # Lightning loads with torch.load(weights_only=True): tensors and plain containers, no code
         module = ASRModule.load_from_checkpoint(str(ckpt), map_location="cpu")
     except pickle.UnpicklingError as e:
@@ -162,6 +170,8 @@ def load_stabilized(model_dir: str | Path, checkpoint: str = "best"):
     ane = ANEConformer.from_asr(module.model, module.cmvn, **saved["options"]).eval()
     for name, value in ane.state_dict().items():
         if not torch.equal(value, saved["state_dict"][name]):
-            raise UserError(f"{path}: weights differ from {model_dir / (checkpoint + '.ckpt')} ({name}); the model "
-                            f"was retrained after stabilization: run `dvc repro stabilize@{run_label(model_dir)}`")
+            raise UserError(
+                f"{path}: weights differ from {model_dir / (checkpoint + '.ckpt')} ({name}); the model "
+                f"was retrained after stabilization: run `dvc repro stabilize@{run_label(model_dir)}`"
+            )
     return module, ane, saved["options"]

@@ -65,11 +65,13 @@ def dws_wer(by, comps):
 
 def _no_variant_worse(mode):
     """Every variant's `mode` − FP32 within the margin (kept)."""
+
     def check(by, comps):
         cs = [(v, c) for v in by if (c := find(comps, f"{v}/{mode}", f"{v}/fp32"))]
         if not cs:
             return "not run", "n/a"
         return _all_kept([c for _, c in cs]), "; ".join(f"{v} {diff_cell(c)}" for v, c in cs)
+
     return check
 
 
@@ -99,6 +101,7 @@ def _ablation(name):
         if not c:
             return "not run", f"add {name} and streaming to `variants`"
         return kept(c), f"{name} − streaming {diff_cell(c)}"
+
     return check
 
 
@@ -108,8 +111,9 @@ def cascade(by, comps):
         return "not run", "n/a"
     base = find(comps, "practical/fp32", "streaming/fp32")
     ok = c["verdict"] == "better" and (base is None or base["verdict"] != "worse")
-    cell = f"second − first pass {diff_cell(c)}" + (f"; − streaming {diff_cell(base)}" if base else
-                                                      "; streaming baseline not run")
+    cell = f"second − first pass {diff_cell(c)}" + (
+        f"; − streaming {diff_cell(base)}" if base else "; streaming baseline not run"
+    )
     return ("reproduced" if ok and base else "not reproduced" if not ok else "not run"), cell
 
 
@@ -117,10 +121,18 @@ def not_measurable(by, comps):
     return "not measurable here", "n/a"
 
 
-CHECKS = {"dws_flop_share": dws_flop_share, "dws_wer": dws_wer, "fp16_wer": _no_variant_worse("fp16"),
-          "prenorm_needed": prenorm_needed, "lut_softmax": _no_variant_worse("acc16_both"), "dws_range": dws_range,
-          "ablation_conv_only": _ablation("conv_only"), "ablation_performer": _ablation("performer"),
-          "cascade": cascade, "not_measurable": not_measurable}
+CHECKS = {
+    "dws_flop_share": dws_flop_share,
+    "dws_wer": dws_wer,
+    "fp16_wer": _no_variant_worse("fp16"),
+    "prenorm_needed": prenorm_needed,
+    "lut_softmax": _no_variant_worse("acc16_both"),
+    "dws_range": dws_range,
+    "ablation_conv_only": _ablation("conv_only"),
+    "ablation_performer": _ablation("performer"),
+    "cascade": cascade,
+    "not_measurable": not_measurable,
+}
 
 
 def claims_table(metrics: list[dict], comparisons: list[dict], claims: list[dict] | None = None) -> str:

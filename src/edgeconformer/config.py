@@ -31,6 +31,7 @@ def register_resolvers() -> None:
     """`${edgeconformer.runs:variants,compared,seeds,ablation_seeds}`: the chain's runs (runs_table).
     Registered on import of this module and by hydra_plugins/edgeconformer_resolvers.py (DVC's composition)."""
     if not OmegaConf.has_resolver("edgeconformer.runs"):
+
         def runs(variants, compared, seeds, ablation_seeds):
             # a DictConfig: OmegaConf.resolve (DVC's composition) cannot store a plain dict in the node
             return OmegaConf.create(runs_table(variants, compared, seeds, ablation_seeds))
@@ -50,6 +51,7 @@ def runs_table(variants, compared, seeds, ablation_seeds) -> dict:
     """The DVC chain's runs: every variant in `compared` with every seed in `seeds`, every other variant with
     `ablation_seeds`. -> {"dws-s2": {"variant": "dws", "seed": 2, "dir": "dws/s2"}, ...} in variant order.
     Registered as the OmegaConf resolver `edgeconformer.runs` (conf/config.yaml's `runs`)."""
+
     def seed_list(name, values):
         out = [int(s) for s in values]
         if not out or len(set(out)) != len(out) or min(out) < 0:
@@ -62,7 +64,7 @@ def runs_table(variants, compared, seeds, ablation_seeds) -> dict:
         raise UserError(f"compared={list(compared)} names variants not in variants={list(variants)}: {unknown}")
     table = {}
     for variant in variants:
-        for seed in (seeds if variant in compared else ablation_seeds):
+        for seed in seeds if variant in compared else ablation_seeds:
             table[run_name(variant, seed)] = {"variant": str(variant), "seed": seed, "dir": f"{variant}/s{seed}"}
     return table
 
@@ -101,9 +103,11 @@ def apply_variant(cfg: DictConfig, given: DictConfig | None = None) -> DictConfi
     if not variant or (variant not in table and variant == cfg.model.get("subsampling")):
         return cfg
     if variant not in table:
-        raise UserError(f"variant={variant!r} is not one of variant_overrides ({', '.join(table) or 'none'}); add "
-                        f"conf/variant_overrides/{variant}.yaml and its line in conf/config.yaml's defaults, then "
-                        "run `python -m edgeconformer.params`")
+        raise UserError(
+            f"variant={variant!r} is not one of variant_overrides ({', '.join(table) or 'none'}); add "
+            f"conf/variant_overrides/{variant}.yaml and its line in conf/config.yaml's defaults, then "
+            "run `python -m edgeconformer.params`"
+        )
     merged = OmegaConf.merge(cfg, table[variant], given if given is not None else {})
     assert isinstance(merged, DictConfig)
     return merged
@@ -130,7 +134,7 @@ def run_stage(stage: Callable[[DictConfig], object], config_name: str = "config"
     argv = sys.argv[1:]
     if "--params" in argv:
         i = argv.index("--params")
-        cfg, given = load_params(argv[i + 1], argv[:i] + argv[i + 2:])
+        cfg, given = load_params(argv[i + 1], argv[:i] + argv[i + 2 :])
         _call(stage, cfg, given)
         return
 

@@ -21,9 +21,13 @@ from edgeconformer.files import write_text_atomic
 
 BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 DOC_FILES = ("README.md", "docs/training.md", "docs/practical.md", "docs/stabilization.md", "docs/evaluation.md")
-ARMS = {"acc16_none": "none (plain LayerNorm, exact softmax)", "acc16_prenorm": "pre-normalized LayerNorm only",
-        "acc16_lut": "LUT softmax only", "acc16_both": "both (the stabilized graph)",
-        "acc16_both_uncapped": "both, re-scaling uncapped (k from the row's range)"}
+ARMS = {
+    "acc16_none": "none (plain LayerNorm, exact softmax)",
+    "acc16_prenorm": "pre-normalized LayerNorm only",
+    "acc16_lut": "LUT softmax only",
+    "acc16_both": "both (the stabilized graph)",
+    "acc16_both_uncapped": "both, re-scaling uncapped (k from the row's range)",
+}
 
 
 def _num(v) -> bool:
@@ -44,7 +48,7 @@ def find(comparisons: list[dict], a: str, b: str) -> dict | None:
 
 
 def diff_cell(c: dict | None, with_n: bool = False) -> str:
-    """"+1.23 [+0.40, +2.10] worse" (percentage points, 95% CI over utterances and seeds)."""
+    """ "+1.23 [+0.40, +2.10] worse" (percentage points, 95% CI over utterances and seeds)."""
     if not c:
         return "n/a"
     lo, hi = c["ci95"]
@@ -63,23 +67,49 @@ def headline_table(metrics: list[dict], comparisons: list[dict], base: str = "va
     for m in metrics:
         v = str(m["variant"])
         vs = "(baseline)" if v == base else diff_cell(find(comparisons, f"{v}/fp32", f"{base}/fp32"))
-        rows.append([v, str(m.get("n_seeds", 1)), mean_sd_cell(m, "wer_fp32"), mean_sd_cell(m, "wer_fp16"), vs,
-                     f"{m['gflops_per_audio_second']:.3f}" if _num(m.get("gflops_per_audio_second")) else "n/a",
-                     f"{m['params_millions']:.2f}" if _num(m.get("params_millions")) else "n/a",
-                     f"{m['rtf_cpu']:.4f}" if _num(m.get("rtf_cpu")) else "n/a"])
-    return table(["variant", "seeds", "WER fp32 % (mean ± sd)", "WER fp16 %", f"fp32 − {base} [95% CI]",
-                  "GFLOPs / audio s", "params M", "RTF cpu"], rows)
+        rows.append(
+            [
+                v,
+                str(m.get("n_seeds", 1)),
+                mean_sd_cell(m, "wer_fp32"),
+                mean_sd_cell(m, "wer_fp16"),
+                vs,
+                f"{m['gflops_per_audio_second']:.3f}" if _num(m.get("gflops_per_audio_second")) else "n/a",
+                f"{m['params_millions']:.2f}" if _num(m.get("params_millions")) else "n/a",
+                f"{m['rtf_cpu']:.4f}" if _num(m.get("rtf_cpu")) else "n/a",
+            ]
+        )
+    return table(
+        [
+            "variant",
+            "seeds",
+            "WER fp32 % (mean ± sd)",
+            "WER fp16 %",
+            f"fp32 − {base} [95% CI]",
+            "GFLOPs / audio s",
+            "params M",
+            "RTF cpu",
+        ],
+        rows,
+    )
 
 
 def fp16_table(metrics: list[dict], comparisons: list[dict]) -> str:
     rows = []
     for m in metrics:
         v = str(m["variant"])
-        rows.append([v, str(m.get("n_seeds", 1)), diff_cell(find(comparisons, f"{v}/fp16", f"{v}/fp32")),
-                     diff_cell(find(comparisons, f"{v}/fp16_unstabilized", f"{v}/fp32")),
-                     diff_cell(find(comparisons, f"{v}/coreml_sim", f"{v}/fp16"), with_n=True)])
-    return table(["variant", "seeds", "FP16 − FP32", "FP16 unstabilized − FP32",
-                  "Core ML-sim − PyTorch FP16 (its subset)"], rows)
+        rows.append(
+            [
+                v,
+                str(m.get("n_seeds", 1)),
+                diff_cell(find(comparisons, f"{v}/fp16", f"{v}/fp32")),
+                diff_cell(find(comparisons, f"{v}/fp16_unstabilized", f"{v}/fp32")),
+                diff_cell(find(comparisons, f"{v}/coreml_sim", f"{v}/fp16"), with_n=True),
+            ]
+        )
+    return table(
+        ["variant", "seeds", "FP16 − FP32", "FP16 unstabilized − FP32", "Core ML-sim − PyTorch FP16 (its subset)"], rows
+    )
 
 
 def stabilization_table(metrics: list[dict], comparisons: list[dict]) -> str:
@@ -120,8 +150,10 @@ def dependence(metrics: list[dict], comparisons: list[dict]) -> list[str]:
             why = "it needs both components together"
         else:
             why = "no arm recovers FP32"
-        lines.append(f"- {v}: {why} (verdicts of arm − FP32 over {got['acc16_none']['n_seeds']} seed(s) and "
-                     f"{got['acc16_none']['n_utterances']} utterances).")
+        lines.append(
+            f"- {v}: {why} (verdicts of arm − FP32 over {got['acc16_none']['n_seeds']} seed(s) and "
+            f"{got['acc16_none']['n_utterances']} utterances)."
+        )
     return lines
 
 
@@ -134,15 +166,20 @@ def softmax_k_lines(metrics: list[dict]) -> list[str]:
         share = k["rows_needing_rescaling"] / k["rows"]
         dist = ", ".join(f"k={key}: {n:,}" for key, n in k["uncapped"].items())
         seed = (m.get("seeds") or [m])[0].get("seed", "n/a")  # the k counts are the first seed's
-        lines.append(f"- {m['variant']} (seed {seed}): {k['rows']:,} attention rows; the row's range "
-                     f"exceeds R={k['range']:g} in {share:.2%} of them (uncapped k: {dist}); the capped rule "
-                     f"(max_squarings={k['setting']}) allows k <= {k['cap']}.")
+        lines.append(
+            f"- {m['variant']} (seed {seed}): {k['rows']:,} attention rows; the row's range "
+            f"exceeds R={k['range']:g} in {share:.2%} of them (uncapped k: {dist}); the capped rule "
+            f"(max_squarings={k['setting']}) allows k <= {k['cap']}."
+        )
     return lines
 
 
 def practical_table(metrics: list[dict], comparisons: list[dict], base: str = "streaming") -> str | None:
-    rows = [[c["a"].split("/")[0], str(c["n_seeds"]), diff_cell(c)] for c in comparisons
-            if c.get("b") == f"{base}/fp32" and c.get("a", "").endswith("/fp32")]
+    rows = [
+        [c["a"].split("/")[0], str(c["n_seeds"]), diff_cell(c)]
+        for c in comparisons
+        if c.get("b") == f"{base}/fp32" and c.get("a", "").endswith("/fp32")
+    ]
     if not rows:
         return None
     return table(["variant", "seeds", f"WER fp32 − {base} [95% CI]"], rows)
@@ -154,25 +191,35 @@ def blocks(metrics: list[dict], comparisons: list[dict], claims_table: str) -> d
     return {
         "headline": headline_table(metrics, comparisons),
         "fp16": fp16_table(metrics, comparisons),
-        "stabilization": "\n".join([stabilization_table(metrics, comparisons), ""] + dependence(metrics, comparisons)
-                                   + softmax_k_lines(metrics)).rstrip(),
-        "practical": practical or ("*paper 2's streaming baseline was not run: `dvc exp run -S "
-                                   "'variants=[vanilla,dws,practical,streaming,conv_only,downsized,performer]'`*"),
+        "stabilization": "\n".join(
+            [stabilization_table(metrics, comparisons), ""]
+            + dependence(metrics, comparisons)
+            + softmax_k_lines(metrics)
+        ).rstrip(),
+        "practical": practical
+        or (
+            "*paper 2's streaming baseline was not run: `dvc exp run -S "
+            "'variants=[vanilla,dws,practical,streaming,conv_only,downsized,performer]'`*"
+        ),
         "claims": claims_table,
     }
 
 
 def fill(text: str, generated: dict[str, str], where: str = "") -> str:
     """text with every results block replaced by its generated content; an unknown block name is an error."""
+
     def sub(m):
         name = m.group("name")
         if name not in generated:
             raise KeyError(f"{where}: unknown results block {name!r} (known: {', '.join(generated)})")
         return f"{m.group(1)}{generated[name].rstrip()}\n{m.group(4)}"
+
     opened = len(re.findall(r"^<!-- results:", text, re.M))
     if opened != len(BLOCK.findall(text)):
-        raise KeyError(f"{where}: {opened} results markers, not all of them a well-formed block "
-                       "(<!-- results:NAME --> ... <!-- /results:NAME -->, NAME in a-z, 0-9, _)")
+        raise KeyError(
+            f"{where}: {opened} results markers, not all of them a well-formed block "
+            "(<!-- results:NAME --> ... <!-- /results:NAME -->, NAME in a-z, 0-9, _)"
+        )
     return BLOCK.sub(sub, text)
 
 

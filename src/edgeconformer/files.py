@@ -100,8 +100,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON object ({e}); regenerate the file with the stage "
-                                 "that wrote it (`dvc repro`)") from e
+                raise ValueError(
+                    f"{path}:{lineno}: not a JSON object ({e}); regenerate the file with the stage "
+                    "that wrote it (`dvc repro`)"
+                ) from e
     return rows
 
 
@@ -125,6 +127,8 @@ def load_weights(path: str | Path, purpose: str):
 def refused(path: str | Path, purpose: str, error: pickle.UnpicklingError) -> UserError:
     """The error for a file that weights_only loading refused (also raised by artifacts.load_trained, where
     Lightning does the loading)."""
-    return UserError(f"{path}: refused to load for {purpose}: the file holds objects other than tensors and plain "
-                     f"containers, which could run code when unpickled ({str(error).splitlines()[-1][:200]}); "
-                     "load only checkpoints written by edgeconformer's training")
+    return UserError(
+        f"{path}: refused to load for {purpose}: the file holds objects other than tensors and plain "
+        f"containers, which could run code when unpickled ({str(error).splitlines()[-1][:200]}); "
+        "load only checkpoints written by edgeconformer's training"
+    )

@@ -48,8 +48,12 @@ def cpu_bf16(flags: set[str] | None = None) -> list[str]:
 
 def describe_cpu(flags: set[str] | None = None) -> dict:
     flags = cpu_flags() if flags is None else flags
-    return {"machine": platform.machine(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_instructions": cpu_bf16(flags), "avx512": sorted(f for f in flags if f.startswith("avx512"))}
+    return {
+        "machine": platform.machine(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_instructions": cpu_bf16(flags),
+        "avx512": sorted(f for f in flags if f.startswith("avx512")),
+    }
 
 
 def time_steps(step: Callable[[], None], steps: int = 3, warmup: int = 1) -> float:
@@ -64,9 +68,12 @@ def time_steps(step: Callable[[], None], steps: int = 3, warmup: int = 1) -> flo
     return sorted(times)[len(times) // 2]
 
 
-def resolve_precision(precision: str, accelerator: str = "cpu",
-                      step_seconds: Callable[[str], float] | None = None,
-                      flags: set[str] | None = None) -> tuple[str, dict]:
+def resolve_precision(
+    precision: str,
+    accelerator: str = "cpu",
+    step_seconds: Callable[[str], float] | None = None,
+    flags: set[str] | None = None,
+) -> tuple[str, dict]:
     """trainer.precision -> (the Lightning precision to use, why). Anything but "auto" is returned as given.
 
     "auto" on CPU: "32-true" unless the CPU has bf16 instructions and `step_seconds("bf16-mixed")` is at least
@@ -80,28 +87,41 @@ def resolve_precision(precision: str, accelerator: str = "cpu",
         chosen = "bf16-mixed" if ok else "32-true"
         return chosen, {**why, "chosen": chosen, "reason": "GPU supports bf16" if ok else "no bf16 on this GPU"}
     if accelerator != "cpu":
-        raise ConfigError(f"trainer.precision=auto knows accelerator cpu or gpu, not {accelerator!r}; set "
-                          "trainer.precision explicitly (32-true, bf16-mixed, ...)")
+        raise ConfigError(
+            f"trainer.precision=auto knows accelerator cpu or gpu, not {accelerator!r}; set "
+            "trainer.precision explicitly (32-true, bf16-mixed, ...)"
+        )
     found = cpu_bf16(flags)
     why["cpu"] = describe_cpu(flags)
     if not found:
-        return "32-true", {**why, "chosen": "32-true", "reason": "no bf16 instructions on this CPU (bf16 would be "
-                                                                   "emulated through fp32)"}
+        return "32-true", {
+            **why,
+            "chosen": "32-true",
+            "reason": "no bf16 instructions on this CPU (bf16 would be emulated through fp32)",
+        }
     if step_seconds is None:
         return "32-true", {**why, "chosen": "32-true", "reason": "bf16 instructions found but no step to time"}
     fp32, bf16 = step_seconds("32-true"), step_seconds("bf16-mixed")
     speedup = fp32 / bf16
     chosen = "bf16-mixed" if speedup >= MIN_SPEEDUP else "32-true"
-    reason = (f"{'+'.join(found)}: a training step takes {fp32:.3f} s in fp32 and {bf16:.3f} s in bf16 "
-              f"(x{speedup:.2f}; bf16 is chosen from x{MIN_SPEEDUP})")
-    return chosen, {**why, "chosen": chosen, "reason": reason, "step_seconds": {"32-true": fp32, "bf16-mixed": bf16},
-                    "speedup": speedup}
+    reason = (
+        f"{'+'.join(found)}: a training step takes {fp32:.3f} s in fp32 and {bf16:.3f} s in bf16 "
+        f"(x{speedup:.2f}; bf16 is chosen from x{MIN_SPEEDUP})"
+    )
+    return chosen, {
+        **why,
+        "chosen": chosen,
+        "reason": reason,
+        "step_seconds": {"32-true": fp32, "bf16-mixed": bf16},
+        "speedup": speedup,
+    }
 
 
 def step_timer(model: torch.nn.Module, inputs: tuple, steps: int = 3) -> Callable[[str], float]:
     """precision -> median seconds of one training step (forward, backward) of a copy of `model` on `inputs`, in
     that Lightning precision ("32-true", "bf16-mixed": autocast to bfloat16). `model(*inputs)` returns a dict with
     "loss". The copy and a forked RNG leave the model and every random stream of the run untouched."""
+
     def seconds(precision: str) -> float:
         net = copy.deepcopy(model).train()
         bf16 = precision.startswith("bf16")
@@ -117,8 +137,14 @@ def step_timer(model: torch.nn.Module, inputs: tuple, steps: int = 3) -> Callabl
     return seconds
 
 
-def synthetic_batch(n_mels: int, vocab_size: int, batch_seconds: float, utterance_seconds: float = 8.0,
-                    frame_shift_s: float = 0.01, tokens_per_second: float = 3.0) -> tuple:
+def synthetic_batch(
+    n_mels: int,
+    vocab_size: int,
+    batch_seconds: float,
+    utterance_seconds: float = 8.0,
+    frame_shift_s: float = 0.01,
+    tokens_per_second: float = 3.0,
+) -> tuple:
     """A training batch of the configured size for timing: (feats (B, T, n_mels), lengths, tokens (B, U),
     token_lengths), B = batch_seconds / utterance_seconds utterances. Random values from a private generator."""
     g = torch.Generator().manual_seed(0)

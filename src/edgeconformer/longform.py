@@ -64,13 +64,13 @@ class Settings:
     method: str = "ctc_greedy"
     beam: int = 8
     ctc_weight: float = 0.5
-    first_pass: bool = False            # a cascaded model's streaming first pass and its CTC head alone
-    chunk_seconds: float = 8.0          # encoder frames kept per window
-    context_seconds: float = 1.0        # encoded on each side of the chunk and thrown away
-    max_segment_seconds: float = 20.0   # the longest stretch decoded in one piece; longer inputs are windowed
-    min_segment_seconds: float = 0.5    # no cut before this (no segment is a mere click)
-    pause_seconds: float = 0.4          # this long with P(blank) > PAUSE_BLANK_PROB is a pause to cut at
-    timestamps: bool = False            # word timestamps (a CTC alignment per segment)
+    first_pass: bool = False  # a cascaded model's streaming first pass and its CTC head alone
+    chunk_seconds: float = 8.0  # encoder frames kept per window
+    context_seconds: float = 1.0  # encoded on each side of the chunk and thrown away
+    max_segment_seconds: float = 20.0  # the longest stretch decoded in one piece; longer inputs are windowed
+    min_segment_seconds: float = 0.5  # no cut before this (no segment is a mere click)
+    pause_seconds: float = 0.4  # this long with P(blank) > PAUSE_BLANK_PROB is a pause to cut at
+    timestamps: bool = False  # word timestamps (a CTC alignment per segment)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -82,27 +82,34 @@ class Settings:
         if not 0 <= self.ctc_weight <= 1:
             raise ValueError(f"ctc_weight must be in [0, 1], got {self.ctc_weight}")
         if self.chunk_seconds <= 0 or self.context_seconds < 0:
-            raise ValueError(f"chunk_seconds must be > 0 and context_seconds >= 0, got {self.chunk_seconds} and "
-                             f"{self.context_seconds}")
+            raise ValueError(
+                f"chunk_seconds must be > 0 and context_seconds >= 0, got {self.chunk_seconds} and "
+                f"{self.context_seconds}"
+            )
         if not 0 < self.min_segment_seconds < self.max_segment_seconds:
-            raise ValueError(f"need 0 < min_segment_seconds < max_segment_seconds, got {self.min_segment_seconds} "
-                             f"and {self.max_segment_seconds}")
+            raise ValueError(
+                f"need 0 < min_segment_seconds < max_segment_seconds, got {self.min_segment_seconds} "
+                f"and {self.max_segment_seconds}"
+            )
 
 
 def decoding_defaults(module) -> dict:
     """The decoding settings the model was trained and tested with (train.decode in its config): method, beam,
     ctc_weight. Checkpoints without them get the config defaults."""
     d = dict(module.hparams.get("decode") or {})
-    return {"method": d.get("method", "ctc_greedy"), "beam": int(d.get("beam", 8)),
-            "ctc_weight": float(d.get("ctc_weight", module.hparams["model"].get("ctc_weight", 0.5)))}
+    return {
+        "method": d.get("method", "ctc_greedy"),
+        "beam": int(d.get("beam", 8)),
+        "ctc_weight": float(d.get("ctc_weight", module.hparams["model"].get("ctc_weight", 0.5))),
+    }
 
 
 @dataclass
 class Transcript:
     text: str
-    seconds: float                      # audio length at the model's sample rate
-    words: list[dict] | None = None     # [{"word", "start", "end"}] in seconds, with Settings.timestamps
-    segments: int = 1                   # pieces decoded separately (1: decoded whole)
+    seconds: float  # audio length at the model's sample rate
+    words: list[dict] | None = None  # [{"word", "start", "end"}] in seconds, with Settings.timestamps
+    segments: int = 1  # pieces decoded separately (1: decoded whole)
     compute_seconds: float = 0.0
     ids: list[int] = field(default_factory=list)  # the decoded token ids, in order
 
@@ -112,12 +119,12 @@ class Transcript:
 class Geometry:
     """Sample / feature-frame / encoder-frame bookkeeping of a model, and the window sizes in encoder frames."""
 
-    hop: int            # samples per feature frame
-    win: int            # samples per feature window
-    factor: int         # feature frames per encoder frame
-    receptive: int      # feature frames one encoder frame reads (7 for factor 4)
+    hop: int  # samples per feature frame
+    win: int  # samples per feature window
+    factor: int  # feature frames per encoder frame
+    receptive: int  # feature frames one encoder frame reads (7 for factor 4)
     sample_rate: int
-    chunk: int          # encoder frames kept per window
+    chunk: int  # encoder frames kept per window
     left: int
     right: int
     max_segment: int
@@ -141,10 +148,19 @@ class Geometry:
         grid = max(1, module.model.encoder.chunk_size)
         chunk = max(grid, math.ceil(frames(s.chunk_seconds) / grid) * grid)
         left = math.ceil(frames(s.context_seconds) / grid) * grid
-        return cls(hop=fb.hop_length, win=fb.win_length, factor=sub.factor, receptive=receptive,
-                   sample_rate=fb.sample_rate, chunk=chunk, left=left, right=frames(s.context_seconds),
-                   max_segment=max(1, frames(s.max_segment_seconds)), min_segment=max(1, frames(s.min_segment_seconds)),
-                   pause=max(1, frames(s.pause_seconds)))
+        return cls(
+            hop=fb.hop_length,
+            win=fb.win_length,
+            factor=sub.factor,
+            receptive=receptive,
+            sample_rate=fb.sample_rate,
+            chunk=chunk,
+            left=left,
+            right=frames(s.context_seconds),
+            max_segment=max(1, frames(s.max_segment_seconds)),
+            min_segment=max(1, frames(s.min_segment_seconds)),
+            pause=max(1, frames(s.pause_seconds)),
+        )
 
     @property
     def frame_seconds(self) -> float:
@@ -175,8 +191,9 @@ def encode(module, audio: torch.Tensor, lengths: torch.Tensor, first_pass: bool 
     return out, module.model.ctc_log_probs(out), lengths
 
 
-def windowed_frames(module, blocks: Iterable[torch.Tensor], g: Geometry, first_pass: bool = False
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def windowed_frames(
+    module, blocks: Iterable[torch.Tensor], g: Geometry, first_pass: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Audio blocks (n,) -> the encoder output (c, D) and CTC log-probs (c, V) of consecutive runs of encoder
     frames, in order and without gaps. Holds at most one window of audio."""
     buf, buf_start = torch.zeros(0), 0  # audio from sample buf_start on
@@ -195,7 +212,7 @@ def windowed_frames(module, blocks: Iterable[torch.Tensor], g: Geometry, first_p
             b = min(b, g.encoder_frames(buf_start + buf.numel()))
             if j >= b:
                 return
-        x = buf[g.first_sample(a) - buf_start:g.samples_for(b) - buf_start]
+        x = buf[g.first_sample(a) - buf_start : g.samples_for(b) - buf_start]
         out, lp, _ = encode(module, x[None], torch.tensor([x.numel()]), first_pass)  # (1, b - a, D), (1, b - a, V)
         assert out.size(1) == b - a, (out.shape, a, b)
         keep = slice(j - a, min(j + g.chunk, b) - a)
@@ -233,8 +250,8 @@ def find_cut(lp: torch.Tensor, g: Geometry, final: bool) -> tuple[int, bool] | N
     if inside:
         return max(inside)[1], False
     lo = max(1, g.max_segment // 2)
-    blank = lp[lo:g.max_segment, BLANK_ID].clone()
-    blank[torch.from_numpy(path[lo:g.max_segment] == path[lo - 1:g.max_segment - 1])] = -math.inf
+    blank = lp[lo : g.max_segment, BLANK_ID].clone()
+    blank[torch.from_numpy(path[lo : g.max_segment] == path[lo - 1 : g.max_segment - 1])] = -math.inf
     return lo + int(blank.argmax()), False
 
 
@@ -283,8 +300,9 @@ def decode_ids(module, out: torch.Tensor | None, lp: torch.Tensor, s: Settings) 
         kwargs["step_fn"] = module.model.attention_step_fn(out[None], T)
     if s.method == "rescoring":
         kwargs["score_fn"] = module.model.sequence_score_fn(out[None], T)
-    return decode(s.method, lp, sos_eos=SOS_EOS_ID, beam=s.beam, ctc_weight=s.ctc_weight, blank=BLANK_ID,
-                  max_len=T, **kwargs)
+    return decode(
+        s.method, lp, sos_eos=SOS_EOS_ID, beam=s.beam, ctc_weight=s.ctc_weight, blank=BLANK_ID, max_len=T, **kwargs
+    )
 
 
 def ctc_align(lp: np.ndarray, ids: list[int], blank: int = BLANK_ID) -> list[tuple[int, int]] | None:
@@ -303,8 +321,13 @@ def ctc_align(lp: np.ndarray, ids: list[int], blank: int = BLANK_ID) -> list[tup
     alpha[:2] = emit[0, :2]
     back = np.zeros((T, S), dtype=np.int8)  # 0: stay, 1: from s-1, 2: from s-2
     for t in range(1, T):
-        cands = np.stack([alpha, np.concatenate([[-np.inf], alpha[:-1]]),
-                          np.where(skip, np.concatenate([[-np.inf, -np.inf], alpha[:-2]]), -np.inf)])  # (3, S)
+        cands = np.stack(
+            [
+                alpha,
+                np.concatenate([[-np.inf], alpha[:-1]]),
+                np.where(skip, np.concatenate([[-np.inf, -np.inf], alpha[:-2]]), -np.inf),
+            ]
+        )  # (3, S)
         back[t] = cands.argmax(0)
         alpha = cands.max(0) + emit[t]
     end = S - 1 if S == 1 or alpha[S - 1] >= alpha[S - 2] else S - 2
@@ -322,8 +345,9 @@ def ctc_align(lp: np.ndarray, ids: list[int], blank: int = BLANK_ID) -> list[tup
     return [(a, b) for a, b in spans]
 
 
-def words_of(module, ids: list[int], spans: list[tuple[int, int]] | None, first_frame: int, n_frames: int,
-             g: Geometry) -> list[dict]:
+def words_of(
+    module, ids: list[int], spans: list[tuple[int, int]] | None, first_frame: int, n_frames: int, g: Geometry
+) -> list[dict]:
     """Token ids with their frame spans -> words with start/end seconds. Without spans (no alignment), the
     words share the segment's time evenly (flagged `aligned: false`)."""
     pieces = module.tokenizer.pieces(ids)
@@ -341,8 +365,11 @@ def words_of(module, ids: list[int], spans: list[tuple[int, int]] | None, first_
             start, end = spans[group[0]][0], spans[group[-1]][1] + 1
         else:
             start, end = n * n_frames // len(groups), (n + 1) * n_frames // len(groups)
-        word = {"word": text, "start": round((first_frame + start) * g.frame_seconds, 3),
-                "end": round((first_frame + end) * g.frame_seconds, 3)}
+        word = {
+            "word": text,
+            "start": round((first_frame + start) * g.frame_seconds, 3),
+            "end": round((first_frame + end) * g.frame_seconds, 3),
+        }
         if spans is None:
             word["aligned"] = False
         words.append(word)
@@ -388,8 +415,14 @@ class _Collector:
 
     def result(self, seconds: float, t0: float) -> Transcript:
         self._close_run()
-        return Transcript(" ".join(self.texts), seconds, self.words if self.s.timestamps else None, self.segments,
-                          time.perf_counter() - t0, self.ids)
+        return Transcript(
+            " ".join(self.texts),
+            seconds,
+            self.words if self.s.timestamps else None,
+            self.segments,
+            time.perf_counter() - t0,
+            self.ids,
+        )
 
 
 @torch.inference_mode()
@@ -424,7 +457,7 @@ def transcribe_batch(module, audios: list[torch.Tensor], s: Settings) -> list[Tr
     lengths = torch.tensor([a.numel() for a in audios])
     batch = torch.zeros(len(audios), int(lengths.max()))  # (B, N) zero-padded
     for i, a in enumerate(audios):
-        batch[i, :a.numel()] = a
+        batch[i, : a.numel()] = a
     out, lp, frames = encode(module, batch, lengths, s.first_pass)
     results = []
     for i in range(len(audios)):
@@ -479,8 +512,10 @@ def transcribe_items(module, items: list, s: Settings, batch_size: int = 16) -> 
 
 
 def _too_short(item, stats: ReadStats, g: Geometry) -> str:
-    return (f"{item.path}: audio too short to transcribe ({stats.samples / g.sample_rate:.3f} s; the model "
-            f"needs at least {g.samples_for(1) / g.sample_rate:.3f} s)")
+    return (
+        f"{item.path}: audio too short to transcribe ({stats.samples / g.sample_rate:.3f} s; the model "
+        f"needs at least {g.samples_for(1) / g.sample_rate:.3f} s)"
+    )
 
 
 def _failed(item, error: str, info=None) -> Outcome:
@@ -506,7 +541,7 @@ def _flush(module, queue: list[tuple], g: Geometry, s: Settings, batch_size: int
     done, audio, stats, read_seconds = _read_queued(module, queue, g, s)
     order = sorted(audio, key=lambda k: audio[k].numel())
     for i in range(0, len(order), batch_size):
-        ks = order[i:i + batch_size]
+        ks = order[i : i + batch_size]
         for k, t in zip(ks, transcribe_batch(module, [audio[k] for k in ks], s)):
             t.compute_seconds += read_seconds[k]  # as for long files, whose blocks are read while decoding
             done[k] = Outcome(queue[k][0], t, notes=audio_notes(stats[k]), info=queue[k][1])

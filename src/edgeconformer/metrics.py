@@ -45,20 +45,43 @@ class _Absent:
 ABSENT: Any = _Absent()
 
 # Validation kinds of a checked field (the messages below name them).
-PERCENT, POSITIVE, FRACTION, LABEL, NAME, COUNT, OBJECT = ("percent", "positive", "fraction", "label", "name",
-                                                           "count", "object")
+PERCENT, POSITIVE, FRACTION, LABEL, NAME, COUNT, OBJECT = (
+    "percent",
+    "positive",
+    "fraction",
+    "label",
+    "name",
+    "count",
+    "object",
+)
 
 
-def key(*, status: str = "recorded", nullable: bool = True, kind: str | None = None, nested=None,
-        wandb: bool = False, flatten: tuple[str, str] | None = None):
+def key(
+    *,
+    status: str = "recorded",
+    nullable: bool = True,
+    kind: str | None = None,
+    nested=None,
+    wandb: bool = False,
+    flatten: tuple[str, str] | None = None,
+):
     """A schema field. status: "required" (must be present; `nullable` says whether it may be null), "optional"
     (checked when present, may be null or missing) or "recorded" (written and read, not checked). kind: the
     check of a required/optional value. nested: ("one" | "list" | "map", Record class) for a JSON object read into
     a record. wandb: a key of the W&B panels (`WANDB_KEYS`). flatten: (prefix, start) for a dict field stored as
     one `<prefix><name>` key per entry, its names starting with `start` (the stabilization arms:
     ("wer_", "acc16_") stores {"acc16_none": ...} as wer_acc16_none)."""
-    return field(default=ABSENT, metadata={"status": status, "nullable": nullable, "kind": kind, "nested": nested,
-                                           "wandb": wandb, "flatten": flatten})
+    return field(
+        default=ABSENT,
+        metadata={
+            "status": status,
+            "nullable": nullable,
+            "kind": kind,
+            "nested": nested,
+            "wandb": wandb,
+            "flatten": flatten,
+        },
+    )
 
 
 def required(kind: str | None = None, *, nullable: bool = False, wandb: bool = False, nested=None):
@@ -117,7 +140,7 @@ class Record:
             if f.metadata["flatten"]:
                 prefix, start = f.metadata["flatten"]
                 names = [k for k in d if k.startswith(prefix + start)]
-                values[f.name] = {k[len(prefix):]: d[k] for k in names}
+                values[f.name] = {k[len(prefix) :]: d[k] for k in names}
                 known.update(names)
             elif f.name in d:
                 values[f.name] = _nested(f.metadata["nested"], d[f.name])
@@ -133,7 +156,7 @@ class Record:
             if f.name == name and not flatten:
                 value = getattr(self, name)
             elif flatten and name.startswith(flatten[0] + flatten[1]):
-                value = (getattr(self, f.name) or {}).get(name[len(flatten[0]):], ABSENT)
+                value = (getattr(self, f.name) or {}).get(name[len(flatten[0]) :], ABSENT)
         if value is ABSENT:
             value = self.extra.get(name, ABSENT)
         return default if value is ABSENT or value is None else value
@@ -314,9 +337,12 @@ class RunMetrics(Record):
         found = problems(d)
         if found:
             run = f"{d.get('variant')}-s{d.get('seed')}" if isinstance(d, dict) and "seed" in d else "<run>"
-            raise MetricsError(f"{source}: not a valid run record:\n" + "\n".join(f"  - {p}" for p in found)
-                               + f"\nRe-run `dvc repro evaluate@{run}` (or fix the keys named); docs/evaluation.md "
-                               "has the schema.")
+            raise MetricsError(
+                f"{source}: not a valid run record:\n"
+                + "\n".join(f"  - {p}" for p in found)
+                + f"\nRe-run `dvc repro evaluate@{run}` (or fix the keys named); docs/evaluation.md "
+                "has the schema."
+            )
         return cls.parse(d)
 
     def arm_wers(self) -> dict[str, float]:
@@ -336,12 +362,20 @@ class RateStats(Record):
 
 # The rates averaged over seeds; the headline ones also at the top of metrics/<variant>.json as <key>_mean/_sd.
 STABILIZATION_ARMS = ("acc16_none", "acc16_prenorm", "acc16_lut", "acc16_both", "acc16_both_uncapped")
-RATES = ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "cer_fp32", "cer_fp16", "wer_coreml_sim", "wer_coreml",
-         "wer_first_pass_fp32", *(f"wer_{arm}" for arm in STABILIZATION_ARMS))
+RATES = (
+    "wer_fp32",
+    "wer_fp16",
+    "wer_fp16_unstabilized",
+    "cer_fp32",
+    "cer_fp16",
+    "wer_coreml_sim",
+    "wer_coreml",
+    "wer_first_pass_fp32",
+    *(f"wer_{arm}" for arm in STABILIZATION_ARMS),
+)
 HEADLINE = ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "cer_fp32")
 # Figures that do not depend on the seed (counted from the architecture): taken from the first seed.
-FIXED = ("gflops_per_audio_second", "gflops_per_audio_second_streamed", "flops_subsampling_share",
-         "params_millions")
+FIXED = ("gflops_per_audio_second", "gflops_per_audio_second_streamed", "flops_subsampling_share", "params_millions")
 
 
 @dataclass(kw_only=True)
@@ -374,17 +408,24 @@ class VariantMetrics(Record):
         """The validated record (every seed's run checked); MetricsError naming the file, the seed and key at
         fault and the fix otherwise."""
         if not isinstance(d, dict):
-            raise MetricsError(f"{source}: metrics must be a JSON object, got {type(d).__name__}; re-run "
-                               "`dvc repro compare`")
+            raise MetricsError(
+                f"{source}: metrics must be a JSON object, got {type(d).__name__}; re-run `dvc repro compare`"
+            )
         seeds = d.get("seeds")
         if not isinstance(seeds, list) or not seeds:
             raise MetricsError(f"{source}: 'seeds' must be a non-empty list of runs; re-run `dvc repro compare`")
-        found = [f"seed {s.get('seed') if isinstance(s, dict) else '?'}: {p}"
-                 for s in seeds for p in problems(dict(s, variant=d.get("variant")) if isinstance(s, dict) else s)]
+        found = [
+            f"seed {s.get('seed') if isinstance(s, dict) else '?'}: {p}"
+            for s in seeds
+            for p in problems(dict(s, variant=d.get("variant")) if isinstance(s, dict) else s)
+        ]
         if found:
-            raise MetricsError(f"{source}: not a valid variant record:\n" + "\n".join(f"  - {p}" for p in found)
-                               + "\nRe-run the evaluate stages of those seeds, then `dvc repro compare`; "
-                               "docs/evaluation.md has the schema.")
+            raise MetricsError(
+                f"{source}: not a valid variant record:\n"
+                + "\n".join(f"  - {p}" for p in found)
+                + "\nRe-run the evaluate stages of those seeds, then `dvc repro compare`; "
+                "docs/evaluation.md has the schema."
+            )
         return cls.parse(d)
 
 
@@ -416,8 +457,14 @@ def problems(d) -> list[str]:
         elif d[name] is None and not nullable:
             found.append(f"{name} is null but must be measured on every machine")
     present = {k: v for k, v in d.items() if k in CHECKED and v is not None}
-    return (found + _value_problems(present) + _flops_problems(present) + _practical_problems(present)
-            + _device_problems(present) + _machine_problems(present))
+    return (
+        found
+        + _value_problems(present)
+        + _flops_problems(present)
+        + _practical_problems(present)
+        + _device_problems(present)
+        + _machine_problems(present)
+    )
 
 
 def _value_problems(present: dict) -> list[str]:
@@ -457,8 +504,9 @@ def _flops_problems(present: dict) -> list[str]:
         if "subsampling" not in shares:
             found.append("flops_shares has no 'subsampling' part")
         elif is_number(share) and abs(shares["subsampling"] - share) > 1e-6:
-            found.append(f"flops_subsampling_share {share} differs from flops_shares['subsampling'] "
-                         f"{shares['subsampling']}")
+            found.append(
+                f"flops_subsampling_share {share} differs from flops_shares['subsampling'] {shares['subsampling']}"
+            )
     return found
 
 
@@ -467,38 +515,48 @@ def _practical_problems(present: dict) -> list[str]:
     found = []
     streamed, whole = present.get("gflops_per_audio_second_streamed"), present.get("gflops_per_audio_second")
     if is_number(streamed) and is_number(whole) and streamed > whole * (1 + 1e-9):
-        found.append(f"gflops_per_audio_second_streamed {streamed} exceeds the whole model's "
-                     f"gflops_per_audio_second {whole} (the streamed part is a part of it)")
+        found.append(
+            f"gflops_per_audio_second_streamed {streamed} exceeds the whole model's "
+            f"gflops_per_audio_second {whole} (the streamed part is a part of it)"
+        )
     state = present.get("attention_state_bytes")
     if state is None:
         return found
     if not isinstance(state, dict):
-        return found + [f"attention_state_bytes must be an object (evaluate.state.attention_state_bytes), "
-                        f"got {state!r}"]
+        return found + [
+            f"attention_state_bytes must be an object (evaluate.state.attention_state_bytes), got {state!r}"
+        ]
     bad = [k for k in STATE_BYTES if not is_count(state.get(k))]
     if bad:
         found.append(f"attention_state_bytes needs byte counts (integers >= 0) for {bad}")
     if not (is_number(state.get("seconds")) and state["seconds"] > 0):
-        found.append(f"attention_state_bytes.seconds must be the audio length > 0 it was counted at, "
-                     f"got {state.get('seconds')!r}")
+        found.append(
+            f"attention_state_bytes.seconds must be the audio length > 0 it was counted at, "
+            f"got {state.get('seconds')!r}"
+        )
     return found
 
 
 def _device_problems(present: dict) -> list[str]:
     estimates = present.get("rtf_device_estimates")
-    if estimates is not None and not (isinstance(estimates, dict)
-                                      and all(isinstance(k, str) and is_number(v) and v > 0
-                                              for k, v in estimates.items())):
+    if estimates is not None and not (
+        isinstance(estimates, dict) and all(isinstance(k, str) and is_number(v) and v > 0 for k, v in estimates.items())
+    ):
         return [f"rtf_device_estimates must be an object {{device: RTF > 0}}, got {estimates!r}"]
     if "rtf_device_estimate" not in present:
         return []
     device = present.get("device")
     if device is None:
         return ["rtf_device_estimate is set but device (the profile it was estimated for) is null"]
-    if estimates is not None and device in estimates and not math.isclose(
-            estimates[device], present["rtf_device_estimate"], rel_tol=1e-9):
-        return [f"rtf_device_estimate {present['rtf_device_estimate']} differs from "
-                f"rtf_device_estimates[{device!r}] {estimates[device]}"]
+    if (
+        estimates is not None
+        and device in estimates
+        and not math.isclose(estimates[device], present["rtf_device_estimate"], rel_tol=1e-9)
+    ):
+        return [
+            f"rtf_device_estimate {present['rtf_device_estimate']} differs from "
+            f"rtf_device_estimates[{device!r}] {estimates[device]}"
+        ]
     return []
 
 

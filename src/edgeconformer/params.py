@@ -1,7 +1,7 @@
 """Writes params.yaml, the composed config that DVC stages read, exactly as `dvc exp run` would compose it.
 
-    python -m edgeconformer.params            # regenerate after editing conf/
-    python -m edgeconformer.params --check    # exit 1 if params.yaml is stale (a test runs this)
+python -m edgeconformer.params            # regenerate after editing conf/
+python -m edgeconformer.params --check    # exit 1 if params.yaml is stale (a test runs this)
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def main() -> None:
     target = REPO / "params.yaml"
     if args.check:
         if not target.exists() or target.read_text(encoding="utf-8") != text:
-            print("params.yaml differs from the config composed from conf/; run `python -m edgeconformer.params`",
-                  file=sys.stderr)
+            print(
+                "params.yaml differs from the config composed from conf/; run `python -m edgeconformer.params`",
+                file=sys.stderr,
+            )
             sys.exit(1)
         return
     target.write_text(text, encoding="utf-8")

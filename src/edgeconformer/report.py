@@ -57,8 +57,11 @@ def variant_view(d: dict) -> dict:
     for key, first in seeds[0].items():
         values = [s.get(key) for s in seeds]
         if key != "seed" and is_number(first) and all(is_number(v) for v in values):
-            view[key] = (sorted(values)[len(values) // 2] if key.startswith("rtf") and len(values) % 2
-                         else sum(values) / len(values))
+            view[key] = (
+                sorted(values)[len(values) // 2]
+                if key.startswith("rtf") and len(values) % 2
+                else sum(values) / len(values)
+            )
     view.update({k: v for k, v in d.items() if k != "seeds"})
     view["seeds"] = seeds
     return view
@@ -92,12 +95,16 @@ def load_metrics(metrics_dir: str | Path) -> list[dict]:
         raise UserError(f"{metrics_dir}: no metrics files (<variant>.json); run `dvc repro compare` first")
     out = []
     for path in paths:
-        d = variant_view(_read_json(path, dict, "a JSON object of metrics",
-                                    "re-run the evaluate stage for this variant"))
+        d = variant_view(
+            _read_json(path, dict, "a JSON object of metrics", "re-run the evaluate stage for this variant")
+        )
         d.setdefault("variant", path.stem)
         many = len(d["seeds"]) > 1
-        d["_problems"] = [f"seed {s.get('seed')}: {p}" if many else p
-                          for s in d["seeds"] for p in validate_metrics(dict(s, variant=d["variant"]))]
+        d["_problems"] = [
+            f"seed {s.get('seed')}: {p}" if many else p
+            for s in d["seeds"]
+            for p in validate_metrics(dict(s, variant=d["variant"]))
+        ]
         d["_path"] = str(path)
         out.append(d)
     return sorted(out, key=lambda d: _order(str(d["variant"])))
@@ -112,8 +119,11 @@ def _record_values(name: str, rec: dict) -> dict | None:
     if not peaks:
         return None
     sumsq = rec.get("sumsq_peak", rec.get("ln_sumsq_peak"))
-    return {"name": str(rec.get("name", rec.get("module", name))), "max_abs": max(peaks),
-            "sumsq_peak": sumsq if is_number(sumsq) else None}
+    return {
+        "name": str(rec.get("name", rec.get("module", name))),
+        "max_abs": max(peaks),
+        "sumsq_peak": sumsq if is_number(sumsq) else None,
+    }
 
 
 def _records(obj) -> list[dict] | None:
@@ -146,8 +156,9 @@ def read_audit(path: str | Path) -> tuple[dict[str, list[dict]], str | None]:
         return {}, f"{path}: no per-module records with a max_abs peak"
     for stage, recs in stages.items():
         names = [r["name"] for r in recs]
-        stages[stage] = [r for r in recs if not any(n.startswith(r["name"] + ".") for n in names)
-                         and r["name"] not in ("", "<root>")]
+        stages[stage] = [
+            r for r in recs if not any(n.startswith(r["name"] + ".") for n in names) and r["name"] not in ("", "<root>")
+        ]
     return stages, None
 
 
@@ -218,29 +229,57 @@ def ablation_table(metrics: list[dict]) -> str:
     """Markdown: one row per variant, WER per precision, RTFs, FLOPs, params, then the Practical-Conformer
     columns: GFLOPs of the streamed part, the attention state a streaming step reads, and a cascade's first pass
     alone (WER fp32, CPU RTF; n/a without a cascade)."""
-    header = ["variant", "WER fp32 %", "WER fp16 %", "WER fp16 unstab. %", "WER Core ML-sim % (n)", "WER Core ML %",
-              "CER fp32 %", "RTF cpu", "RTF Core ML", "RTF device (est.)", "subsampling FLOP share",
-              "GFLOPs / audio s", "params (M)", "GFLOPs / audio s streamed", "attention state B / step",
-              "WER fp32 % first pass", "RTF cpu first pass"]
+    header = [
+        "variant",
+        "WER fp32 %",
+        "WER fp16 %",
+        "WER fp16 unstab. %",
+        "WER Core ML-sim % (n)",
+        "WER Core ML %",
+        "CER fp32 %",
+        "RTF cpu",
+        "RTF Core ML",
+        "RTF device (est.)",
+        "subsampling FLOP share",
+        "GFLOPs / audio s",
+        "params (M)",
+        "GFLOPs / audio s streamed",
+        "attention state B / step",
+        "WER fp32 % first pass",
+        "RTF cpu first pass",
+    ]
     rows = []
     for m in metrics:
         device = f" ({m['device']})" if m.get("device") and is_number(m.get("rtf_device_estimate")) else ""
-        rows.append([str(m["variant"]), fmt(m.get("wer_fp32"), "wer"), fmt(m.get("wer_fp16"), "wer"),
-                     fmt(m.get("wer_fp16_unstabilized"), "wer"), fmt(m.get("wer_coreml_sim"), "wer") + sim_n(m),
-                     fmt(m.get("wer_coreml"), "wer"), fmt(m.get("cer_fp32"), "wer"), fmt(m.get("rtf_cpu"), "rtf"),
-                     fmt(m.get("rtf_coreml"), "rtf"), fmt(m.get("rtf_device_estimate"), "rtf") + device,
-                     fmt(m.get("flops_subsampling_share"), "share"),
-                     fmt(m.get("gflops_per_audio_second"), "gflops"), fmt(m.get("params_millions"), "params"),
-                     fmt(m.get("gflops_per_audio_second_streamed"), "gflops"),
-                     state_cell(m.get("attention_state_bytes")),
-                     fmt(m.get("wer_first_pass_fp32"), "wer"), fmt(m.get("rtf_cpu_first_pass"), "rtf")])
+        rows.append(
+            [
+                str(m["variant"]),
+                fmt(m.get("wer_fp32"), "wer"),
+                fmt(m.get("wer_fp16"), "wer"),
+                fmt(m.get("wer_fp16_unstabilized"), "wer"),
+                fmt(m.get("wer_coreml_sim"), "wer") + sim_n(m),
+                fmt(m.get("wer_coreml"), "wer"),
+                fmt(m.get("cer_fp32"), "wer"),
+                fmt(m.get("rtf_cpu"), "rtf"),
+                fmt(m.get("rtf_coreml"), "rtf"),
+                fmt(m.get("rtf_device_estimate"), "rtf") + device,
+                fmt(m.get("flops_subsampling_share"), "share"),
+                fmt(m.get("gflops_per_audio_second"), "gflops"),
+                fmt(m.get("params_millions"), "params"),
+                fmt(m.get("gflops_per_audio_second_streamed"), "gflops"),
+                state_cell(m.get("attention_state_bytes")),
+                fmt(m.get("wer_first_pass_fp32"), "wer"),
+                fmt(m.get("rtf_cpu_first_pass"), "rtf"),
+            ]
+        )
     return markdown_table(header, rows)
 
 
 def device_table(metrics: list[dict]) -> str | None:
     """Markdown: variant x device estimated RTF, or None when no variant has estimates."""
-    estimates = {str(m["variant"]): m["rtf_device_estimates"] for m in metrics
-                 if isinstance(m.get("rtf_device_estimates"), dict)}
+    estimates = {
+        str(m["variant"]): m["rtf_device_estimates"] for m in metrics if isinstance(m.get("rtf_device_estimates"), dict)
+    }
     devices = []
     for per_device in estimates.values():
         devices += [d for d in per_device if d not in devices]
@@ -259,32 +298,46 @@ def claims(metrics: list[dict]) -> list[str]:
     by = {m["variant"]: m for m in metrics}
     lines = []
     v, d = by.get("vanilla", {}), by.get("dws", {})
-    lines.append(f"- Subsampling share of FLOPs: vanilla {fmt(v.get('flops_subsampling_share'), 'share')} "
-                 f"(paper {PAPER['vanilla_share']:.1%}), DWS {fmt(d.get('flops_subsampling_share'), 'share')} "
-                 f"(paper {PAPER['dws_share']:.1%}).")
+    lines.append(
+        f"- Subsampling share of FLOPs: vanilla {fmt(v.get('flops_subsampling_share'), 'share')} "
+        f"(paper {PAPER['vanilla_share']:.1%}), DWS {fmt(d.get('flops_subsampling_share'), 'share')} "
+        f"(paper {PAPER['dws_share']:.1%})."
+    )
     if v and d:
-        lines.append(f"- DWS - vanilla WER (fp32): {fmt(_diff(d.get('wer_fp32'), v.get('wer_fp32')), 'delta')} "
-                     "points (paper: accuracy unchanged).")
+        lines.append(
+            f"- DWS - vanilla WER (fp32): {fmt(_diff(d.get('wer_fp32'), v.get('wer_fp32')), 'delta')} "
+            "points (paper: accuracy unchanged)."
+        )
     for m in metrics:
         base = m.get("wer_fp32")
-        line = (f"- {m['variant']}: FP16 - FP32 WER {fmt(_diff(m.get('wer_fp16'), base), 'delta')} points, "
-                f"unstabilized FP16 - FP32 {fmt(_diff(m.get('wer_fp16_unstabilized'), base), 'delta')} points")
+        line = (
+            f"- {m['variant']}: FP16 - FP32 WER {fmt(_diff(m.get('wer_fp16'), base), 'delta')} points, "
+            f"unstabilized FP16 - FP32 {fmt(_diff(m.get('wer_fp16_unstabilized'), base), 'delta')} points"
+        )
         sim = m.get("coreml_sim") if isinstance(m.get("coreml_sim"), dict) else {}
         if is_number(sim.get("wer_pytorch_fp16_same_utterances")):
             # The program simulator may run on a subset: compare it with PyTorch FP16 on the same utterances.
-            line += (f", Core ML-sim - PyTorch FP16 on the same {sim.get('utterances')} utterances "
-                     f"{fmt(_diff(m.get('wer_coreml_sim'), sim['wer_pytorch_fp16_same_utterances']), 'delta')} "
-                     f"points ({sim.get('identical_transcripts')} identical transcripts)")
+            line += (
+                f", Core ML-sim - PyTorch FP16 on the same {sim.get('utterances')} utterances "
+                f"{fmt(_diff(m.get('wer_coreml_sim'), sim['wer_pytorch_fp16_same_utterances']), 'delta')} "
+                f"points ({sim.get('identical_transcripts')} identical transcripts)"
+            )
         else:
             line += f", Core ML-sim - FP32 {fmt(_diff(m.get('wer_coreml_sim'), base), 'delta')} points"
         lines.append(line + ".")
-    watch = [(m["variant"], (m.get("rtf_device_estimates") or {}).get("apple-watch-s7")) for m in metrics
-             if isinstance(m.get("rtf_device_estimates"), dict)]
+    watch = [
+        (m["variant"], (m.get("rtf_device_estimates") or {}).get("apple-watch-s7"))
+        for m in metrics
+        if isinstance(m.get("rtf_device_estimates"), dict)
+    ]
     watch = [(name, r) for name, r in watch if is_number(r)]
     if watch:
-        lines.append("- Apple Watch Series 7 RTF: paper measured {}; our estimate {} (an idealised lower bound for "
-                     "the counted graph, see docs/evaluation.md).".format(
-                         PAPER["watch_rtf"], ", ".join(f"{n} {fmt(r, 'rtf')}" for n, r in watch)))
+        lines.append(
+            "- Apple Watch Series 7 RTF: paper measured {}; our estimate {} (an idealised lower bound for "
+            "the counted graph, see docs/evaluation.md).".format(
+                PAPER["watch_rtf"], ", ".join(f"{n} {fmt(r, 'rtf')}" for n, r in watch)
+            )
+        )
     return lines
 
 
@@ -294,14 +347,31 @@ def audit_table(audits: dict) -> str | None:
         for stage, recs in stages.items():
             norms = [r["sumsq_peak"] for r in recs if r["sumsq_peak"] is not None]
             worst = max(recs, key=lambda r: r["max_abs"])
-            rows.append([variant, stage or "-", str(len(recs)), f"{worst['max_abs']:.4g} ({worst['name']})",
-                         str(sum(r["max_abs"] > FP16_MAX for r in recs)),
-                         f"{max(norms):.4g}" if norms else "n/a",
-                         str(sum(s > FP16_MAX for s in norms)) if norms else "n/a"])
+            rows.append(
+                [
+                    variant,
+                    stage or "-",
+                    str(len(recs)),
+                    f"{worst['max_abs']:.4g} ({worst['name']})",
+                    str(sum(r["max_abs"] > FP16_MAX for r in recs)),
+                    f"{max(norms):.4g}" if norms else "n/a",
+                    str(sum(s > FP16_MAX for s in norms)) if norms else "n/a",
+                ]
+            )
     if not rows:
         return None
-    return markdown_table(["variant", "stage", "modules", "max abs (module)", "modules > 65504",
-                   "max LayerNorm sum of squares", "LayerNorms > 65504"], rows)
+    return markdown_table(
+        [
+            "variant",
+            "stage",
+            "modules",
+            "max abs (module)",
+            "modules > 65504",
+            "max LayerNorm sum of squares",
+            "LayerNorms > 65504",
+        ],
+        rows,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -336,8 +406,12 @@ def fig_flop_shares(metrics: list[dict]):
 
 def fig_wer_vs_flops(metrics: list[dict]):
     """Scatter: WER (fp32 and fp16) against GFLOPs per audio second, one point per variant."""
-    pts = [m for m in metrics if is_number(m.get("gflops_per_audio_second"))
-           and (is_number(m.get("wer_fp32")) or is_number(m.get("wer_fp16")))]
+    pts = [
+        m
+        for m in metrics
+        if is_number(m.get("gflops_per_audio_second"))
+        and (is_number(m.get("wer_fp32")) or is_number(m.get("wer_fp16")))
+    ]
     if not pts:
         return None
     fig = _figure()
@@ -361,8 +435,12 @@ def fig_wer_vs_flops(metrics: list[dict]):
 
 def fig_rtf(metrics: list[dict]):
     """Grouped bars (log scale): measured CPU RTF, Core ML RTF and the device estimate per variant."""
-    keys = [("rtf_cpu", "CPU (measured)"), ("rtf_cpu_first_pass", "CPU first pass (measured)"),
-            ("rtf_coreml", "Core ML (measured)"), ("rtf_device_estimate", "device (estimate)")]
+    keys = [
+        ("rtf_cpu", "CPU (measured)"),
+        ("rtf_cpu_first_pass", "CPU first pass (measured)"),
+        ("rtf_coreml", "Core ML (measured)"),
+        ("rtf_device_estimate", "device (estimate)"),
+    ]
     keys = [(k, label) for k, label in keys if any(is_number(m.get(k)) for m in metrics)]
     if not keys:
         return None
@@ -395,12 +473,19 @@ def fig_comparisons(comparisons: list[dict]):
     colors = {"better": "tab:green", "worse": "tab:red"}
     for y, c in zip(ys, have):
         lo, hi = c["ci95"]
-        ax.errorbar([c["diff"]], [y], xerr=[[c["diff"] - lo], [hi - c["diff"]]], fmt="o", capsize=3,
-                    color=colors.get(c.get("verdict"), "tab:gray"))
+        ax.errorbar(
+            [c["diff"]],
+            [y],
+            xerr=[[c["diff"] - lo], [hi - c["diff"]]],
+            fmt="o",
+            capsize=3,
+            color=colors.get(c.get("verdict"), "tab:gray"),
+        )
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(ys)
-    ax.set_yticklabels([f"{c['a']} − {c['b']} (n={c.get('n_utterances')}, seeds={c.get('n_seeds')})"
-                        for c in have], fontsize=7)
+    ax.set_yticklabels(
+        [f"{c['a']} − {c['b']} (n={c.get('n_utterances')}, seeds={c.get('n_seeds')})" for c in have], fontsize=7
+    )
     ax.set_xlabel("WER difference, points (95% CI over utterances and seeds)")
     ax.set_title("Paired comparisons (green: a better, red: a worse, gray: not distinguishable)")
     fig.tight_layout()
@@ -417,12 +502,22 @@ def fig_fp16_audit(audits: dict):
     for ax, (variant, stages) in zip(axes, audits.items()):
         for stage, recs in stages.items():
             label = f"{stage} " if stage else ""
-            ax.plot(range(len(recs)), [max(r["max_abs"], 1e-12) for r in recs], marker=".", linewidth=0.8,
-                    label=f"{label}max |x|")
+            ax.plot(
+                range(len(recs)),
+                [max(r["max_abs"], 1e-12) for r in recs],
+                marker=".",
+                linewidth=0.8,
+                label=f"{label}max |x|",
+            )
             norms = [(i, r["sumsq_peak"]) for i, r in enumerate(recs) if r["sumsq_peak"] is not None]
             if norms:
-                ax.scatter([i for i, _ in norms], [max(s, 1e-12) for _, s in norms], marker="^", s=18,
-                           label=f"{label}LayerNorm sum of squares")
+                ax.scatter(
+                    [i for i, _ in norms],
+                    [max(s, 1e-12) for _, s in norms],
+                    marker="^",
+                    s=18,
+                    label=f"{label}LayerNorm sum of squares",
+                )
         ax.axhline(FP16_MAX, color="red", linestyle="--", label="FP16 max 65504")
         ax.set_yscale("log")
         ax.set_title(f"{variant}: FP16 range audit (leaf modules in execution order)")
@@ -443,10 +538,12 @@ def _machine_lines(metrics: list[dict]) -> list[str]:
     lines = []
     for m in metrics:
         mach = m.get("machine") if isinstance(m.get("machine"), dict) else {}
-        lines.append(f"- {m['variant']}: {fmt(m.get('n_utterances'))} utterances, "
-                     f"{fmt(m.get('audio_hours'))} h of audio; CPU {mach.get('cpu_model', 'n/a')}, "
-                     f"{mach.get('torch_threads', 'n/a')} torch thread(s), torch {mach.get('torch_version', 'n/a')}, "
-                     f"Python {mach.get('python_version', 'n/a')}, {mach.get('platform', 'n/a')}")
+        lines.append(
+            f"- {m['variant']}: {fmt(m.get('n_utterances'))} utterances, "
+            f"{fmt(m.get('audio_hours'))} h of audio; CPU {mach.get('cpu_model', 'n/a')}, "
+            f"{mach.get('torch_threads', 'n/a')} torch thread(s), torch {mach.get('torch_version', 'n/a')}, "
+            f"Python {mach.get('python_version', 'n/a')}, {mach.get('platform', 'n/a')}"
+        )
     return lines
 
 
@@ -468,19 +565,30 @@ def write_plot_data(metrics: list[dict], folder: str | Path) -> dict[str, Path]:
             shares.append({"label": f"{v}/{part}", "variant": v, "part": part, "share": share})
         for key in ("wer_fp32", "wer_fp16", "wer_fp16_unstabilized", "wer_coreml_sim", "wer_coreml"):
             if is_number(m.get(key)) and is_number(m.get("gflops_per_audio_second")):
-                wer.append({"variant": v, "precision": key[4:], "gflops_per_audio_second":
-                            m["gflops_per_audio_second"], "wer": m[key]})
-        for where, value in [("cpu", m.get("rtf_cpu")), ("cpu first pass", m.get("rtf_cpu_first_pass")),
-                             ("coreml", m.get("rtf_coreml"))] + [
-                (f"{d} (estimate)", r) for d, r in (m.get("rtf_device_estimates") or {}).items()]:
+                wer.append(
+                    {
+                        "variant": v,
+                        "precision": key[4:],
+                        "gflops_per_audio_second": m["gflops_per_audio_second"],
+                        "wer": m[key],
+                    }
+                )
+        for where, value in [
+            ("cpu", m.get("rtf_cpu")),
+            ("cpu first pass", m.get("rtf_cpu_first_pass")),
+            ("coreml", m.get("rtf_coreml")),
+        ] + [(f"{d} (estimate)", r) for d, r in (m.get("rtf_device_estimates") or {}).items()]:
             if is_number(value):
                 rtf.append({"label": f"{v}/{where}", "variant": v, "where": where, "rtf": value})
     folder = Path(folder)
-    files = {"flop_shares": (shares, ["label", "variant", "part", "share"]),
-             "wer_vs_flops": (wer, ["variant", "precision", "gflops_per_audio_second", "wer"]),
-             "rtf": (rtf, ["label", "variant", "where", "rtf"])}
-    return {name: write_text_atomic(folder / f"{name}.csv", table(rows, header))
-            for name, (rows, header) in files.items()}
+    files = {
+        "flop_shares": (shares, ["label", "variant", "part", "share"]),
+        "wer_vs_flops": (wer, ["variant", "precision", "gflops_per_audio_second", "wer"]),
+        "rtf": (rtf, ["label", "variant", "where", "rtf"]),
+    }
+    return {
+        name: write_text_atomic(folder / f"{name}.csv", table(rows, header)) for name, (rows, header) in files.items()
+    }
 
 
 def generated_blocks(metrics: list[dict], comparisons: list[dict]) -> dict[str, str]:
@@ -499,35 +607,70 @@ def _image(plots: dict, name: str, title: str, out_md: Path) -> str:
 def _decisive_sections(metrics: list[dict], generated: dict, metrics_dir) -> list[str]:
     # The summary's opening: what it reads, then the tables that decide (also the docs' results blocks).
     variants = ", ".join(str(m["variant"]) for m in metrics)
-    return ["# edgeconformer results", "",
-            f"From {len(metrics)} metrics file(s) in `{metrics_dir}` ({variants}). WER/CER in percent; "
-            "RTF = compute seconds / audio seconds (lower is faster); n/a = not measured here (Core ML needs "
-            "macOS) or not present in the metrics. A difference is a minus b in WER points with its 95% CI from a "
-            "bootstrap over test utterances (paired) and seeds; n.d. = not distinguishable at this budget.", "",
-            "## Headline", "", generated["headline"], "",
-            "## FP16 against FP32 (same models, same utterances)", "", generated["fp16"], "",
-            "## Stabilization ablation (FP16 accumulation emulated, whole test split)", "",
-            generated["stabilization"], "",
-            "## Practical Conformer ablations against paper 2's streaming baseline", "", generated["practical"], "",
-            "## The papers' claims", "", generated["claims"], "",
-            "## Ablation: all figures (means over seeds)", "", ablation_table(metrics), ""]
+    return [
+        "# edgeconformer results",
+        "",
+        f"From {len(metrics)} metrics file(s) in `{metrics_dir}` ({variants}). WER/CER in percent; "
+        "RTF = compute seconds / audio seconds (lower is faster); n/a = not measured here (Core ML needs "
+        "macOS) or not present in the metrics. A difference is a minus b in WER points with its 95% CI from a "
+        "bootstrap over test utterances (paired) and seeds; n.d. = not distinguishable at this budget.",
+        "",
+        "## Headline",
+        "",
+        generated["headline"],
+        "",
+        "## FP16 against FP32 (same models, same utterances)",
+        "",
+        generated["fp16"],
+        "",
+        "## Stabilization ablation (FP16 accumulation emulated, whole test split)",
+        "",
+        generated["stabilization"],
+        "",
+        "## Practical Conformer ablations against paper 2's streaming baseline",
+        "",
+        generated["practical"],
+        "",
+        "## The papers' claims",
+        "",
+        generated["claims"],
+        "",
+        "## Ablation: all figures (means over seeds)",
+        "",
+        ablation_table(metrics),
+        "",
+    ]
 
 
 def _detail_sections(metrics: list[dict], audits: dict, plots: dict, out_md: Path, reports_dir) -> list[str]:
     # Device estimates, the paper's single figures, the FP16 audit, the plots and the measurement setup.
     table = device_table(metrics)
-    md = ["## Device RTF estimates (idealised roofline, not measurements; kept out of the tables above)", "",
-          table if table else "*No device estimates in the metrics.*", "",
-          "Per-op roofline from counted FLOPs and bytes against published or estimated device figures "
-          "(src/edgeconformer/evaluate/devices/*.yaml). It is 40-300x below the paper's measured 0.19 RTF on an "
-          "Apple Watch Series 7 and is not anchored to any measurement, so no claim rests on it "
-          "(docs/evaluation.md).", ""]
+    md = [
+        "## Device RTF estimates (idealised roofline, not measurements; kept out of the tables above)",
+        "",
+        table if table else "*No device estimates in the metrics.*",
+        "",
+        "Per-op roofline from counted FLOPs and bytes against published or estimated device figures "
+        "(src/edgeconformer/evaluate/devices/*.yaml). It is 40-300x below the paper's measured 0.19 RTF on an "
+        "Apple Watch Series 7 and is not anchored to any measurement, so no claim rests on it "
+        "(docs/evaluation.md).",
+        "",
+    ]
     md += ["## Against the paper (Xu et al. 2023), single figures", ""] + claims(metrics) + [""]
     table = audit_table(audits)
-    md += ["## FP16 range audit", "", table if table else "*No FP16 audits found in "
-           f"`{reports_dir}/<variant>/fp16_audit.json`.*", ""]
-    images = (("comparisons", "Paired comparisons with 95% CIs"), ("flop_shares", "FLOP share by module group"),
-              ("wer_vs_flops", "WER vs GFLOPs per audio second"), ("rtf", "RTF"), ("fp16_audit", "FP16 audit"))
+    md += [
+        "## FP16 range audit",
+        "",
+        table if table else f"*No FP16 audits found in `{reports_dir}/<variant>/fp16_audit.json`.*",
+        "",
+    ]
+    images = (
+        ("comparisons", "Paired comparisons with 95% CIs"),
+        ("flop_shares", "FLOP share by module group"),
+        ("wer_vs_flops", "WER vs GFLOPs per audio second"),
+        ("rtf", "RTF"),
+        ("fp16_audit", "FP16 audit"),
+    )
     md += ["## Plots", ""] + [line for name, title in images for line in (_image(plots, name, title, out_md), "")]
     return md + ["## Measurement setup", ""] + _machine_lines(metrics) + [""]
 
@@ -535,13 +678,21 @@ def _detail_sections(metrics: list[dict], audits: dict, plots: dict, out_md: Pat
 def _problem_section(by_variant: dict, audit_problems: list[str]) -> list[str]:
     if not (by_variant or audit_problems):
         return []
-    return (["## Problems found in the inputs", ""] + [f"- `{v}`: {p}" for v, ps in by_variant.items() for p in ps]
-            + [f"- {p}" for p in audit_problems] + [""])
+    return (
+        ["## Problems found in the inputs", ""]
+        + [f"- `{v}`: {p}" for v, ps in by_variant.items() for p in ps]
+        + [f"- {p}" for p in audit_problems]
+        + [""]
+    )
 
 
-def build_report(metrics_dir: str | Path = "metrics", reports_dir: str | Path = "reports",
-                 out_md: str | Path = "reports/summary.md", plots_dir: str | Path | None = None,
-                 docs_root: str | Path | None = None) -> dict:
+def build_report(
+    metrics_dir: str | Path = "metrics",
+    reports_dir: str | Path = "reports",
+    out_md: str | Path = "reports/summary.md",
+    plots_dir: str | Path | None = None,
+    docs_root: str | Path | None = None,
+) -> dict:
     """Reads every metrics/<variant>.json, metrics/comparisons.json and the FP16 audits; writes `out_md` and the
     plots (default: a plots/ folder next to it); with `docs_root`, rewrites the results blocks of its README and
     docs (evidence.update_docs). Returns {"summary", "plots": {name: path}, "variants", "problems", "docs"}."""
@@ -551,24 +702,36 @@ def build_report(metrics_dir: str | Path = "metrics", reports_dir: str | Path = 
     metrics = load_metrics(metrics_dir)
     comparisons = load_comparisons(metrics_dir)
     variants = [str(m["variant"]) for m in metrics]
-    audits, audit_problems = load_audits(reports_dir, variants, {str(m["variant"]): m["seeds"][0].get("seed")
-                                                                 for m in metrics})
+    audits, audit_problems = load_audits(
+        reports_dir, variants, {str(m["variant"]): m["seeds"][0].get("seed") for m in metrics}
+    )
     generated = generated_blocks(metrics, comparisons)
 
-    figures = {"flop_shares": fig_flop_shares(metrics), "wer_vs_flops": fig_wer_vs_flops(metrics),
-               "rtf": fig_rtf(metrics), "fp16_audit": fig_fp16_audit(audits),
-               "comparisons": fig_comparisons(comparisons)}
+    figures = {
+        "flop_shares": fig_flop_shares(metrics),
+        "wer_vs_flops": fig_wer_vs_flops(metrics),
+        "rtf": fig_rtf(metrics),
+        "fp16_audit": fig_fp16_audit(audits),
+        "comparisons": fig_comparisons(comparisons),
+    }
     plots = {name: save_figure(fig, plots_dir / f"{name}.png") for name, fig in figures.items() if fig is not None}
     write_plot_data(metrics, out_md.parent / "plot_data")
 
     found = {m["variant"]: m["_problems"] for m in metrics if m["_problems"]}
-    md = (_decisive_sections(metrics, generated, metrics_dir)
-          + _detail_sections(metrics, audits, plots, out_md, reports_dir)
-          + _problem_section(found, audit_problems))
+    md = (
+        _decisive_sections(metrics, generated, metrics_dir)
+        + _detail_sections(metrics, audits, plots, out_md, reports_dir)
+        + _problem_section(found, audit_problems)
+    )
     write_text_atomic(out_md, "\n".join(md))
     docs = update_docs(Path(docs_root), generated) if docs_root is not None else []
-    return {"summary": out_md, "plots": plots, "variants": variants, "docs": docs,
-            "problems": {**found, **({"audits": audit_problems} if audit_problems else {})}}
+    return {
+        "summary": out_md,
+        "plots": plots,
+        "variants": variants,
+        "docs": docs,
+        "problems": {**found, **({"audits": audit_problems} if audit_problems else {})},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -585,17 +748,26 @@ def main(argv: list[str] | None = None) -> int:
         if "--check-docs" in flags:
             stale = stale_blocks(REPO, generated_blocks(load_metrics(metrics_dir), load_comparisons(metrics_dir)))
             for name in stale:
-                print(f"{name}: results blocks differ from {metrics_dir}; run `python -m edgeconformer.report "
-                      "--docs` (or `dvc repro report`)", file=sys.stderr)
+                print(
+                    f"{name}: results blocks differ from {metrics_dir}; run `python -m edgeconformer.report "
+                    "--docs` (or `dvc repro report`)",
+                    file=sys.stderr,
+                )
             return 1 if stale else 0
-        result = build_report(metrics_dir, reports_dir, Path(reports_dir) / "summary.md",
-                              docs_root=REPO if "--docs" in flags else None)
+        result = build_report(
+            metrics_dir, reports_dir, Path(reports_dir) / "summary.md", docs_root=REPO if "--docs" in flags else None
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {result['summary']} and {len(result['plots'])} plot(s)"
-          + (f"; results blocks updated in {', '.join(result['docs']) or 'no file (already current)'}"
-             if "--docs" in flags else ""))
+    print(
+        f"wrote {result['summary']} and {len(result['plots'])} plot(s)"
+        + (
+            f"; results blocks updated in {', '.join(result['docs']) or 'no file (already current)'}"
+            if "--docs" in flags
+            else ""
+        )
+    )
     return 0
 
 

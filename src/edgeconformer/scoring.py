@@ -33,11 +33,15 @@ def _check(refs, hyps, ids) -> None:
     seen = set()
     for uid, ref, hyp in zip(ids, refs, hyps):
         if not isinstance(ref, str) or not isinstance(hyp, str):
-            raise ValueError(f"utterance {uid!r}: reference and hypothesis must be strings, got "
-                             f"{type(ref).__name__} and {type(hyp).__name__}")
+            raise ValueError(
+                f"utterance {uid!r}: reference and hypothesis must be strings, got "
+                f"{type(ref).__name__} and {type(hyp).__name__}"
+            )
         if not ref.strip():
-            raise ValueError(f"utterance {uid!r}: empty reference transcript; drop it from the evaluation set "
-                             "(jiwer scores an empty reference as 200% WER)")
+            raise ValueError(
+                f"utterance {uid!r}: empty reference transcript; drop it from the evaluation set "
+                "(jiwer scores an empty reference as 200% WER)"
+            )
         if uid in seen:
             raise ValueError(f"utterance id {uid!r} appears twice; ids must be unique")
         seen.add(uid)
@@ -57,8 +61,16 @@ def score(refs: list[str], hyps: list[str], ids: list[str]) -> dict:
             elif c.type == "insert":
                 errors += c.hyp_end_idx - c.hyp_start_idx
         n = len(ref_words)
-        rows.append({"id": uid, "reference": ref, "hypothesis": hyp, "errors": errors, "ref_words": n,
-                     "wer": 100.0 * errors / n})
+        rows.append(
+            {
+                "id": uid,
+                "reference": ref,
+                "hypothesis": hyp,
+                "errors": errors,
+                "ref_words": n,
+                "wer": 100.0 * errors / n,
+            }
+        )
     ref_words = sum(r["ref_words"] for r in rows)
     return {
         "wer": 100.0 * words.wer,

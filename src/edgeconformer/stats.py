@@ -51,9 +51,9 @@ class Comparison:
     a: str
     b: str
     metric: str
-    diff: float                  # mean over seeds of a minus mean over seeds of b (percentage points)
-    ci95: list[float]            # [lo, hi], percentile bootstrap over utterances and seeds
-    n_seeds: list[int]           # seeds on side a, side b (equal and paired when the sides share their models)
+    diff: float  # mean over seeds of a minus mean over seeds of b (percentage points)
+    ci95: list[float]  # [lo, hi], percentile bootstrap over utterances and seeds
+    n_seeds: list[int]  # seeds on side a, side b (equal and paired when the sides share their models)
     n_utterances: int
     verdict: str
     paired_seeds: bool
@@ -66,8 +66,15 @@ class Comparison:
         return d
 
 
-def paired_bootstrap(errors_a: np.ndarray, errors_b: np.ndarray, words: np.ndarray, paired_seeds: bool,
-                     resamples: int = 10000, confidence: float = 0.95, seed: int = 0):
+def paired_bootstrap(
+    errors_a: np.ndarray,
+    errors_b: np.ndarray,
+    words: np.ndarray,
+    paired_seeds: bool,
+    resamples: int = 10000,
+    confidence: float = 0.95,
+    seed: int = 0,
+):
     """(diff, lo, hi) of mean-over-seeds corpus error rate, a minus b.
 
     errors_a (k_a, n), errors_b (k_b, n): errors per seed and utterance, the same n utterances in the same order on
@@ -77,8 +84,10 @@ def paired_bootstrap(errors_a: np.ndarray, errors_b: np.ndarray, words: np.ndarr
     words = np.asarray(words, dtype=np.float64)
     (k_a, n), k_b = errors_a.shape, errors_b.shape[0]
     if errors_b.shape[1] != n or words.shape != (n,):
-        raise ValueError(f"errors_a {errors_a.shape}, errors_b {errors_b.shape} and words {words.shape} must cover "
-                         "the same utterances")
+        raise ValueError(
+            f"errors_a {errors_a.shape}, errors_b {errors_b.shape} and words {words.shape} must cover "
+            "the same utterances"
+        )
     if n == 0 or words.sum() <= 0:
         raise ValueError("a comparison needs at least one utterance with reference words")
     if paired_seeds and k_a != k_b:
@@ -88,21 +97,40 @@ def paired_bootstrap(errors_a: np.ndarray, errors_b: np.ndarray, words: np.ndarr
     rng = np.random.default_rng(seed)
     # Utterance draws as multiplicities: (R, n) counts summing to n, shared by both sides (the pairing).
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
-    total_words = counts @ words                                       # (R,)
-    rate_a = 100.0 * (counts @ errors_a.T) / total_words[:, None]     # (R, k_a): every seed under every draw
-    rate_b = 100.0 * (counts @ errors_b.T) / total_words[:, None]     # (R, k_b)
+    total_words = counts @ words  # (R,)
+    rate_a = 100.0 * (counts @ errors_a.T) / total_words[:, None]  # (R, k_a): every seed under every draw
+    rate_b = 100.0 * (counts @ errors_b.T) / total_words[:, None]  # (R, k_b)
     seeds_a = rng.integers(0, k_a, size=(resamples, k_a))
     seeds_b = seeds_a if paired_seeds else rng.integers(0, k_b, size=(resamples, k_b))
-    draws = (np.take_along_axis(rate_a, seeds_a, 1).mean(1) - np.take_along_axis(rate_b, seeds_b, 1).mean(1))
+    draws = np.take_along_axis(rate_a, seeds_a, 1).mean(1) - np.take_along_axis(rate_b, seeds_b, 1).mean(1)
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(draws, [alpha, 1.0 - alpha])
     return diff, float(lo), float(hi)
 
 
-def compare(a: str, b: str, metric: str, errors_a, errors_b, words, paired_seeds: bool, resamples: int = 10000,
-            confidence: float = 0.95, seed: int = 0) -> Comparison:
+def compare(
+    a: str,
+    b: str,
+    metric: str,
+    errors_a,
+    errors_b,
+    words,
+    paired_seeds: bool,
+    resamples: int = 10000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Comparison:
     diff, lo, hi = paired_bootstrap(errors_a, errors_b, words, paired_seeds, resamples, confidence, seed)
-    return Comparison(a=a, b=b, metric=metric, diff=diff, ci95=[lo, hi],
-                      n_seeds=[len(np.atleast_2d(errors_a)), len(np.atleast_2d(errors_b))],
-                      n_utterances=int(np.asarray(words).shape[0]), verdict=verdict(lo, hi),
-                      paired_seeds=paired_seeds, confidence=confidence, resamples=resamples)
+    return Comparison(
+        a=a,
+        b=b,
+        metric=metric,
+        diff=diff,
+        ci95=[lo, hi],
+        n_seeds=[len(np.atleast_2d(errors_a)), len(np.atleast_2d(errors_b))],
+        n_utterances=int(np.asarray(words).shape[0]),
+        verdict=verdict(lo, hi),
+        paired_seeds=paired_seeds,
+        confidence=confidence,
+        resamples=resamples,
+    )

@@ -29,7 +29,7 @@ from edgeconformer.scoring import score
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf", ".w64")
 MANIFEST_EXTENSIONS = (".jsonl",)
 BLOCK_SECONDS = 10.0  # audio read per step: memory use does not depend on the file's length
-SILENCE_PEAK = 1e-4   # peak amplitude below which a file is reported as silent (-80 dBFS)
+SILENCE_PEAK = 1e-4  # peak amplitude below which a file is reported as silent (-80 dBFS)
 
 
 @dataclass
@@ -75,11 +75,19 @@ def expand_inputs(inputs: list[str]) -> list[Item]:
     for given in inputs:
         p = Path(given)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS
-                           and not f.name.startswith("."))
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS and not f.name.startswith(".")
+            )
             if not found:
-                items.append(Item(given, error=f"{given}: directory holds no audio files "
-                                               f"({', '.join(AUDIO_EXTENSIONS)}), searched recursively"))
+                items.append(
+                    Item(
+                        given,
+                        error=f"{given}: directory holds no audio files "
+                        f"({', '.join(AUDIO_EXTENSIONS)}), searched recursively",
+                    )
+                )
             items += [Item(str(f)) for f in found]
         elif p.suffix.lower() in MANIFEST_EXTENSIONS and p.is_file():
             items += read_manifest(p)
@@ -102,19 +110,35 @@ def read_manifest(path: Path) -> list[Item]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                items.append(Item(where, error=f"{where}: not a JSON object ({e}); one object per line, as the "
-                                               "prepare stage writes (`audio_filepath`, `text`, `id`)"))
+                items.append(
+                    Item(
+                        where,
+                        error=f"{where}: not a JSON object ({e}); one object per line, as the "
+                        "prepare stage writes (`audio_filepath`, `text`, `id`)",
+                    )
+                )
                 continue
             if not isinstance(row, dict) or not isinstance(row.get("audio_filepath"), str):
-                items.append(Item(where, error=f"{where}: no `audio_filepath` string in this row; each line needs "
-                                               "one (the prepare stage's manifest format)"))
+                items.append(
+                    Item(
+                        where,
+                        error=f"{where}: no `audio_filepath` string in this row; each line needs "
+                        "one (the prepare stage's manifest format)",
+                    )
+                )
                 continue
             audio = Path(row["audio_filepath"])
             if not audio.is_absolute() and not audio.exists() and (path.parent / audio).exists():
                 audio = path.parent / audio
             text = row.get("text")
-            items.append(Item(str(audio), id=str(row["id"]) if "id" in row else None,
-                              reference=text if isinstance(text, str) else None, source=where))
+            items.append(
+                Item(
+                    str(audio),
+                    id=str(row["id"]) if "id" in row else None,
+                    reference=text if isinstance(text, str) else None,
+                    source=where,
+                )
+            )
     if not items:
         items.append(Item(str(path), error=f"{path}: empty manifest (no rows)"))
     return items
@@ -129,8 +153,10 @@ def probe(path: str) -> AudioInfo:
     try:
         info = sf.info(path)
     except Exception as e:  # soundfile raises several types for corrupt or unsupported files
-        raise AudioError(f"{path}: cannot read audio ({type(e).__name__}: {e}); expected a readable audio file "
-                         f"({', '.join(AUDIO_EXTENSIONS)})") from e
+        raise AudioError(
+            f"{path}: cannot read audio ({type(e).__name__}: {e}); expected a readable audio file "
+            f"({', '.join(AUDIO_EXTENSIONS)})"
+        ) from e
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioError(f"{path}: empty audio file (no samples)")
     return AudioInfo(int(info.samplerate), int(info.channels), int(info.frames))
@@ -151,7 +177,7 @@ class StreamResampler:
         self.orig_step, self.new_step = orig // g, new // g
         self.width = int(self.resample.width)
         self.buf = torch.zeros(0)
-        self.buf_start = 0   # input index of buf[0], a multiple of orig_step
+        self.buf_start = 0  # input index of buf[0], a multiple of orig_step
         self.next_group = 0  # first output group not yet emitted
         self.total_in = 0
 
@@ -168,16 +194,17 @@ class StreamResampler:
         else:  # groups whose input window lies inside the buffer
             buf_end = self.buf_start + self.buf.numel()
             last = max(self.next_group, (buf_end - self.width - self.orig_step) // self.orig_step + 1)
-        out = y[(self.next_group - first) * self.new_step:(last - first) * self.new_step]
+        out = y[(self.next_group - first) * self.new_step : (last - first) * self.new_step]
         self.next_group = last
         keep_from = max(0, (last * self.orig_step - self.width) // self.orig_step * self.orig_step)
-        self.buf = self.buf[keep_from - self.buf_start:]
+        self.buf = self.buf[keep_from - self.buf_start :]
         self.buf_start = keep_from
         return out
 
 
-def read_blocks(path: str, sample_rate: int = 16000, stats: ReadStats | None = None,
-                block_seconds: float = BLOCK_SECONDS) -> Iterator[torch.Tensor]:
+def read_blocks(
+    path: str, sample_rate: int = 16000, stats: ReadStats | None = None, block_seconds: float = BLOCK_SECONDS
+) -> Iterator[torch.Tensor]:
     """(n,) float32 mono blocks at `sample_rate` (channels averaged, resampled as needed); raises AudioError
     naming the file for unreadable audio and for NaN/Inf samples."""
 
@@ -194,9 +221,11 @@ def read_blocks(path: str, sample_rate: int = 16000, stats: ReadStats | None = N
                 bad = (~torch.isfinite(x)).nonzero()
                 if bad.numel():
                     t = (read + int(bad[0])) / info.sample_rate
-                    raise AudioError(f"{path}: non-finite samples (NaN or Inf), the first at {t:.3f} s; the file "
-                                     "is corrupt or was written from a failed computation: re-export it with "
-                                     "finite samples")
+                    raise AudioError(
+                        f"{path}: non-finite samples (NaN or Inf), the first at {t:.3f} s; the file "
+                        "is corrupt or was written from a failed computation: re-export it with "
+                        "finite samples"
+                    )
                 read += x.numel()
                 if x.numel():
                     stats.peak = max(stats.peak, float(x.abs().max()))
@@ -210,8 +239,10 @@ def read_blocks(path: str, sample_rate: int = 16000, stats: ReadStats | None = N
     except AudioError:
         raise
     except Exception as e:  # a file whose header reads but whose data does not
-        raise AudioError(f"{path}: cannot read audio ({type(e).__name__}: {e}) after {read / info.sample_rate:.2f} "
-                         "s; the file is truncated or corrupt") from e
+        raise AudioError(
+            f"{path}: cannot read audio ({type(e).__name__}: {e}) after {read / info.sample_rate:.2f} "
+            "s; the file is truncated or corrupt"
+        ) from e
     if read == 0:
         raise AudioError(f"{path}: empty audio file (no samples)")
 
@@ -239,8 +270,14 @@ def json_row(outcome) -> dict:
     if t is None:
         row["error"] = outcome.error
         return row
-    row.update(transcript=t.text, duration=round(t.seconds, 3), processing_seconds=round(t.compute_seconds, 6),
-               rtf=round(t.compute_seconds / t.seconds, 6) if t.seconds else None, words=t.words, segments=t.segments)
+    row.update(
+        transcript=t.text,
+        duration=round(t.seconds, 3),
+        processing_seconds=round(t.compute_seconds, 6),
+        rtf=round(t.compute_seconds / t.seconds, 6) if t.seconds else None,
+        words=t.words,
+        segments=t.segments,
+    )
     if outcome.info is not None:
         row.update(sample_rate=outcome.info.sample_rate, channels=outcome.info.channels)
     if outcome.notes:
@@ -273,11 +310,15 @@ def score_outcomes(outcomes: list) -> tuple[dict | None, list[str]]:
         seen.add(uid)
     result = score([o.item.reference for o in scored], [o.transcript.text for o in scored], ids)
     lines = ["score: id\twer\terrors\tref_words\treference\thypothesis"]
-    lines += [f"score: {r['id']}\t{r['wer']:.1f}\t{r['errors']}\t{r['ref_words']}\t{r['reference']}\t"
-              f"{r['hypothesis']}" for r in result["utterances"]]
-    summary = (f"score: WER {result['wer']:.2f}% (S {result['substitutions']}, D {result['deletions']}, "
-               f"I {result['insertions']} over {result['ref_words']} words), CER {result['cer']:.2f}%, "
-               f"{result['n_utterances']} utterances")
+    lines += [
+        f"score: {r['id']}\t{r['wer']:.1f}\t{r['errors']}\t{r['ref_words']}\t{r['reference']}\t{r['hypothesis']}"
+        for r in result["utterances"]
+    ]
+    summary = (
+        f"score: WER {result['wer']:.2f}% (S {result['substitutions']}, D {result['deletions']}, "
+        f"I {result['insertions']} over {result['ref_words']} words), CER {result['cer']:.2f}%, "
+        f"{result['n_utterances']} utterances"
+    )
     left_out = [f"{failed} failed" if failed else "", f"{unreferenced} without a reference" if unreferenced else ""]
     left_out = [x for x in left_out if x]
     lines.append(summary + (f"; not scored: {', '.join(left_out)}" if left_out else ""))

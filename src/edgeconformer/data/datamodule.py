@@ -51,8 +51,12 @@ class FeatureDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        return {"id": self.rows[i]["id"], "feats": self.feats[i], "tokens": self.tokens[i],
-                "text": self.rows[i]["text"]}
+        return {
+            "id": self.rows[i]["id"],
+            "feats": self.feats[i],
+            "tokens": self.tokens[i],
+            "text": self.rows[i]["text"],
+        }
 
 
 def collate_features(batch: list[dict]) -> dict:
@@ -64,8 +68,14 @@ def collate_features(batch: list[dict]) -> dict:
     for i, b in enumerate(batch):
         feats[i, : t[i]] = b["feats"]
         tokens[i, : u[i]] = b["tokens"]
-    return {"ids": [b["id"] for b in batch], "feats": feats, "feat_lengths": torch.tensor(t),
-            "tokens": tokens, "token_lengths": torch.tensor(u), "texts": [b["text"] for b in batch]}
+    return {
+        "ids": [b["id"] for b in batch],
+        "feats": feats,
+        "feat_lengths": torch.tensor(t),
+        "tokens": tokens,
+        "token_lengths": torch.tensor(u),
+        "texts": [b["text"] for b in batch],
+    }
 
 
 def load_split(data: Mapping, split: str, t: Mapping | None = None) -> list[dict]:
@@ -78,8 +88,10 @@ def load_split(data: Mapping, split: str, t: Mapping | None = None) -> list[dict
     if t is not None:
         rows, dropped = filter_by_duration(rows, t["min_duration"], t["max_duration"])
         if dropped:
-            print(f"{path}: {len(dropped)} utterances outside train.min_duration/max_duration not used for "
-                  f"training: {', '.join(r['id'] for r in dropped[:10])}{' ...' if len(dropped) > 10 else ''}")
+            print(
+                f"{path}: {len(dropped)} utterances outside train.min_duration/max_duration not used for "
+                f"training: {', '.join(r['id'] for r in dropped[:10])}{' ...' if len(dropped) > 10 else ''}"
+            )
     return rows
 
 
@@ -130,10 +142,17 @@ class ASRDataModule(L.LightningDataModule):
         # num_replicas=None: under DDP each rank takes its share of the epoch's batches (resolved in the
         # processes); every rank validates on the whole dev set, so val/wer is the same everywhere.
         t = self.train_cfg
-        sampler = DurationBucketSampler(self.train_set.durations, t["max_batch_seconds"], num_replicas=None,
-                                        max_batch_size=t["max_batch_size"], shuffle=True, seed=self.seed)
-        return DataLoader(self.train_set, collate_fn=self.collate_train, num_workers=t["num_workers"],
-                          batch_sampler=sampler)
+        sampler = DurationBucketSampler(
+            self.train_set.durations,
+            t["max_batch_seconds"],
+            num_replicas=None,
+            max_batch_size=t["max_batch_size"],
+            shuffle=True,
+            seed=self.seed,
+        )
+        return DataLoader(
+            self.train_set, collate_fn=self.collate_train, num_workers=t["num_workers"], batch_sampler=sampler
+        )
 
     def val_dataloader(self) -> DataLoader:
         sampler = DurationBucketSampler(self.dev_set.durations, self.train_cfg["val_max_batch_seconds"], shuffle=False)

@@ -23,30 +23,38 @@ from edgeconformer.files import read_jsonl
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-TOKEN_PAD = -1   # never a real id (ids start at 0 = blank), so a loss or metric can mask on it
+TOKEN_PAD = -1  # never a real id (ids start at 0 = blank), so a loss or metric can mask on it
 
 
-def load_audio(path: str | Path, *, uid: str = "?", manifest: str | Path | None = None,
-               sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+def load_audio(
+    path: str | Path, *, uid: str = "?", manifest: str | Path | None = None, sample_rate: int = SAMPLE_RATE
+) -> torch.Tensor:
     """Mono float32 samples (N,) of one manifest row; a UserError names the manifest, id and fix otherwise."""
     where = f"{manifest}: " if manifest else ""
     prepare = "rerun data preparation (`python pipelines/prepare.py`) so the manifest and audio agree"
     try:
         audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError, OSError)
-        raise UserError(f"{where}utterance {uid}: cannot read audio {path} ({type(e).__name__}: {e}); the file is "
-                        f"missing or corrupt: {prepare}") from e
+        raise UserError(
+            f"{where}utterance {uid}: cannot read audio {path} ({type(e).__name__}: {e}); the file is "
+            f"missing or corrupt: {prepare}"
+        ) from e
     if sr != sample_rate:
-        raise UserError(f"{where}utterance {uid}: {path} has sample rate {sr} Hz, expected {sample_rate} Hz; "
-                        f"{prepare} with data.validate.resample=true")
+        raise UserError(
+            f"{where}utterance {uid}: {path} has sample rate {sr} Hz, expected {sample_rate} Hz; "
+            f"{prepare} with data.validate.resample=true"
+        )
     if audio.shape[1] != 1:
-        raise UserError(f"{where}utterance {uid}: {path} has {audio.shape[1]} channels, expected mono; "
-                        f"{prepare} with data.validate.downmix=true")
+        raise UserError(
+            f"{where}utterance {uid}: {path} has {audio.shape[1]} channels, expected mono; "
+            f"{prepare} with data.validate.downmix=true"
+        )
     return torch.from_numpy(audio[:, 0].copy())
 
 
-def filter_by_duration(rows: Sequence[dict], min_duration: float | None = None,
-                       max_duration: float | None = None) -> tuple[list[dict], list[dict]]:
+def filter_by_duration(
+    rows: Sequence[dict], min_duration: float | None = None, max_duration: float | None = None
+) -> tuple[list[dict], list[dict]]:
     """Splits rows into (kept, dropped) by their manifest `duration` (seconds, bounds inclusive)."""
     lo = -math.inf if min_duration is None else min_duration
     hi = math.inf if max_duration is None else max_duration
@@ -64,17 +72,26 @@ class ASRDataset(Dataset):
     ids kept in `dropped_ids` for the caller to report.
     """
 
-    def __init__(self, rows: Sequence[dict], tokenizer: Tokenizer, *, manifest: str | Path | None = None,
-                 min_duration: float | None = None, max_duration: float | None = None,
-                 sample_rate: int = SAMPLE_RATE):
+    def __init__(
+        self,
+        rows: Sequence[dict],
+        tokenizer: Tokenizer,
+        *,
+        manifest: str | Path | None = None,
+        min_duration: float | None = None,
+        max_duration: float | None = None,
+        sample_rate: int = SAMPLE_RATE,
+    ):
         self.manifest = str(manifest) if manifest is not None else None
         self.sample_rate = sample_rate
         for i, row in enumerate(rows):
             missing = {"id", "audio_filepath", "duration", "text"} - row.keys()
             if missing:
                 where = f"{self.manifest}: " if self.manifest else ""
-                raise UserError(f"{where}row {i + 1} ({row.get('id', 'no id')}) lacks {sorted(missing)}; regenerate "
-                                "the manifest with `python pipelines/prepare.py`")
+                raise UserError(
+                    f"{where}row {i + 1} ({row.get('id', 'no id')}) lacks {sorted(missing)}; regenerate "
+                    "the manifest with `python pipelines/prepare.py`"
+                )
         kept, dropped = filter_by_duration(rows, min_duration, max_duration)
         self.rows = list(kept)
         self.dropped_ids = [r["id"] for r in dropped]
@@ -94,8 +111,12 @@ class ASRDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
         audio = load_audio(row["audio_filepath"], uid=row["id"], manifest=self.manifest, sample_rate=self.sample_rate)
-        return {"id": row["id"], "audio": audio, "tokens": torch.tensor(self.tokens[i], dtype=torch.long),
-                "text": row["text"]}
+        return {
+            "id": row["id"],
+            "audio": audio,
+            "tokens": torch.tensor(self.tokens[i], dtype=torch.long),
+            "text": row["text"],
+        }
 
 
 def collate(batch: list[dict]) -> dict:
@@ -107,8 +128,14 @@ def collate(batch: list[dict]) -> dict:
     for i, b in enumerate(batch):
         audio[i, : n[i]] = b["audio"]
         tokens[i, : u[i]] = b["tokens"]
-    return {"ids": [b["id"] for b in batch], "audio": audio, "audio_lengths": torch.tensor(n, dtype=torch.long),
-            "tokens": tokens, "token_lengths": torch.tensor(u, dtype=torch.long), "texts": [b["text"] for b in batch]}
+    return {
+        "ids": [b["id"] for b in batch],
+        "audio": audio,
+        "audio_lengths": torch.tensor(n, dtype=torch.long),
+        "tokens": tokens,
+        "token_lengths": torch.tensor(u, dtype=torch.long),
+        "texts": [b["text"] for b in batch],
+    }
 
 
 class DurationBucketSampler(Sampler[list[int]]):
@@ -126,9 +153,18 @@ class DurationBucketSampler(Sampler[list[int]]):
     of num_replicas, and rank r takes batches r, r + R, ... (disjoint apart from the padding, equal counts).
     """
 
-    def __init__(self, durations: Sequence[float], max_batch_seconds: float, *, max_batch_size: int | None = None,
-                 shuffle: bool = True, seed: int = 0, num_replicas: int | None = 1, rank: int = 0,
-                 bucket_ratio: float = 1.1):
+    def __init__(
+        self,
+        durations: Sequence[float],
+        max_batch_seconds: float,
+        *,
+        max_batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = 1,
+        rank: int = 0,
+        bucket_ratio: float = 1.1,
+    ):
         if max_batch_seconds <= 0:
             raise UserError(f"max_batch_seconds must be > 0, got {max_batch_seconds}")
         if max_batch_size is not None and max_batch_size < 1:
@@ -151,7 +187,7 @@ class DurationBucketSampler(Sampler[list[int]]):
         current: list[int] = []
         for i in order:
             d = self.durations[i]
-            if d > self.max_batch_seconds:          # over the cap on its own: a batch of one
+            if d > self.max_batch_seconds:  # over the cap on its own: a batch of one
                 buckets.append(([i], 1))
                 continue
             # Close a bucket at the ratio only once it fills a whole batch; else sparse data (a small dev set)

@@ -208,10 +208,19 @@ def _copy_body(
 ) -> int:
     received = 0
     mode = "ab" if offset else "wb"
-    with open(part, mode) as f, tqdm(
-        total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-        desc=part.name.removesuffix(".part"), disable=not progress, leave=False,
-    ) as bar:
+    with (
+        open(part, mode) as f,
+        tqdm(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.name.removesuffix(".part"),
+            disable=not progress,
+            leave=False,
+        ) as bar,
+    ):
         while True:
             try:
                 chunk = resp.read(chunk_size)
@@ -262,8 +271,16 @@ def download(
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = _part_path(dest)
-    _fetch_with_retries(url, part, retries=retries, backoff=backoff, chunk_size=chunk_size,
-                        timeout=timeout, progress=progress, size_hint=size_hint)
+    _fetch_with_retries(
+        url,
+        part,
+        retries=retries,
+        backoff=backoff,
+        chunk_size=chunk_size,
+        timeout=timeout,
+        progress=progress,
+        size_hint=size_hint,
+    )
 
     actual = _hash_file(part) if md5 is not None else None
     if md5 is not None and actual != md5:
@@ -516,8 +533,10 @@ def prepare_librispeech(
 
     missing = [n for n in names if not (corpus / n).is_dir()]
     if missing and not download:
-        raise ConfigError(f"LibriSpeech subset(s) {missing} not found under {root}; point data.root at a tree "
-                          "that holds them or set data.download=true to fetch them from openslr")
+        raise ConfigError(
+            f"LibriSpeech subset(s) {missing} not found under {root}; point data.root at a tree "
+            "that holds them or set data.download=true to fetch them from openslr"
+        )
     for name in missing:
         subset = SUBSETS[name]
         stamp = _stamp_path(extract_dir, Path(subset.archive))

@@ -27,11 +27,11 @@ AUDIO_SUFFIXES = (".flac", ".wav")
 @dataclass(frozen=True)
 class Checks:
     sample_rate: int = 16000
-    resample: bool = True          # False: reject other rates
-    downmix: bool = True           # False: reject multi-channel audio
-    min_duration: float = 0.1      # seconds
+    resample: bool = True  # False: reject other rates
+    downmix: bool = True  # False: reject multi-channel audio
+    min_duration: float = 0.1  # seconds
     max_duration: float = 35.0
-    charset: str = "A-Z' "         # regex character class body of allowed transcript characters
+    charset: str = "A-Z' "  # regex character class body of allowed transcript characters
     min_kept_fraction: float = 0.9
 
 
@@ -40,9 +40,9 @@ class Candidate:
     id: str
     speaker: str
     chapter: str
-    audio: str | None        # absolute path, None when only a transcript line exists
-    text: str | None         # None when the audio has no transcript line
-    origin: str              # where the item was found, for error messages (file or file:line)
+    audio: str | None  # absolute path, None when only a transcript line exists
+    text: str | None  # None when the audio has no transcript line
+    origin: str  # where the item was found, for error messages (file or file:line)
 
 
 def find_candidates(split_dir: Path) -> tuple[list[Candidate], list[dict]]:
@@ -51,7 +51,7 @@ def find_candidates(split_dir: Path) -> tuple[list[Candidate], list[dict]]:
     Returns the candidates and the items rejected while reading transcripts (malformed or duplicate lines).
     """
     audio: dict[str, Path] = {}
-    texts: dict[str, tuple[str, str]] = {}   # id -> (text, origin)
+    texts: dict[str, tuple[str, str]] = {}  # id -> (text, origin)
     rejected: list[dict] = []
     for dirpath, _, files in os.walk(split_dir):
         for name in sorted(files):
@@ -61,8 +61,14 @@ def find_candidates(split_dir: Path) -> tuple[list[Candidate], list[dict]]:
             elif name.endswith(AUDIO_SUFFIXES) and not name.startswith("."):
                 uid = name.rsplit(".", 1)[0]
                 if uid in audio:
-                    rejected.append({"id": uid, "path": str(path.resolve()),
-                                     "code": "duplicate", "reason": f"duplicate audio id (also {audio[uid]})"})
+                    rejected.append(
+                        {
+                            "id": uid,
+                            "path": str(path.resolve()),
+                            "code": "duplicate",
+                            "reason": f"duplicate audio id (also {audio[uid]})",
+                        }
+                    )
                 else:
                     audio[uid] = path.resolve()
     candidates = []
@@ -83,65 +89,120 @@ def _read_transcript(path: Path, texts: dict[str, tuple[str, str]], rejected: li
             uid, _, text = line.strip().partition(" ")
             origin = f"{path}:{lineno}"
             if uid in texts:
-                rejected.append({"id": uid, "path": origin, "code": "duplicate",
-                                 "reason": f"duplicate transcript line (first at {texts[uid][1]})"})
+                rejected.append(
+                    {
+                        "id": uid,
+                        "path": origin,
+                        "code": "duplicate",
+                        "reason": f"duplicate transcript line (first at {texts[uid][1]})",
+                    }
+                )
                 continue
             texts[uid] = (text.strip(), origin)
 
 
 def check_candidate(c: Candidate, checks: Checks, converted_dir: str) -> dict:
     """Returns {"kept": manifest row} or {"rejected": row}; never raises for bad data."""
-    def reject(code: str, reason: str) -> dict:
-        return {"rejected": {"id": c.id, "path": c.audio or c.origin, "code": code, "reason": reason}}
 
-    if c.audio is None:
-        return reject("no_audio", f"transcript line without audio file ({c.origin}); expected {c.id}.flac next to it")
-    if c.text is None:
-        return reject("no_transcript", f"audio without transcript line; add `{c.id} <TEXT>` to "
-                      f"{c.speaker}-{c.chapter}.trans.txt")
-    if not c.id.startswith(f"{c.speaker}-{c.chapter}-"):
-        return reject("name_mismatch",
-                      f"file name does not match its folders <speaker>/<chapter> = {c.speaker}/{c.chapter}")
-    if not c.text:
-        return reject("empty_transcript", f"empty transcript ({c.origin})")
-    bad = sorted(set(re.sub(f"[{checks.charset}]", "", c.text)))
-    if bad:
-        return reject("charset", f"transcript has characters outside [{checks.charset}]: {''.join(bad)!r} ({c.origin})")
-    try:
-        audio, sr = sf.read(c.audio, dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises several types for corrupt files
-        return reject("decode", f"audio does not decode: {type(e).__name__}: {e}")
-    path = c.audio
-    converted = []
-    if audio.shape[1] > 1:
-        if not checks.downmix:
-            return reject("channels",
-                          f"{audio.shape[1]} channels; set data.validate.downmix=true to average them to mono")
-        audio = audio.mean(axis=1, keepdims=True)
-        converted.append("downmixed")
-    if sr != checks.sample_rate:
-        if not checks.resample:
-            return reject("sample_rate", f"sample rate {sr} Hz != {checks.sample_rate} Hz; "
-                          "set data.validate.resample=true to convert")
-        audio = _resample(audio[:, 0], sr, checks.sample_rate)[:, None]
-        sr = checks.sample_rate
-        converted.append("resampled")
+    # Cheap text checks first, so a bad transcript is reported without decoding its audio.
+    rejected = _check_text(c, checks)
+    if rejected:
+        return rejected
+    loaded = _load_conformed(c, checks)
+    if isinstance(loaded, dict):  # a rejection
+        return loaded
+    audio, sr, converted = loaded
     duration = audio.shape[0] / sr
     if duration <= 0:
-        return reject("empty_audio", "audio has no samples")
+        return _reject(c, "empty_audio", "audio has no samples")
     if not checks.min_duration <= duration <= checks.max_duration:
-        return reject("duration", f"duration {duration:.3f} s outside [{checks.min_duration}, {checks.max_duration}] s "
-                      "(data.validate.min_duration/max_duration)")
+        return _reject(
+            c,
+            "duration",
+            f"duration {duration:.3f} s outside [{checks.min_duration}, {checks.max_duration}] s "
+            "(data.validate.min_duration/max_duration)",
+        )
+    path = c.audio
     if converted:
         path = os.path.join(converted_dir, f"{c.id}.flac")
         with atomic_path(path, suffix=".flac") as tmp:
             sf.write(tmp, audio, sr, format="FLAC", subtype="PCM_16")
-    row = {"id": c.id, "audio_filepath": path, "duration": round(duration, 4), "text": c.text,
-           "speaker": c.speaker, "chapter": c.chapter}
+    return {"kept": _manifest_row(c, path, duration, converted)}
+
+
+def _reject(c: Candidate, code: str, reason: str) -> dict:
+    return {"rejected": {"id": c.id, "path": c.audio or c.origin, "code": code, "reason": reason}}
+
+
+def _check_text(c: Candidate, checks: Checks) -> dict | None:
+    """The checks that need no audio decoding (pairing, naming, transcript) -> a rejection, or None when all pass."""
+    if c.audio is None:
+        return _reject(
+            c, "no_audio", f"transcript line without audio file ({c.origin}); expected {c.id}.flac next to it"
+        )
+    if c.text is None:
+        return _reject(
+            c,
+            "no_transcript",
+            f"audio without transcript line; add `{c.id} <TEXT>` to {c.speaker}-{c.chapter}.trans.txt",
+        )
+    if not c.id.startswith(f"{c.speaker}-{c.chapter}-"):
+        return _reject(
+            c, "name_mismatch", f"file name does not match its folders <speaker>/<chapter> = {c.speaker}/{c.chapter}"
+        )
+    if not c.text:
+        return _reject(c, "empty_transcript", f"empty transcript ({c.origin})")
+    bad = sorted(set(re.sub(f"[{checks.charset}]", "", c.text)))
+    if bad:
+        return _reject(
+            c, "charset", f"transcript has characters outside [{checks.charset}]: {''.join(bad)!r} ({c.origin})"
+        )
+    return None
+
+
+def _load_conformed(c: Candidate, checks: Checks) -> tuple[np.ndarray, int, list[str]] | dict:
+    """Decodes c.audio and downmixes/resamples it where the checks allow -> (audio (N, 1) float32, sample rate,
+    the conversions done, e.g. ["downmixed", "resampled"]), or a rejection when it does not decode or is not
+    allowed to be converted."""
+    try:
+        audio, sr = sf.read(c.audio, dtype="float32", always_2d=True)  # (N, C)
+    except Exception as e:  # soundfile raises several types for corrupt files
+        return _reject(c, "decode", f"audio does not decode: {type(e).__name__}: {e}")
+    converted = []
+    if audio.shape[1] > 1:
+        if not checks.downmix:
+            return _reject(
+                c, "channels", f"{audio.shape[1]} channels; set data.validate.downmix=true to average them to mono"
+            )
+        audio = audio.mean(axis=1, keepdims=True)
+        converted.append("downmixed")
+    if sr != checks.sample_rate:
+        if not checks.resample:
+            return _reject(
+                c,
+                "sample_rate",
+                f"sample rate {sr} Hz != {checks.sample_rate} Hz; set data.validate.resample=true to convert",
+            )
+        audio = _resample(audio[:, 0], sr, checks.sample_rate)[:, None]
+        sr = checks.sample_rate
+        converted.append("resampled")
+    return audio, sr, converted
+
+
+def _manifest_row(c: Candidate, path: str, duration: float, converted: list[str]) -> dict:
+    """The kept item's manifest row; a converted item also names its original file."""
+    row = {
+        "id": c.id,
+        "audio_filepath": path,
+        "duration": round(duration, 4),
+        "text": c.text,
+        "speaker": c.speaker,
+        "chapter": c.chapter,
+    }
     if converted:
         row["converted"] = converted
         row["source_filepath"] = c.audio
-    return {"kept": row}
+    return row
 
 
 def _resample(x: np.ndarray, sr: int, target: int) -> np.ndarray:
@@ -182,8 +243,9 @@ def format_summary(summary: dict[str, dict]) -> str:
     header = f"{'split':<18}{'found':>8}{'kept':>8}{'rejected':>10}{'hours':>9}{'speakers':>10}"
     lines = [header, "-" * len(header)]
     for split, s in summary.items():
-        lines.append(f"{split:<18}{s['found']:>8}{s['kept']:>8}{s['rejected']:>10}{s['hours']:>9.3f}"
-                     f"{s['speakers']:>10}")
+        lines.append(
+            f"{split:<18}{s['found']:>8}{s['kept']:>8}{s['rejected']:>10}{s['hours']:>9.3f}{s['speakers']:>10}"
+        )
         for reason, n in s["rejected_reasons"].items():
             lines.append(f"    rejected {n:>5}: {reason}")
     return "\n".join(lines)

@@ -22,11 +22,9 @@ class PrepareError(UserError):
 def corpus_root(data: DictConfig) -> Path:
     """Returns the `LibriSpeech/` folder holding the splits, building or downloading it when needed."""
     if data.corpus == "mini":
-
         synth = SynthConfig(**OmegaConf.to_container(data.synth, resolve=True), jobs=data.jobs)
         return build_mini_corpus(Path(data.root), synth)
     if data.corpus == "librispeech":
-
         return prepare_librispeech(list(data.splits), Path(data.root), download=data.download)
     raise UserError(f"data.corpus={data.corpus!r}: choose mini or librispeech")
 
@@ -43,25 +41,38 @@ def prepare(cfg: DictConfig) -> dict:
     for split in data.splits:
         split_dir = root / split
         if not split_dir.is_dir():
-            raise PrepareError(f"{split_dir}: split folder not found; data.splits lists {list(data.splits)} but "
-                               f"{root} holds {sorted(p.name for p in root.iterdir() if p.is_dir())}")
+            raise PrepareError(
+                f"{split_dir}: split folder not found; data.splits lists {list(data.splits)} but "
+                f"{root} holds {sorted(p.name for p in root.iterdir() if p.is_dir())}"
+            )
         kept, rejected = scan_split(split_dir, checks, out / "converted" / split, data.jobs)
         write_jsonl_atomic(out / "manifests" / f"{split}.jsonl", kept)
         write_jsonl_atomic(out / "manifests" / f"{split}.rejected.jsonl", rejected)
         summary[split] = split_summary(kept, rejected)
     scanned = time.perf_counter()
     hours = sum(s["hours"] for s in summary.values())
-    report = {"corpus": data.corpus, "root": str(root), "splits": summary,
-              "build_seconds": round(built - started, 2), "validate_seconds": round(scanned - built, 2),
-              "validated_hours_per_minute": round(hours / max(scanned - built, 1e-9) * 60, 2)}
+    report = {
+        "corpus": data.corpus,
+        "root": str(root),
+        "splits": summary,
+        "build_seconds": round(built - started, 2),
+        "validate_seconds": round(scanned - built, 2),
+        "validated_hours_per_minute": round(hours / max(scanned - built, 1e-9) * 60, 2),
+    }
     write_json_atomic(out / "summary.json", report)
     print(format_summary(summary))
     print(f"validated {hours:.2f} h in {scanned - built:.1f} s ({report['validated_hours_per_minute']} h/min)")
-    problems = [f"{split}: no usable utterances (see {out / 'manifests' / f'{split}.rejected.jsonl'})"
-                for split, s in summary.items() if s["kept"] == 0]
-    problems += [f"{split}: kept {s['kept_fraction']:.1%} < data.validate.min_kept_fraction="
-                 f"{checks.min_kept_fraction:.0%} (reasons: {s['rejected_reasons']})"
-                 for split, s in summary.items() if s["kept"] and s["kept_fraction"] < checks.min_kept_fraction]
+    problems = [
+        f"{split}: no usable utterances (see {out / 'manifests' / f'{split}.rejected.jsonl'})"
+        for split, s in summary.items()
+        if s["kept"] == 0
+    ]
+    problems += [
+        f"{split}: kept {s['kept_fraction']:.1%} < data.validate.min_kept_fraction="
+        f"{checks.min_kept_fraction:.0%} (reasons: {s['rejected_reasons']})"
+        for split, s in summary.items()
+        if s["kept"] and s["kept_fraction"] < checks.min_kept_fraction
+    ]
     if problems:
         raise PrepareError("prepare failed:\n  " + "\n  ".join(problems))
     return report
@@ -74,8 +85,13 @@ def tokenize(cfg: DictConfig) -> Path:
     for split in data.train_splits:
         rows += read_jsonl(out / "manifests" / f"{split}.jsonl")
     tok = data.tokenizer
-    model = train_tokenizer([r["text"] for r in rows], out / "tokenizer", vocab_size=tok.vocab_size,
-                            model_type=tok.type, character_coverage=tok.character_coverage)
+    model = train_tokenizer(
+        [r["text"] for r in rows],
+        out / "tokenizer",
+        vocab_size=tok.vocab_size,
+        model_type=tok.type,
+        character_coverage=tok.character_coverage,
+    )
     t = Tokenizer(model)
     sample = rows[0]["text"] if rows else ""
     print(f"tokenizer: {tok.type}, {t.vocab_size} pieces -> {model}")

@@ -41,20 +41,55 @@ from edgeconformer.errors import UserError
 from edgeconformer.files import atomic_folder, atomic_path
 
 SAMPLE_RATE = 16000
-ESPEAK_ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
-                  "en-us-nyc"]
+ESPEAK_ACCENTS = [
+    "en-us",
+    "en-gb",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-029",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-us-nyc",
+]
 # Natural-sounding espeak-ng variants only (robots, whispers and croaks are left out). The held-out list is never
 # used in train.
-ESPEAK_TRAIN_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3", "f4", "Andy", "Annie", "adam", "benjamin",
-                         "edward", "john", "linda", "max", "paul", "robert", "steph", "travis", "zac", "Alicia",
-                         "aunty", "belinda", "caleb", "norbert", "quincy"]
+ESPEAK_TRAIN_VARIANTS = [
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "Andy",
+    "Annie",
+    "adam",
+    "benjamin",
+    "edward",
+    "john",
+    "linda",
+    "max",
+    "paul",
+    "robert",
+    "steph",
+    "travis",
+    "zac",
+    "Alicia",
+    "aunty",
+    "belinda",
+    "caleb",
+    "norbert",
+    "quincy",
+]
 ESPEAK_HELDOUT_VARIANTS = ["m6", "m7", "f5", "Alex", "david", "rob", "shelby", "victor", "anika", "ed"]
 # flite voices and their approximate mean F0 in Hz; a speaker's pitch is a factor on it.
 FLITE_VOICES = {"kal16": 105.0, "slt": 170.0, "awb": 110.0, "rms": 100.0}
-ESPEAK_RATE = (140, 185)      # words per minute
-ESPEAK_PITCH = (25, 70)       # espeak-ng's 0-99 pitch scale
+ESPEAK_RATE = (140, 185)  # words per minute
+ESPEAK_PITCH = (25, 70)  # espeak-ng's 0-99 pitch scale
 FLITE_STRETCH = (0.85, 1.15)  # duration_stretch: > 1 is slower
-FLITE_PITCH = (0.85, 1.15)    # factor on the voice's mean F0
+FLITE_PITCH = (0.85, 1.15)  # factor on the voice's mean F0
 SPLITS = ("train", "dev", "test")
 
 
@@ -67,22 +102,22 @@ class SynthConfig:
     vocab_words: int = 300
     train_espeak_speakers: int = 40
     train_flite_speakers: int = 16
-    heldout_espeak_speakers: int = 6   # per held-out split
-    heldout_flite_speakers: int = 2    # per held-out split
+    heldout_espeak_speakers: int = 6  # per held-out split
+    heldout_flite_speakers: int = 2  # per held-out split
     dev_sentences: int = 300
     test_sentences: int = 300
-    jobs: int = 0                      # 0: all CPU cores
+    jobs: int = 0  # 0: all CPU cores
 
 
 @dataclass(frozen=True)
 class Speaker:
     id: int
     split: str
-    engine: str       # espeak-ng | flite
-    voice: str        # espeak-ng accent or flite voice
-    variant: str      # espeak-ng variant ("" for flite)
-    rate: float       # espeak-ng words/minute; flite duration stretch
-    pitch: float      # espeak-ng 0-99; flite F0 factor
+    engine: str  # espeak-ng | flite
+    voice: str  # espeak-ng accent or flite voice
+    variant: str  # espeak-ng variant ("" for flite)
+    rate: float  # espeak-ng words/minute; flite duration stretch
+    pitch: float  # espeak-ng 0-99; flite F0 factor
 
 
 @dataclass(frozen=True)
@@ -110,7 +145,7 @@ def plan_speakers(cfg: SynthConfig, rng: random.Random) -> list[Speaker]:
     first_id = {"train": 1000, "dev": 5000, "test": 7000}
     heldout = ESPEAK_HELDOUT_VARIANTS[:]
     rng.shuffle(heldout)
-    heldout_by_split = {"dev": heldout[: len(heldout) // 2], "test": heldout[len(heldout) // 2:]}
+    heldout_by_split = {"dev": heldout[: len(heldout) // 2], "test": heldout[len(heldout) // 2 :]}
     flite_train_prosody: list[tuple[float, float]] = []
     for split in SPLITS:
         n_espeak = cfg.train_espeak_speakers if split == "train" else cfg.heldout_espeak_speakers
@@ -122,15 +157,25 @@ def plan_speakers(cfg: SynthConfig, rng: random.Random) -> list[Speaker]:
             # Cycle accents and variants so every one is used before any repeats.
             accent = ESPEAK_ACCENTS[i % len(ESPEAK_ACCENTS)]
             variant = variants[i % len(variants)]
-            speakers.append(Speaker(sid, split, "espeak-ng", accent, variant, _uniform(rng, ESPEAK_RATE, 0),
-                                    _uniform(rng, ESPEAK_PITCH, 0)))
+            speakers.append(
+                Speaker(
+                    sid,
+                    split,
+                    "espeak-ng",
+                    accent,
+                    variant,
+                    _uniform(rng, ESPEAK_RATE, 0),
+                    _uniform(rng, ESPEAK_PITCH, 0),
+                )
+            )
             sid += 1
         for i in range(n_flite):
             voice = list(FLITE_VOICES)[i % len(FLITE_VOICES)]
             while True:  # held-out flite speakers get a prosody no train speaker has
                 prosody = (_uniform(rng, FLITE_STRETCH), _uniform(rng, FLITE_PITCH))
-                if split == "train" or all(abs(prosody[0] - a) + abs(prosody[1] - b) > 0.04
-                                           for a, b in flite_train_prosody):
+                if split == "train" or all(
+                    abs(prosody[0] - a) + abs(prosody[1] - b) > 0.04 for a, b in flite_train_prosody
+                ):
                     break
             if split == "train":
                 flite_train_prosody.append(prosody)
@@ -144,11 +189,15 @@ def split_sentences(cfg: SynthConfig, rng: random.Random) -> dict[str, list[str]
     rng.shuffle(sentences)
     n_held = cfg.dev_sentences + cfg.test_sentences
     if len(sentences) < n_held + 100:
-        raise UserError(f"data.synth.vocab_words={cfg.vocab_words} leaves {len(sentences)} sentences; raise it or "
-                         f"lower dev_sentences/test_sentences")
-    return {"dev": sentences[: cfg.dev_sentences],
-            "test": sentences[cfg.dev_sentences: n_held],
-            "train": sentences[n_held:]}
+        raise UserError(
+            f"data.synth.vocab_words={cfg.vocab_words} leaves {len(sentences)} sentences; raise it or "
+            f"lower dev_sentences/test_sentences"
+        )
+    return {
+        "dev": sentences[: cfg.dev_sentences],
+        "test": sentences[cfg.dev_sentences : n_held],
+        "train": sentences[n_held:],
+    }
 
 
 def estimate_seconds(text: str, speaker: Speaker) -> float:
@@ -185,11 +234,32 @@ def plan_corpus(cfg: SynthConfig) -> list[PlannedUtterance]:
 def engine_command(u: PlannedUtterance, wav: str) -> list[str]:
     s, text = u.speaker, u.text.lower()  # lower case: engines spell out some all-caps words as acronyms
     if s.engine == "espeak-ng":
-        return ["espeak-ng", "-v", f"{s.voice}+{s.variant}", "-s", str(int(s.rate)), "-p", str(int(s.pitch)),
-                "-w", wav, text]
+        return [
+            "espeak-ng",
+            "-v",
+            f"{s.voice}+{s.variant}",
+            "-s",
+            str(int(s.rate)),
+            "-p",
+            str(int(s.pitch)),
+            "-w",
+            wav,
+            text,
+        ]
     f0 = FLITE_VOICES[s.voice] * s.pitch
-    return ["flite", "-voice", s.voice, "--setf", f"duration_stretch={s.rate}", "--setf",
-            f"int_f0_target_mean={f0:.1f}", "-t", text, "-o", wav]
+    return [
+        "flite",
+        "-voice",
+        s.voice,
+        "--setf",
+        f"duration_stretch={s.rate}",
+        "--setf",
+        f"int_f0_target_mean={f0:.1f}",
+        "-t",
+        text,
+        "-o",
+        wav,
+    ]
 
 
 def _resample(audio: np.ndarray, sr: int) -> np.ndarray:
@@ -235,10 +305,15 @@ def engine_versions() -> dict[str, str]:
 def check_engines() -> None:
     missing = [e for e in ("espeak-ng", "flite") if shutil.which(e) is None]
     if missing:
-        hint = ("brew install espeak-ng flite" if sys.platform == "darwin"
-                else "sudo apt-get install espeak-ng flite (or run scripts/setup.sh)")
-        raise UserError(f"speech engine(s) {', '.join(missing)} not found on PATH; the offline corpus needs "
-                           f"them. Install with: {hint}")
+        hint = (
+            "brew install espeak-ng flite"
+            if sys.platform == "darwin"
+            else "sudo apt-get install espeak-ng flite (or run scripts/setup.sh)"
+        )
+        raise UserError(
+            f"speech engine(s) {', '.join(missing)} not found on PATH; the offline corpus needs "
+            f"them. Install with: {hint}"
+        )
 
 
 def config_hash(cfg: SynthConfig) -> str:
@@ -278,8 +353,9 @@ def _render(plan: list[PlannedUtterance], root: Path, jobs: int, progress: bool)
     # its first torch call (the resampler); spawned workers start clean.
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = pool.map(synthesize, plan, [root] * len(plan), chunksize=16)
-        for uid, secs in tqdm(results, total=len(plan), desc="synthesize", unit="utt", disable=not progress,
-                              mininterval=2.0):
+        for uid, secs in tqdm(
+            results, total=len(plan), desc="synthesize", unit="utt", disable=not progress, mininterval=2.0
+        ):
             seconds[uid] = secs
     return seconds
 
@@ -316,22 +392,32 @@ def corpus_card(cfg: SynthConfig, plan: list[PlannedUtterance], seconds: dict[st
         "speakers": [asdict(s) for s in speakers],
         "engines": engine_versions(),
         "text_source": "King James Version (public domain), Debian bible-kjv-text 4.38; pool "
-                       "src/edgeconformer/data/texts/kjv_clauses.txt",
+        "src/edgeconformer/data/texts/kjv_clauses.txt",
         "sample_rate": SAMPLE_RATE,
     }
 
 
 def card_markdown(card: dict) -> str:
-    lines = ["# edgeconformer-mini corpus card", "",
-             "Synthetic read speech in LibriSpeech's layout, built offline by `edgeconformer.data.synth`.", "",
-             "| split | utterances | hours | speakers | sentences | vocabulary | engines |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# edgeconformer-mini corpus card",
+        "",
+        "Synthetic read speech in LibriSpeech's layout, built offline by `edgeconformer.data.synth`.",
+        "",
+        "| split | utterances | hours | speakers | sentences | vocabulary | engines |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for split, s in card["splits"].items():
-        lines.append(f"| {split} | {s['utterances']} | {s['hours']} | {s['speakers']} | {s['sentences']} | "
-                     f"{s['vocabulary']} | {', '.join(s['engines'])} |")
-    lines += ["", f"- Texts: {card['text_source']}.",
-              "- Engines: " + "; ".join(f"{k} {v}" for k, v in card["engines"].items()) + ".",
-              "- Dev/test speakers are held out (unseen espeak-ng variants, unseen flite prosodies); dev/test "
-              "sentences never occur in train.",
-              f"- Config: `{json.dumps(card['config'])}` (hash {card['config_hash']}).", ""]
+        lines.append(
+            f"| {split} | {s['utterances']} | {s['hours']} | {s['speakers']} | {s['sentences']} | "
+            f"{s['vocabulary']} | {', '.join(s['engines'])} |"
+        )
+    lines += [
+        "",
+        f"- Texts: {card['text_source']}.",
+        "- Engines: " + "; ".join(f"{k} {v}" for k, v in card["engines"].items()) + ".",
+        "- Dev/test speakers are held out (unseen espeak-ng variants, unseen flite prosodies); dev/test "
+        "sentences never occur in train.",
+        f"- Config: `{json.dumps(card['config'])}` (hash {card['config_hash']}).",
+        "",
+    ]
     return "\n".join(lines)

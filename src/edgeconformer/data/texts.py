@@ -85,8 +85,9 @@ def _main() -> None:
     if args.dump:
         lines = args.dump.read_text(encoding="utf-8").splitlines()
     else:
-        lines = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True,
-                               check=True).stdout.splitlines()
+        lines = subprocess.run(
+            ["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
     pool = build_pool(lines)
     data = ("\n".join(pool) + "\n").encode("utf-8")
     args.out.write_bytes(data)

@@ -21,11 +21,7 @@ def step_log_probs(step_fn: StepFn, prefixes: list[list[int]]) -> torch.Tensor:
 
 
 def attention_beam_search(
-    step_fn: StepFn,
-    sos_eos: int,
-    beam: int = 10,
-    max_len: int = 200,
-    length_penalty: float = 0.0,
+    step_fn: StepFn, sos_eos: int, beam: int = 10, max_len: int = 200, length_penalty: float = 0.0
 ) -> list[Hypothesis]:
     """Return up to `beam` finished (tokens, score) pairs, best first.
 

@@ -34,9 +34,7 @@ def ctc_greedy(log_probs: torch.Tensor, length: int | torch.Tensor | None = None
     return collapse_ctc(path, blank)
 
 
-def ctc_greedy_batch(
-    log_probs: torch.Tensor, lengths: torch.Tensor | None = None, blank: int = 0
-) -> list[list[int]]:
+def ctc_greedy_batch(log_probs: torch.Tensor, lengths: torch.Tensor | None = None, blank: int = 0) -> list[list[int]]:
     # log_probs: (B, T, V); lengths: (B,) valid frames per utterance.
     paths = log_probs.argmax(dim=-1).tolist()  # one argmax for the whole batch, (B, T)
     lens = [len(p) for p in paths] if lengths is None else [int(n) for n in lengths]
@@ -84,12 +82,7 @@ def ctc_prefix_beam_search(
 
 
 def _prefix_beam_step(
-    prefixes: list[tuple[int, ...]],
-    pb: torch.Tensor,
-    pnb: torch.Tensor,
-    lp: torch.Tensor,
-    beam: int,
-    blank: int,
+    prefixes: list[tuple[int, ...]], pb: torch.Tensor, pnb: torch.Tensor, lp: torch.Tensor, beam: int, blank: int
 ) -> tuple[list[tuple[int, ...]], torch.Tensor, torch.Tensor]:
     # prefixes: K label tuples; pb, pnb: (K,) log-probs up to frame t-1; lp: (V,) frame t log-probs.
     K, V = len(prefixes), lp.numel()

@@ -136,8 +136,9 @@ def joint_ctc_attention_beam_search(
     return finished[:beam]
 
 
-def _candidates(step_fn: StepFn, live: list[list[int]], sos_eos: int, blank: int, pre_beam: int,
-                last_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _candidates(
+    step_fn: StepFn, live: list[list[int]], sos_eos: int, blank: int, pre_beam: int, last_step: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention decoder's next-token log-probs (K, V) of the live prefixes (blank ruled out: a CTC symbol,
     never an output label) and the (K, C) candidate tokens: the pre-beam, or only eos at the last step."""
     logp = step_log_probs(step_fn, [[sos_eos] + h for h in live])  # (K, V)
@@ -157,8 +158,15 @@ def _combine(psi: torch.Tensor, cand_att: torch.Tensor, ctc_weight: float) -> to
     return ctc_weight * psi + (1 - ctc_weight) * cand_att
 
 
-def _prune(combined: torch.Tensor, cands: torch.Tensor, cand_att: torch.Tensor, live: list[list[int]], beam: int,
-           sos_eos: int, finished: list[Hypothesis]) -> tuple[list[list[int]], list[int], list[int], list[float]]:
+def _prune(
+    combined: torch.Tensor,
+    cands: torch.Tensor,
+    cand_att: torch.Tensor,
+    live: list[list[int]],
+    beam: int,
+    sos_eos: int,
+    finished: list[Hypothesis],
+) -> tuple[list[list[int]], list[int], list[int], list[float]]:
     """The `beam` best finite (prefix, candidate) pairs: those ending in eos are appended to `finished`, the
     others -> (the grown prefixes, their prefix and candidate indices, their attention log-probs)."""
     C = cands.shape[1]

@@ -64,15 +64,23 @@ def fit_length(feats: np.ndarray, policy: str, lengths, pad_value: float) -> tup
         return feats, T
     fits = [n for n in lengths if n >= T]
     if not fits:
-        raise ValueError(f"utterance of {T} frames is longer than every exported length {lengths}; re-export "
-                         "with export.shapes covering it")
+        raise ValueError(
+            f"utterance of {T} frames is longer than every exported length {lengths}; re-export "
+            "with export.shapes covering it"
+        )
     pad = np.full((1, fits[0] - T, feats.shape[2]), pad_value, dtype=feats.dtype)
     return np.concatenate([feats, pad], axis=1), T
 
 
-def evaluate_compute_units(package: str, utterances: list[tuple[np.ndarray, float]], reference_logits=None,
-                           units: tuple[str, ...] = COMPUTE_UNITS, warmup: int = 2, out_frames=None,
-                           pad_value: float = float(np.log(1e-6))) -> dict:
+def evaluate_compute_units(
+    package: str,
+    utterances: list[tuple[np.ndarray, float]],
+    reference_logits=None,
+    units: tuple[str, ...] = COMPUTE_UNITS,
+    warmup: int = 2,
+    out_frames=None,
+    pad_value: float = float(np.log(1e-6)),
+) -> dict:
     """Per compute-unit setting: cold load (compile) seconds, RTF (median over utterances of compute / audio
     seconds, warm-up excluded), log-probs per utterance, and max |diff| to `reference_logits` when given.
 
@@ -102,7 +110,11 @@ def evaluate_compute_units(package: str, utterances: list[tuple[np.ndarray, floa
             outputs.append(y)
             if reference_logits is not None:
                 max_diff = max(max_diff, float(np.abs(y - reference_logits[i]).max()))
-        results[unit] = {"load_seconds": round(load_s, 3), "rtf_median": float(np.median(rtfs)),
-                         "rtf_p90": float(np.percentile(rtfs, 90)), "log_probs": outputs,
-                         "max_abs_diff": max_diff if reference_logits is not None else None}
+        results[unit] = {
+            "load_seconds": round(load_s, 3),
+            "rtf_median": float(np.median(rtfs)),
+            "rtf_p90": float(np.percentile(rtfs, 90)),
+            "log_probs": outputs,
+            "max_abs_diff": max_diff if reference_logits is not None else None,
+        }
     return results

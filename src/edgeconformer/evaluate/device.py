@@ -42,8 +42,15 @@ PROFILES_DIR = Path(__file__).parent / "devices"
 
 aten = torch.ops.aten
 # Ops that allocate or relabel memory without moving data (is_view does not flag these).
-NO_TRAFFIC = {aten._unsafe_view.default, aten.empty.memory_format, aten.empty_strided.default,
-              aten.empty_like.default, aten.lift_fresh.default, aten.detach.default, aten.alias.default}
+NO_TRAFFIC = {
+    aten._unsafe_view.default,
+    aten.empty.memory_format,
+    aten.empty_strided.default,
+    aten.empty_like.default,
+    aten.lift_fresh.default,
+    aten.detach.default,
+    aten.alias.default,
+}
 
 
 # ------------------------------------------------------------------------------------------------ profiles
@@ -61,8 +68,10 @@ def load_profile(profile: str | Path | dict) -> dict:
     if not path.suffix:
         path = PROFILES_DIR / f"{profile}.yaml"
     if not path.exists():
-        raise ValueError(f"device profile {profile!r} not found; choose one of {available_profiles()} or pass a "
-                         "path to a YAML file with the same keys")
+        raise ValueError(
+            f"device profile {profile!r} not found; choose one of {available_profiles()} or pass a "
+            "path to a YAML file with the same keys"
+        )
     with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f)
 
@@ -115,6 +124,7 @@ class OpCounter(TorchDispatchMode):
     def _enter(self, name):
         def hook(module, args):
             self.stack.append(name)  # returns None: the inputs are left as they are
+
         return hook
 
     def _leave(self, module, args, out):
@@ -153,8 +163,15 @@ class OpCounter(TorchDispatchMode):
                     if _storage_key(t) in self.weights:
                         weight_bytes += n
         writes = sum(_bytes(t, self.float_bytes) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-        self.records.append({"op": str(func), "module": self.stack[-1], "flops": int(flops),
-                             "bytes": reads + writes, "weight_bytes": weight_bytes})
+        self.records.append(
+            {
+                "op": str(func),
+                "module": self.stack[-1],
+                "flops": int(flops),
+                "bytes": reads + writes,
+                "weight_bytes": weight_bytes,
+            }
+        )
         return out
 
 
@@ -215,16 +232,25 @@ def part_of(module_path: str) -> str:
     return "other"
 
 
-def utterance_ops(model, seconds: float, precision: str = "fp16", frame_shift_s: float = 0.01, idim: int = 80,
-                  decoder_tokens: int | None = None, tokens_per_second: float = 3.0) -> list[dict]:
+def utterance_ops(
+    model,
+    seconds: float,
+    precision: str = "fp16",
+    frame_shift_s: float = 0.01,
+    idim: int = 80,
+    decoder_tokens: int | None = None,
+    tokens_per_second: float = 3.0,
+) -> list[dict]:
     """Op records of one utterance of `seconds` audio through `model` (a DualDecoderASR on any device, meta
     included): encoder, CTC head and the attention decoder teacher-forced on 3 tokens per audio second, the same
     pass as evaluate/flops.count_flops. Batch 1, eval mode (restored afterwards)."""
     if not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
     with eval_mode(model):
-        return count_ops(*utterance_inputs(model, seconds, frame_shift_s, idim, decoder_tokens, tokens_per_second),
-                         precision=precision)
+        return count_ops(
+            *utterance_inputs(model, seconds, frame_shift_s, idim, decoder_tokens, tokens_per_second),
+            precision=precision,
+        )
 
 
 def sustained_flops(profile: dict, precision: str) -> float:
@@ -233,13 +259,14 @@ def sustained_flops(profile: dict, precision: str) -> float:
         raise ValueError(f"precision must be one of {sorted(PRECISION_BYTES)}, got {precision!r}")
     peaks = profile.get("peak_flops") or {}
     if precision not in peaks:
-        raise ValueError(f"device profile {profile.get('name')!r} has no {precision} peak (it lists "
-                         f"{sorted(peaks)}); use precision='{next(iter(peaks), 'fp16')}' or another profile")
+        raise ValueError(
+            f"device profile {profile.get('name')!r} has no {precision} peak (it lists "
+            f"{sorted(peaks)}); use precision='{next(iter(peaks), 'fp16')}' or another profile"
+        )
     return _figure(profile, "peak_flops", precision) * _figure(profile, "efficiency")
 
 
-def estimate_from_ops(records: list[dict], seconds: float, profile: str | Path | dict,
-                      precision: str = "fp16") -> dict:
+def estimate_from_ops(records: list[dict], seconds: float, profile: str | Path | dict, precision: str = "fp16") -> dict:
     """The device estimate for op records already counted at `precision` (see estimate_rtf)."""
     prof = load_profile(profile)
     peak = sustained_flops(prof, precision)
@@ -287,8 +314,9 @@ def estimate_rtf(model, seconds: float, profile: str | Path | dict, precision: s
     return estimate_from_ops(utterance_ops(model, seconds, precision, **utterance), seconds, prof, precision)
 
 
-def estimate_all(model, seconds: float, profiles: list[str] | None = None, precision: str = "fp16",
-                 **utterance) -> dict:
+def estimate_all(
+    model, seconds: float, profiles: list[str] | None = None, precision: str = "fp16", **utterance
+) -> dict:
     """{profile name: estimate_rtf(...)} for several devices (default: every bundled profile), counted once."""
     profiles = profiles or available_profiles()
     for name in profiles:
@@ -302,8 +330,10 @@ def comparison_table(models=("small", "paper"), seconds=10.0, vocab_size=256, pr
     RTF on every bundled profile (models built on the meta device)."""
 
     profiles = available_profiles()
-    lines = ["| model | subsampling | GFLOPs / audio s | MB moved / audio s | weights MB | "
-             + " | ".join(profiles) + " |", "|---" * (5 + len(profiles)) + "|"]
+    lines = [
+        "| model | subsampling | GFLOPs / audio s | MB moved / audio s | weights MB | " + " | ".join(profiles) + " |",
+        "|---" * (5 + len(profiles)) + "|",
+    ]
     for name in models:
         for variant in ("vanilla", "dws"):
             cfg = compose([f"model={name}", f"model.subsampling={variant}"])
@@ -311,9 +341,12 @@ def comparison_table(models=("small", "paper"), seconds=10.0, vocab_size=256, pr
                 model = build_model(OmegaConf.to_container(cfg.model, resolve=True), vocab_size).eval()
             est = estimate_all(model, seconds, profiles, precision, idim=cfg.model.n_mels)
             e = est[profiles[0]]
-            lines.append(f"| {name} | {variant} | {e['flops_per_audio_second'] / 1e9:.3f} | "
-                         f"{e['bytes_per_audio_second'] / 1e6:.1f} | {e['weight_bytes_per_forward'] / 1e6:.1f} | "
-                         + " | ".join(f"{est[p]['rtf']:.2g} ({est[p]['bound']})" for p in profiles) + " |")
+            lines.append(
+                f"| {name} | {variant} | {e['flops_per_audio_second'] / 1e9:.3f} | "
+                f"{e['bytes_per_audio_second'] / 1e6:.1f} | {e['weight_bytes_per_forward'] / 1e6:.1f} | "
+                + " | ".join(f"{est[p]['rtf']:.2g} ({est[p]['bound']})" for p in profiles)
+                + " |"
+            )
     return "\n".join(lines)
 
 

@@ -81,8 +81,12 @@ def streamed_paths(model) -> list[str]:
     encoder = model.encoder
     n = encoder.first_pass_layers or len(encoder.blocks)
     head = "asr.ctc_first" if isinstance(model, CascadedASR) else "asr.ctc"
-    return (["asr.encoder.subsampling"] + [f"asr.encoder.blocks.{i}" for i in range(n)]
-            + [f"asr.encoder.projections.{i}" for i in range(1, n) if str(i) in encoder.projections] + [head])
+    return (
+        ["asr.encoder.subsampling"]
+        + [f"asr.encoder.blocks.{i}" for i in range(n)]
+        + [f"asr.encoder.projections.{i}" for i in range(1, n) if str(i) in encoder.projections]
+        + [head]
+    )
 
 
 def streamed_flops(model, per_module: dict) -> int:
@@ -102,8 +106,14 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def utterance_inputs(model, seconds: float, frame_shift_s: float = 0.01, idim: int = 80,
-                     decoder_tokens: int | None = None, tokens_per_second: float = 3.0):
+def utterance_inputs(
+    model,
+    seconds: float,
+    frame_shift_s: float = 0.01,
+    idim: int = 80,
+    decoder_tokens: int | None = None,
+    tokens_per_second: float = 3.0,
+):
     """One utterance of `seconds` audio for counting: (WholeUtterance(model), feats (1, T, idim), lengths (1,),
     ys_in (1, U) starting with <sos>), with U = decoder_tokens or tokens_per_second * seconds. The values are
     random: counts depend on shapes only."""
@@ -184,8 +194,10 @@ def format_table(result, per_block=False):
     lines.append(row("total", total))
     lines.append(f"{'GFLOPs / audio s':<20}{result['gflops_per_audio_second']:>12.3f}")
     if "streamed_flops" in result:  # results of older code lack it
-        lines.append(f"{'  streamed part':<20}{result['gflops_per_audio_second_streamed']:>12.3f}"
-                     f"{result['streamed_flops'] / total:>10.1%}")
+        lines.append(
+            f"{'  streamed part':<20}{result['gflops_per_audio_second_streamed']:>12.3f}"
+            f"{result['streamed_flops'] / total:>10.1%}"
+        )
     return "\n".join(lines)
 
 
@@ -197,13 +209,19 @@ def flops_report(cfg) -> dict:
     with torch.device("meta"):
         model = build_model(OmegaConf.to_container(cfg.model, resolve=True), f.vocab_size).eval()
     result = count_flops(model, f.seconds, idim=cfg.model.n_mels, tokens_per_second=f.tokens_per_second)
-    summary = {"model": cfg.model.name, "subsampling": cfg.model.subsampling, "seconds": f.seconds,
-               "params_millions": round(count_params(model) / 1e6, 3),
-               "gflops_per_audio_second": result["gflops_per_audio_second"],
-               "gflops_per_audio_second_streamed": result["gflops_per_audio_second_streamed"],
-               "shares": {k: round(v, 6) for k, v in result["shares"].items()}}
-    print(f"{cfg.model.name} ({cfg.model.subsampling} subsampling), {f.seconds:g} s of audio, "
-          f"{summary['params_millions']} M parameters")
+    summary = {
+        "model": cfg.model.name,
+        "subsampling": cfg.model.subsampling,
+        "seconds": f.seconds,
+        "params_millions": round(count_params(model) / 1e6, 3),
+        "gflops_per_audio_second": result["gflops_per_audio_second"],
+        "gflops_per_audio_second_streamed": result["gflops_per_audio_second_streamed"],
+        "shares": {k: round(v, 6) for k, v in result["shares"].items()},
+    }
+    print(
+        f"{cfg.model.name} ({cfg.model.subsampling} subsampling), {f.seconds:g} s of audio, "
+        f"{summary['params_millions']} M parameters"
+    )
     print(format_table(result))
     print(json.dumps(summary))
     return summary
@@ -212,12 +230,16 @@ def flops_report(cfg) -> dict:
 PAPER_SHARES = {"vanilla": 0.328, "dws": 0.040}  # Xu et al. 2023: subsampling share of total compute
 
 
-def comparison_table(models=("small", "conformer_s", "conformer_m", "conformer_l", "paper"), seconds=10.0,
-                     vocab_size=256) -> str:
+def comparison_table(
+    models=("small", "conformer_s", "conformer_m", "conformer_l", "paper"), seconds=10.0, vocab_size=256
+) -> str:
     """Markdown table: counted subsampling FLOPs and shares, vanilla vs DWS, per model config."""
 
-    lines = ["| model | params (M) | vanilla subsampling GFLOPs | vanilla share | DWS subsampling GFLOPs | DWS share "
-             "| subsampling cut | total GFLOPs/audio s vanilla -> DWS |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | params (M) | vanilla subsampling GFLOPs | vanilla share | DWS subsampling GFLOPs | DWS share "
+        "| subsampling cut | total GFLOPs/audio s vanilla -> DWS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in models:
         row = {}
         for variant in ("vanilla", "dws"):
@@ -231,9 +253,12 @@ def comparison_table(models=("small", "conformer_s", "conformer_m", "conformer_l
             f"| {v['shares']['subsampling']:.1%} "
             f"| {d['flops']['subsampling'] / 1e9:.2f} | {d['shares']['subsampling']:.1%} "
             f"| {v['flops']['subsampling'] / d['flops']['subsampling']:.2f}x "
-            f"| {v['gflops_per_audio_second']:.3f} -> {d['gflops_per_audio_second']:.3f} |")
-    lines.append(f"| Xu et al. 2023 (paper) | n/a | n/a | {PAPER_SHARES['vanilla']:.1%} | n/a | "
-                 f"{PAPER_SHARES['dws']:.1%} | n/a | n/a |")
+            f"| {v['gflops_per_audio_second']:.3f} -> {d['gflops_per_audio_second']:.3f} |"
+        )
+    lines.append(
+        f"| Xu et al. 2023 (paper) | n/a | n/a | {PAPER_SHARES['vanilla']:.1%} | n/a | "
+        f"{PAPER_SHARES['dws']:.1%} | n/a | n/a |"
+    )
     return "\n".join(lines)
 
 

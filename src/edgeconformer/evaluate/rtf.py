@@ -32,9 +32,11 @@ from edgeconformer.data.dataset import load_audio
 from edgeconformer.errors import UserError
 from edgeconformer.files import read_jsonl
 
-PROTOCOL = ("batch 1; {warmup} untimed warm-up calls; each utterance timed {repeats}x (median) with "
-            "time.perf_counter; RTF = compute s / audio s; median and p90 over utterances; "
-            "torch threads = {threads}")
+PROTOCOL = (
+    "batch 1; {warmup} untimed warm-up calls; each utterance timed {repeats}x (median) with "
+    "time.perf_counter; RTF = compute s / audio s; median and p90 over utterances; "
+    "torch threads = {threads}"
+)
 
 
 def cpu_model() -> str:
@@ -48,8 +50,9 @@ def cpu_model() -> str:
                     if key.strip() in ("model name", "Hardware", "Model") and value.strip():
                         return value.strip()
         elif system == "Darwin":
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                 timeout=5)
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            )
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -84,13 +87,33 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def measure_rtf(fn: Callable, inputs: Sequence[tuple[object, float]], warmup: int = 2, repeats: int = 3,
-                threads: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict:
+def measure_rtf(
+    fn: Callable,
+    inputs: Sequence[tuple[object, float]],
+    warmup: int = 2,
+    repeats: int = 3,
+    threads: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict:
     """Times fn(x) for every (x, audio_seconds) in `inputs` following the protocol above.
 
     fn is called warmup + repeats * len(inputs) times; only the last repeats * len(inputs) calls are timed.
     `clock` is injectable for tests. Returns rtf (= rtf_median), rtf_median, rtf_p90, rtf_total, the
     per-utterance rows, audio-length statistics, the protocol settings and machine facts."""
+    _check_rtf_arguments(inputs, warmup, repeats, threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:  # the caller's thread count is restored even when fn raises
+        for i in range(warmup):
+            fn(inputs[i % len(inputs)][0])
+        rows = [_time_utterance(fn, i, x, seconds, repeats, clock) for i, (x, seconds) in enumerate(inputs)]
+    finally:
+        torch.set_num_threads(previous)
+    return _rtf_result(rows, warmup, repeats, threads)
+
+
+def _check_rtf_arguments(inputs: Sequence[tuple[object, float]], warmup: int, repeats: int, threads: int) -> None:
+    """Raises ValueError for settings the protocol cannot measure with, before anything is timed."""
     if not inputs:
         raise ValueError("measure_rtf needs at least one (input, audio_seconds) pair")
     if warmup < 0 or repeats < 1:
@@ -101,24 +124,29 @@ def measure_rtf(fn: Callable, inputs: Sequence[tuple[object, float]], warmup: in
         if not seconds > 0:
             raise ValueError(f"input {i}: audio length must be > 0 seconds, got {seconds}")
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for i in range(warmup):
-            fn(inputs[i % len(inputs)][0])
-        rows = []
-        for i, (x, seconds) in enumerate(inputs):
-            runs = []
-            for _ in range(repeats):
-                t0 = clock()
-                fn(x)
-                runs.append(clock() - t0)
-            compute = statistics.median(runs)
-            rows.append({"index": i, "audio_seconds": float(seconds), "compute_seconds": compute,
-                         "rtf": compute / seconds, "runs": runs})
-    finally:
-        torch.set_num_threads(previous)
 
+def _time_utterance(
+    fn: Callable, index: int, x: object, seconds: float, repeats: int, clock: Callable[[], float]
+) -> dict:
+    """One utterance's row: fn(x) timed `repeats` times; its compute time is the median of the runs (robust to a
+    stray slow run)."""
+    runs = []
+    for _ in range(repeats):
+        t0 = clock()
+        fn(x)
+        runs.append(clock() - t0)
+    compute = statistics.median(runs)
+    return {
+        "index": index,
+        "audio_seconds": float(seconds),
+        "compute_seconds": compute,
+        "rtf": compute / seconds,
+        "runs": runs,
+    }
+
+
+def _rtf_result(rows: list[dict], warmup: int, repeats: int, threads: int) -> dict:
+    """The per-utterance rows summarised over utterances, with the protocol settings and machine facts."""
     rtfs = [r["rtf"] for r in rows]
     lengths = [r["audio_seconds"] for r in rows]
     audio = sum(lengths)
@@ -164,8 +192,9 @@ def recognizer_fn(module, method: str = "ctc_greedy", first_pass: bool = False) 
 
     def run(audio: torch.Tensor) -> str:
         with torch.inference_mode():
-            return module.transcribe(audio[None], torch.tensor([audio.numel()]), method=method,
-                                     first_pass=first_pass)[0]
+            return module.transcribe(audio[None], torch.tensor([audio.numel()]), method=method, first_pass=first_pass)[
+                0
+            ]
 
     return run
 
@@ -174,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     """python -m edgeconformer.evaluate.rtf --model models/dws [--manifest ...] [--utterances 10]: prints JSON."""
 
     p = argparse.ArgumentParser(prog="python -m edgeconformer.evaluate.rtf")
-    p.add_argument("--model", required=True,
-                   help="a trained model folder, e.g. models/dws (its default seed) or models/dws/s2")
+    p.add_argument(
+        "--model", required=True, help="a trained model folder, e.g. models/dws (its default seed) or models/dws/s2"
+    )
     p.add_argument("--manifest", default="data/prepared/manifests/test.jsonl")
     p.add_argument("--utterances", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -189,13 +219,15 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.exists(args.manifest):
             raise UserError(f"{args.manifest}: manifest not found; run `dvc repro prepare` first")
         rows = pick_by_duration(read_jsonl(args.manifest), args.utterances)
-        inputs = [(load_audio(r["audio_filepath"], uid=r["id"], manifest=args.manifest), float(r["duration"]))
-                  for r in rows]
+        inputs = [
+            (load_audio(r["audio_filepath"], uid=r["id"], manifest=args.manifest), float(r["duration"])) for r in rows
+        ]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    result = measure_rtf(recognizer_fn(module, args.method, args.first_pass), inputs, args.warmup, args.repeats,
-                         args.threads)
+    result = measure_rtf(
+        recognizer_fn(module, args.method, args.first_pass), inputs, args.warmup, args.repeats, args.threads
+    )
     for row, r in zip(result["utterances"], rows):
         row["id"] = r["id"]
     print(json.dumps(result, indent=2))

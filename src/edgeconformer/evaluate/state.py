@@ -45,8 +45,12 @@ def context_frames(frames: int, chunk_size: int, left_frames: int) -> tuple[int,
 def block_state_bytes(block, frames: int, chunk_size: int, left_frames: int) -> dict:
     """{"kind", "attention", "positions", "conv"} bytes of one streamed block after `frames` encoder frames."""
     d = block.conv.pointwise_out.in_features  # the block's width D
-    out = {"kind": "conv_only", "attention": 0, "positions": 0,
-           "conv": (block.conv.kernel_size - 1) * d * FLOAT32}  # cache (1, D, kernel_size - 1)
+    out = {
+        "kind": "conv_only",
+        "attention": 0,
+        "positions": 0,
+        "conv": (block.conv.kernel_size - 1) * d * FLOAT32,
+    }  # cache (1, D, kernel_size - 1)
     if not isinstance(block, ConformerBlock):
         return out
     if isinstance(block.mhsa, PerformerAttention):
@@ -58,8 +62,14 @@ def block_state_bytes(block, frames: int, chunk_size: int, left_frames: int) -> 
     return out
 
 
-def attention_state_bytes(model, seconds: float, frame_shift_s: float = 0.01, chunk_size: int | None = None,
-                          left_chunks: int | None = None, per_block: bool = True) -> dict:
+def attention_state_bytes(
+    model,
+    seconds: float,
+    frame_shift_s: float = 0.01,
+    chunk_size: int | None = None,
+    left_chunks: int | None = None,
+    per_block: bool = True,
+) -> dict:
     """Streaming state after `seconds` of audio of `model` (an ASR model with .encoder, or a ConformerEncoder).
 
     Returns seconds, encoder_frames (T'), chunk_size and left_chunks used (default: the encoder's own),

@@ -73,7 +73,7 @@ def front_end(n_mels: int = 80) -> dict:
         "log_offset": LOG_EPS,
         "frames": f"1 + (num_samples - {WIN_LENGTH}) // {HOP_LENGTH}, 0 if num_samples < {WIN_LENGTH}",
         "reference": "torchaudio.transforms.MelSpectrogram(sample_rate=16000, n_fft=400, win_length=400, "
-                     "hop_length=160, n_mels=80, power=2.0, center=False), then log(x + 1e-6)",
+        "hop_length=160, n_mels=80, power=2.0, center=False), then log(x + 1e-6)",
         "dither": 0.0,
         "preemphasis": 0.0,
         "waveform_scale": "float in [-1, 1] (int16 / 32768)",
@@ -116,16 +116,20 @@ def input_shape(shapes: Mapping | None, n_mels: int = 80):
     try:
         lower, upper = (int(b) for b in bounds)
     except (TypeError, ValueError):
-        raise ConfigError(f"export.shapes.range={bounds!r}: expected [lower, upper] frames (upper -1: "
-                          "unbounded)") from None
+        raise ConfigError(
+            f"export.shapes.range={bounds!r}: expected [lower, upper] frames (upper -1: unbounded)"
+        ) from None
     if lower < 1 or (upper != -1 and upper < lower):
         raise ConfigError(f"export.shapes.range={bounds!r}: need 1 <= lower <= upper (or upper = -1)")
     default = lower if default is None else int(default)
     if default < lower or (upper != -1 and default > upper):
         raise ConfigError(f"export.shapes.default={default}: must lie in export.shapes.range {[lower, upper]}")
     dim = ct.RangeDim(lower_bound=lower, upper_bound=upper, default=default)
-    return (ct.Shape(shape=(1, dim, n_mels)), default,
-            {"policy": "ranged", "range": [lower, upper], "default": default})
+    return (
+        ct.Shape(shape=(1, dim, n_mels)),
+        default,
+        {"policy": "ranged", "range": [lower, upper], "default": default},
+    )
 
 
 # ------------------------------------------------------------------------------------------------ metadata
@@ -136,8 +140,10 @@ def _sentencepiece_bytes(tokenizer_model) -> bytes | None:
         return bytes(tokenizer_model)
     path = Path(tokenizer_model)
     if not path.is_file():
-        raise ValueError(f"tokenizer_model {path}: file not found; pass the SentencePiece model of the trained "
-                         "model (models/<variant>/tokenizer.model) or its bytes")
+        raise ValueError(
+            f"tokenizer_model {path}: file not found; pass the SentencePiece model of the trained "
+            "model (models/<variant>/tokenizer.model) or its bytes"
+        )
     return path.read_bytes()
 
 
@@ -149,35 +155,43 @@ def _pieces(sp_bytes: bytes) -> list[str]:
     return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
 
 
-def build_metadata(metadata: Mapping, *, n_mels: int, precision: str, vocab_size: int,
-                   vocabulary: list[str] | None, tokenizer_model) -> tuple[dict, dict]:
+def build_metadata(
+    metadata: Mapping, *, n_mels: int, precision: str, vocab_size: int, vocabulary: list[str] | None, tokenizer_model
+) -> tuple[dict, dict]:
     """-> (standard fields author/license/short_description/version, user-defined {key: str})."""
     metadata = dict(metadata or {})
     for key in ("subsampling_factor", "cmvn_folded"):
         if key not in metadata:
-            raise ValueError(f"metadata[{key!r}] is required: an app needs it to prepare input "
-                             "(cmvn_folded: whether CMVN is inside the model) and to map output frames "
-                             "(subsampling_factor: input frames per output frame)")
+            raise ValueError(
+                f"metadata[{key!r}] is required: an app needs it to prepare input "
+                "(cmvn_folded: whether CMVN is inside the model) and to map output frames "
+                "(subsampling_factor: input frames per output frame)"
+            )
     if not isinstance(metadata["cmvn_folded"], bool):
         raise ValueError(f"metadata['cmvn_folded']={metadata['cmvn_folded']!r}: expected True or False")
     sp_bytes = _sentencepiece_bytes(tokenizer_model)
     if sp_bytes is not None:
         pieces = _pieces(sp_bytes)
         if vocabulary is not None and list(vocabulary) != pieces:
-            raise ValueError("vocabulary does not match the SentencePiece model's pieces (id order); pass the "
-                             "tokenizer the model was trained with, or leave vocabulary=None to take its pieces")
+            raise ValueError(
+                "vocabulary does not match the SentencePiece model's pieces (id order); pass the "
+                "tokenizer the model was trained with, or leave vocabulary=None to take its pieces"
+            )
         vocabulary = pieces
     if vocabulary is not None:
         if not all(isinstance(p, str) for p in vocabulary):
             raise ValueError("vocabulary must be a list of strings (SentencePiece pieces in id order)")
         if len(vocabulary) != vocab_size:
-            raise ValueError(f"vocabulary has {len(vocabulary)} pieces but the model outputs {vocab_size} classes; "
-                             "pass the tokenizer the model was trained with")
+            raise ValueError(
+                f"vocabulary has {len(vocabulary)} pieces but the model outputs {vocab_size} classes; "
+                "pass the tokenizer the model was trained with"
+            )
     standard = {
         "author": str(metadata.pop("author", "")),
         "license": str(metadata.pop("license", "")),
-        "short_description": str(metadata.pop("description", "Conformer CTC acoustic model: raw log-mel frames "
-                                                              "-> CTC log-probabilities")),
+        "short_description": str(
+            metadata.pop("description", "Conformer CTC acoustic model: raw log-mel frames -> CTC log-probabilities")
+        ),
         "version": str(metadata.pop("version", __version__)),
     }
     user = {
@@ -217,8 +231,7 @@ def _stable_log_softmax(context, node):
 def _isinf(context, node):
     # coremltools 9 has no converter for aten::isinf (used by stabilize/softmax.py for fully masked rows).
     x = _get_inputs(context, node, expected=1)[0]
-    context.add(mb.equal(x=mb.abs(x=x), y=np.array(np.inf, dtype=types.nptype_from_builtin(x.dtype)),
-                         name=node.name))
+    context.add(mb.equal(x=mb.abs(x=x), y=np.array(np.inf, dtype=types.nptype_from_builtin(x.dtype)), name=node.name))
 
 
 def _reciprocal(context, node):
@@ -229,8 +242,12 @@ def _reciprocal(context, node):
     context.add(mb.real_div(x=one, y=x, name=node.name))
 
 
-LOWERINGS = {"log_softmax": _stable_log_softmax, "_log_softmax": _stable_log_softmax, "isinf": _isinf,
-             "reciprocal": _reciprocal}
+LOWERINGS = {
+    "log_softmax": _stable_log_softmax,
+    "_log_softmax": _stable_log_softmax,
+    "isinf": _isinf,
+    "reciprocal": _reciprocal,
+}
 
 
 def _pass_pipeline():
@@ -268,50 +285,53 @@ def _save_atomic(mlmodel, path: Path) -> None:
             raise RuntimeError(f"coremltools wrote no package at {staged}")
 
 
-def export_coreml(module: torch.nn.Module, path: str | Path, *, n_mels: int = 80, shapes: Mapping | None = None,
-                  precision: str = "fp16", metadata: Mapping | None = None, vocabulary: list[str] | None = None,
-                  tokenizer_model: bytes | str | Path | None = None, minimum_target: str = "iOS17") -> dict:
-    """Trace `module` ((1, T, n_mels) -> (1, T', V)), convert it to an ML program and save it atomically at `path`.
-
-    metadata: author, license, description, version (default: the package version) and the required
-    `subsampling_factor` and `cmvn_folded`; other keys are stored as user-defined metadata. Returns the
-    conversion report (see conversion_report) with the conversion time added.
-    """
+def _deployment_target(precision: str, minimum_target: str):
+    """Checked precision and minimum_target -> the coremltools target (ML programs need iOS15 or later)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"export.precision={precision!r}: choose one of {sorted(PRECISIONS)}")
     target = getattr(ct.target, str(minimum_target), None)
     if target is None or target < ct.target.iOS15:
-        raise ConfigError(f"export.minimum_target={minimum_target!r}: ML programs need iOS15 or later "
-                          "(e.g. iOS16, iOS17, iOS18, macOS14)")
+        raise ConfigError(
+            f"export.minimum_target={minimum_target!r}: ML programs need iOS15 or later "
+            "(e.g. iOS16, iOS17, iOS18, macOS14)"
+        )
+    return target
+
+
+def _package_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".mlpackage":
         raise ValueError(f"{path}: an ML program is saved as a folder named *.mlpackage")
-    shape, example_T, shape_info = input_shape(shapes, n_mels)
+    return path
 
-    module = module.eval()
-    example = torch.randn(1, example_T, n_mels, generator=torch.Generator().manual_seed(0))
-    started = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python ints in shapes are expected
-        out = module(example)
-        if out.dim() != 3 or out.shape[0] != 1:
-            raise ValueError(f"the module must map (1, T, {n_mels}) features to (1, T', V) log-probs, got "
-                             f"{tuple(out.shape)}")
-        traced = torch.jit.trace(module, example, check_trace=False)
-        standard, user = build_metadata(metadata, n_mels=n_mels, precision=precision, vocab_size=out.shape[-1],
-                                        vocabulary=vocabulary, tokenizer_model=tokenizer_model)
-        # fp16 model I/O (iOS16+): no cast ops around an fp16 program, and the app hands over Float16 arrays
-        io_dtype = np.float16 if precision == "fp16" and target >= ct.target.iOS16 else np.float32
-        with _stable_lowerings():
-            mlmodel = ct.convert(
-                traced, convert_to="mlprogram", compute_precision=PRECISIONS[precision],
-                minimum_deployment_target=target, pass_pipeline=_pass_pipeline(),
-                inputs=[ct.TensorType(name=INPUT_NAME, shape=shape, dtype=io_dtype)],
-                outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=io_dtype)],
-                skip_model_load=True,  # compiling needs macOS; evaluate/coreml_device.py loads it there
-            )
-    convert_s = time.perf_counter() - started
 
+def _check_output(out: torch.Tensor, n_mels: int) -> None:
+    # The app contract: (1, T, n_mels) features in, (1, T', V) log-probs out.
+    if out.dim() != 3 or out.shape[0] != 1:
+        raise ValueError(
+            f"the module must map (1, T, {n_mels}) features to (1, T', V) log-probs, got {tuple(out.shape)}"
+        )
+
+
+def _convert(traced, shape, precision: str, target):
+    """The traced module -> an ML program with input `feats` (shape: the shape policy's) and output `log_probs`."""
+    # fp16 model I/O (iOS16+): no cast ops around an fp16 program, and the app hands over Float16 arrays
+    io_dtype = np.float16 if precision == "fp16" and target >= ct.target.iOS16 else np.float32
+    with _stable_lowerings():
+        return ct.convert(
+            traced,
+            convert_to="mlprogram",
+            compute_precision=PRECISIONS[precision],
+            minimum_deployment_target=target,
+            pass_pipeline=_pass_pipeline(),
+            inputs=[ct.TensorType(name=INPUT_NAME, shape=shape, dtype=io_dtype)],
+            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=io_dtype)],
+            skip_model_load=True,  # compiling needs macOS; evaluate/coreml_device.py loads it there
+        )
+
+
+def _set_metadata(mlmodel, standard: dict, user: dict) -> None:
+    """Store build_metadata's fields in the model: the standard ones, the user-defined ones, the I/O descriptions."""
     mlmodel.author = standard["author"]
     mlmodel.license = standard["license"]
     mlmodel.short_description = standard["short_description"]
@@ -321,17 +341,70 @@ def export_coreml(module: torch.nn.Module, path: str | Path, *, n_mels: int = 80
     mlmodel.input_description[INPUT_NAME] = user["input"]
     mlmodel.output_description[OUTPUT_NAME] = user["output"]
 
+
+def export_coreml(
+    module: torch.nn.Module,
+    path: str | Path,
+    *,
+    n_mels: int = 80,
+    shapes: Mapping | None = None,
+    precision: str = "fp16",
+    metadata: Mapping | None = None,
+    vocabulary: list[str] | None = None,
+    tokenizer_model: bytes | str | Path | None = None,
+    minimum_target: str = "iOS17",
+) -> dict:
+    """Trace `module` ((1, T, n_mels) -> (1, T', V)), convert it to an ML program and save it atomically at `path`.
+
+    metadata: author, license, description, version (default: the package version) and the required
+    `subsampling_factor` and `cmvn_folded`; other keys are stored as user-defined metadata. Returns the
+    conversion report (see conversion_report) with the conversion time added.
+    """
+    target = _deployment_target(precision, minimum_target)
+    path = _package_path(path)
+    shape, example_T, shape_info = input_shape(shapes, n_mels)
+
+    module = module.eval()
+    example = torch.randn(1, example_T, n_mels, generator=torch.Generator().manual_seed(0))
+    started = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints in shapes are expected
+        out = module(example)
+        _check_output(out, n_mels)
+        traced = torch.jit.trace(module, example, check_trace=False)
+        standard, user = build_metadata(
+            metadata,
+            n_mels=n_mels,
+            precision=precision,
+            vocab_size=out.shape[-1],
+            vocabulary=vocabulary,
+            tokenizer_model=tokenizer_model,
+        )
+        mlmodel = _convert(traced, shape, precision, target)
+    convert_s = time.perf_counter() - started
+    _set_metadata(mlmodel, standard, user)
+
     started = time.perf_counter()
     _save_atomic(mlmodel, path)
     save_s = time.perf_counter() - started
     report = conversion_report(path)
-    report.update(precision=precision, minimum_target=str(minimum_target), shapes=shape_info,
-                  conversion_seconds=round(convert_s, 3), save_seconds=round(save_s, 3))
+    report.update(
+        precision=precision,
+        minimum_target=str(minimum_target),
+        shapes=shape_info,
+        conversion_seconds=round(convert_s, 3),
+        save_seconds=round(save_s, 3),
+    )
     return report
 
 
-def export_trained(asr_module, path: str | Path, export_cfg: Mapping, stabilize: Mapping | None = None,
-                   tokenizer_model: str | Path | None = None) -> dict:
+def export_trained(
+    asr_module,
+    path: str | Path,
+    export_cfg: Mapping,
+    stabilize: Mapping | None = None,
+    tokenizer_model: str | Path | None = None,
+) -> dict:
     """A trained ASRModule (edgeconformer.cli.load_trained) -> its stabilized ANE-layout CTC model as .mlpackage.
 
     stabilize: ANEConformer.from_asr options (prenorm, p, softmax, lut_size, lut_range); CMVN is folded in.
@@ -346,14 +419,24 @@ def export_trained(asr_module, path: str | Path, export_cfg: Mapping, stabilize:
     max_len = int(encoder.subsampling.subsample_lengths(longest)) + 1 if longest > 0 else None
     ane = ANEConformer.from_asr(asr_module.model, cmvn=asr_module.cmvn, max_len=max_len, **stabilize).eval()
     meta = dict(export_cfg.get("metadata") or {})
-    meta.update(subsampling_factor=encoder.subsampling.factor, cmvn_folded=True,
-                stabilization=stabilize, model=dict(asr_module.hparams.model).get("name", "conformer"))
+    meta.update(
+        subsampling_factor=encoder.subsampling.factor,
+        cmvn_folded=True,
+        stabilization=stabilize,
+        model=dict(asr_module.hparams.model).get("name", "conformer"),
+    )
     if tokenizer_model is None and getattr(asr_module, "tokenizer", None) is not None:
         tokenizer_model = asr_module.tokenizer.model_path
-    return export_coreml(ane, path, n_mels=asr_module.fbank.n_mels, shapes=export_cfg.get("shapes"),
-                         precision=export_cfg.get("precision", "fp16"), metadata=meta,
-                         tokenizer_model=tokenizer_model,
-                         minimum_target=export_cfg.get("minimum_target", "iOS17"))
+    return export_coreml(
+        ane,
+        path,
+        n_mels=asr_module.fbank.n_mels,
+        shapes=export_cfg.get("shapes"),
+        precision=export_cfg.get("precision", "fp16"),
+        metadata=meta,
+        tokenizer_model=tokenizer_model,
+        minimum_target=export_cfg.get("minimum_target", "iOS17"),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -370,15 +453,34 @@ def export_trained(asr_module, path: str | Path, export_cfg: Mapping, stabilize:
 #            recurrent layers; control flow, random numbers, scatter, sorting, non-zero are data-dependent).
 #  [int]     integer tensors computed at run time (shape arithmetic of dynamic shapes): not an ANE data type.
 NO_ANE_OPS = {
-    "lstm", "gru", "rnn", "cond", "while_loop", "random_bernoulli", "random_categorical", "random_normal",
-    "random_uniform", "scatter", "scatter_nd", "scatter_along_axis", "non_zero", "non_maximum_suppression",
-    "argsort", "topk", "reduce_prod", "make_list", "list_read", "list_write", "list_gather", "list_scatter",
+    "lstm",
+    "gru",
+    "rnn",
+    "cond",
+    "while_loop",
+    "random_bernoulli",
+    "random_categorical",
+    "random_normal",
+    "random_uniform",
+    "scatter",
+    "scatter_nd",
+    "scatter_along_axis",
+    "non_zero",
+    "non_maximum_suppression",
+    "argsort",
+    "topk",
+    "reduce_prod",
+    "make_list",
+    "list_read",
+    "list_write",
+    "list_gather",
+    "list_scatter",
     "list_length",
 }
 GATHER_OPS = {"gather", "gather_along_axis", "gather_nd"}
 SOURCES = {
     "range_shape": "developer.apple.com/forums/thread/724930 (Apple engineer); "
-                   "github.com/apple/coremltools/issues/1764",
+    "github.com/apple/coremltools/issues/1764",
     "gather_runtime_indices": "github.com/apple/coremltools/issues/1103",
     "fp32_compute": "machinelearning.apple.com/research/neural-engine-transformers (the ANE computes in fp16)",
     "rank_above_4": "github.com/microsoft/onnxruntime/issues/14212 (rank-6 blob rejected by the ANE)",
@@ -420,13 +522,9 @@ def _io_spec(feature) -> dict:
     return spec
 
 
-def conversion_report(path: str | Path) -> dict:
-    """Describe a saved .mlpackage: ops, dtypes, weights, I/O and the ops known to keep it off the ANE."""
-
-    path = Path(path)
-    program = load_program(path)
-    main = program.functions["main"]
-    ops = list(main.operations)
+def _program_census(program) -> dict:
+    """Ops of the program's main function: histogram, dtypes per op type, weights and the ANE fallback flags."""
+    ops = list(program.functions["main"].operations)
     histogram = Counter(op.op_type for op in ops)
     dtypes: dict[str, Counter] = defaultdict(Counter)
     weight_bytes = weight_params = 0
@@ -444,24 +542,60 @@ def conversion_report(path: str | Path) -> dict:
         if flags:
             flagged.append({"op": op.name, "type": op.op_type, "reasons": flags})
             reasons.update(flags)
+    return {
+        "histogram": histogram,
+        "dtypes": dtypes,
+        "weight_bytes": weight_bytes,
+        "weight_params": weight_params,
+        "flagged": flagged,
+        "reasons": reasons,
+    }
+
+
+def _range_input_flags(inputs: list[dict]) -> list[dict]:
+    # [range]: with range flexibility only the default shape runs on the ANE (SOURCES["range_shape"])
+    return [
+        {"input": f["name"], "reasons": ["range_shape"], "note": "only the default shape can run on the ANE"}
+        for f in inputs
+        if "range" in f
+    ]
+
+
+def _package_bytes(path: Path) -> tuple[int, int]:
+    """(bytes of every file in the package, bytes of its weights folder)."""
+    weights_dir = path / "Data" / "com.apple.CoreML" / "weights"
+    package_bytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return package_bytes, sum(p.stat().st_size for p in weights_dir.glob("*") if p.is_file())
+
+
+def _metadata_summary(spec) -> dict:
+    return {
+        "author": spec.description.metadata.author,
+        "license": spec.description.metadata.license,
+        "version": spec.description.metadata.versionString,
+        "user_defined_keys": sorted(spec.description.metadata.userDefined),
+    }
+
+
+def conversion_report(path: str | Path) -> dict:
+    """Describe a saved .mlpackage: ops, dtypes, weights, I/O and the ops known to keep it off the ANE."""
+
+    path = Path(path)
+    census = _program_census(load_program(path))
+    histogram, dtypes, reasons = census["histogram"], census["dtypes"], census["reasons"]
 
     spec = ct.utils.load_spec(str(path))
     inputs = [_io_spec(f) for f in spec.description.input]
     outputs = [_io_spec(f) for f in spec.description.output]
-    input_flags = []
-    for f in inputs:
-        if "range" in f:
-            input_flags.append({"input": f["name"], "reasons": ["range_shape"],
-                                "note": "only the default shape can run on the ANE"})
-            reasons["range_shape"] += 1
-    weights_dir = path / "Data" / "com.apple.CoreML" / "weights"
-    package_bytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    input_flags = _range_input_flags(inputs)
+    reasons.update(r for f in input_flags for r in f["reasons"])
+    package_bytes, weights_file_bytes = _package_bytes(path)
     return {
         "package": str(path),
         "package_bytes": package_bytes,
-        "weights_file_bytes": sum(p.stat().st_size for p in weights_dir.glob("*") if p.is_file()),
-        "weight_bytes": int(weight_bytes),
-        "weight_params": int(weight_params),
+        "weights_file_bytes": weights_file_bytes,
+        "weight_bytes": int(census["weight_bytes"]),
+        "weight_params": int(census["weight_params"]),
         "specification_version": int(spec.specificationVersion),
         "n_ops": sum(n for t, n in histogram.items() if t != "const"),
         "n_consts": histogram.get("const", 0),
@@ -469,18 +603,15 @@ def conversion_report(path: str | Path) -> dict:
         "dtypes": {t: dict(sorted(c.items())) for t, c in sorted(dtypes.items())},
         "inputs": inputs,
         "outputs": outputs,
-        "ane_fallback": {"ops": flagged, "inputs": input_flags, "counts": dict(sorted(reasons.items())),
-                         "sources": {k: SOURCES[k] for k in sorted(reasons)}},
-        "metadata": {
-            "author": spec.description.metadata.author,
-            "license": spec.description.metadata.license,
-            "version": spec.description.metadata.versionString,
-            "user_defined_keys": sorted(spec.description.metadata.userDefined),
+        "ane_fallback": {
+            "ops": census["flagged"],
+            "inputs": input_flags,
+            "counts": dict(sorted(reasons.items())),
+            "sources": {k: SOURCES[k] for k in sorted(reasons)},
         },
+        "metadata": _metadata_summary(spec),
     }
 
 
 def write_report(report: Mapping, path: str | Path) -> Path:
     return write_json_atomic(path, dict(report), indent=1)
-
-

@@ -48,14 +48,17 @@ def load_program(path: str | Path):
         model = ct.models.MLModel(str(path), skip_model_load=True)
     spec = model.get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
-        raise ValueError(f"{path}: holds a {spec.WhichOneof('Type')!r} model; MIL-sim runs mlprogram packages only "
-                         "(convert with convert_to='mlprogram')")
+        raise ValueError(
+            f"{path}: holds a {spec.WhichOneof('Type')!r} model; MIL-sim runs mlprogram packages only "
+            "(convert with convert_to='mlprogram')"
+        )
     return _load_milproto(spec, spec.specificationVersion, model.weights_dir or "")
 
 
 # ------------------------------------------------------------------------------------------------ numpy kernels
 # Each kernel takes the op and its concrete inputs by name ({name: ndarray | scalar | str | list}) and returns
 # the output value (a tuple for several outputs). Inputs arrive in float32 (fp16 values upcast), see module doc.
+
 
 def _conv(op, a):
     # x: (N, C, *S), weight: (O, C / groups, *K) -> (N, O, *S_out); 1-D, 2-D and 3-D, any groups/strides/pads
@@ -82,10 +85,13 @@ def _conv(op, a):
     x = np.pad(x, [(0, 0), (0, 0)] + [tuple(p) for p in pads])
     axes = tuple(range(2, 2 + nd))
     win = np.lib.stride_tricks.sliding_window_view(x, span, axis=axes)  # (N, C, *S', *span)
-    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
-              + tuple(slice(None, None, d) for d in dilations)]  # (N, C, *S_out, *K)
+    win = win[
+        (slice(None), slice(None))
+        + tuple(slice(None, None, s) for s in strides)
+        + tuple(slice(None, None, d) for d in dilations)
+    ]  # (N, C, *S_out, *K)
     n, c = x.shape[:2]
-    out_sizes = win.shape[2:2 + nd]
+    out_sizes = win.shape[2 : 2 + nd]
     o = w.shape[0]
     win = win.reshape(n, groups, c // groups, *out_sizes, *kernel)
     wg = w.reshape(groups, o // groups, c // groups, *kernel)
@@ -152,8 +158,15 @@ def _matmul(op, a):
     return np.matmul(x, y)
 
 
-_MODES = {"update": lambda old, new: new, "add": np.add, "sub": np.subtract, "mul": np.multiply,
-          "div": np.divide, "max": np.maximum, "min": np.minimum}
+_MODES = {
+    "update": lambda old, new: new,
+    "add": np.add,
+    "sub": np.subtract,
+    "mul": np.multiply,
+    "div": np.divide,
+    "max": np.maximum,
+    "min": np.minimum,
+}
 
 
 def _scatter(op, a):
@@ -252,23 +265,29 @@ class MILExecutor:
     @staticmethod
     def _unsupported(op, cause: Exception | None = None) -> str:
         why = f" (value_inference failed: {type(cause).__name__}: {cause})" if cause else ""
-        return (f"MIL-sim cannot execute op type {op.op_type!r} (op {op.name!r}){why}: add a numpy kernel for "
-                f"{op.op_type!r} to edgeconformer.export.milsim.KERNELS")
+        return (
+            f"MIL-sim cannot execute op type {op.op_type!r} (op {op.name!r}){why}: add a numpy kernel for "
+            f"{op.op_type!r} to edgeconformer.export.milsim.KERNELS"
+        )
 
     def _check_inputs(self, feeds: dict) -> dict:
         missing = sorted(set(self.inputs) - set(feeds))
         extra = sorted(set(feeds) - set(self.inputs))
         if missing or extra:
-            raise ValueError(f"inputs {sorted(feeds)} do not match the program's inputs {sorted(self.inputs)} "
-                             f"(missing {missing}, unexpected {extra})")
+            raise ValueError(
+                f"inputs {sorted(feeds)} do not match the program's inputs {sorted(self.inputs)} "
+                f"(missing {missing}, unexpected {extra})"
+            )
         env = {}
         for name, var in self.inputs.items():
             x = np.asarray(feeds[name])
             declared = var.shape
             if x.ndim != len(declared) or any(
-                    not types.symbolic.is_symbolic(d) and int(d) != s for d, s in zip(declared, x.shape)):
-                raise ValueError(f"input {name!r} has shape {x.shape}, the program expects {declared} "
-                                 "(symbols are free dimensions)")
+                not types.symbolic.is_symbolic(d) and int(d) != s for d, s in zip(declared, x.shape)
+            ):
+                raise ValueError(
+                    f"input {name!r} has shape {x.shape}, the program expects {declared} (symbols are free dimensions)"
+                )
             env[name] = _declared(var, x)
         return env
 
@@ -305,8 +324,10 @@ class MILExecutor:
                         args[key] = [env[v.name] for v in var] if isinstance(var, (list, tuple)) else env[var.name]
                     values = self._evaluate(op, args)
                     if len(values) != len(op.outputs):
-                        raise RuntimeError(f"op {op.name!r} ({op.op_type}) gave {len(values)} outputs, "
-                                           f"the program declares {len(op.outputs)}")
+                        raise RuntimeError(
+                            f"op {op.name!r} ({op.op_type}) gave {len(values)} outputs, "
+                            f"the program declares {len(op.outputs)}"
+                        )
                     for var, value in zip(op.outputs, values):
                         env[var.name] = _declared(var, value)
         return {var.name: np.asarray(env[var.name]) for var in self.outputs}

@@ -23,8 +23,18 @@ def ctc_loss(log_probs, lengths, tokens, token_lengths, blank, ignore_id):
     # instead of returning inf.
     B = log_probs.size(0)
     targets = tokens.masked_fill(tokens == ignore_id, blank)  # values past the length are unused
-    return F.ctc_loss(log_probs.transpose(0, 1).float(), targets, lengths, token_lengths,  # (T', B, V) as it wants
-                      blank=blank, reduction="sum", zero_infinity=True) / B
+    return (
+        F.ctc_loss(
+            log_probs.transpose(0, 1).float(),
+            targets,
+            lengths,
+            token_lengths,  # (T', B, V) as it wants
+            blank=blank,
+            reduction="sum",
+            zero_infinity=True,
+        )
+        / B
+    )
 
 
 class DualDecoderASR(nn.Module):
@@ -75,8 +85,9 @@ class DualDecoderASR(nn.Module):
         # The hybrid loss of an encoder output: dict(loss, loss_ctc, loss_att), None for a branch not trained.
         loss_ctc = None
         if self.ctc_weight > 0:
-            loss_ctc = ctc_loss(self.ctc_log_probs(encoder_out), encoder_lengths, tokens, token_lengths, self.blank,
-                                self.ignore_id)
+            loss_ctc = ctc_loss(
+                self.ctc_log_probs(encoder_out), encoder_lengths, tokens, token_lengths, self.blank, self.ignore_id
+            )
 
         loss_att = None
         if self.ctc_weight < 1:

@@ -131,8 +131,9 @@ class MultiHeadAttention(nn.Module):
         mask = mask.unsqueeze(1)  # (B, 1, 1|Tq, Tk) broadcast over heads
         if bias is not None:
             mask = bias.masked_fill(~mask, float("-inf"))
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout.p if self.training else 0.0)  # (B, H, Tq, d)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout.p if self.training else 0.0
+        )  # (B, H, Tq, d)
         return self.out(rearrange(x, "b h t d -> b t (h d)"))
 
     def forward(self, query, key, value, mask, pos_emb=None):
@@ -177,7 +178,7 @@ class MultiHeadAttention(nn.Module):
         if state["attn"] is not None:
             k, v = torch.cat([state["attn"][0], k], dim=2), torch.cat([state["attn"][1], v], dim=2)
         if left_frames >= 0:
-            state["attn"] = (k[:, :, k.size(2) - left_frames:], v[:, :, v.size(2) - left_frames:])
+            state["attn"] = (k[:, :, k.size(2) - left_frames :], v[:, :, v.size(2) - left_frames :])
         else:
             state["attn"] = (k, v)
         return k, v
@@ -271,7 +272,7 @@ class RelPositionMultiHeadAttention(MultiHeadAttention):
             new = self.split_heads(self.linear_pos(sinusoid(positions, like.size(-1)).to(like)[None]))
             table = new if table is None else torch.cat([new, table], dim=2)
         start = table.size(2) - chunk_size - (L - 1)  # row of position L-1
-        return table[:, :, start:start + L + c - 1], table
+        return table[:, :, start : start + L + c - 1], table
 
     def stream_step(self, h, state, left_frames, chunk_size):
         # As MultiHeadAttention.stream_step; state["pos"] also caches the projected position embeddings.

@@ -16,10 +16,28 @@ from edgeconformer.models.asr import DualDecoderASR, ctc_loss
 
 
 class CascadedASR(DualDecoderASR):
-    def __init__(self, encoder, vocab_size, decoder=None, ctc_weight=0.3, lsm_weight=0.1, blank=0, sos_eos=2,
-                 ignore_id=-1, first_pass_weight=0.5):
-        super().__init__(encoder, vocab_size, decoder, ctc_weight=ctc_weight, lsm_weight=lsm_weight, blank=blank,
-                         sos_eos=sos_eos, ignore_id=ignore_id)
+    def __init__(
+        self,
+        encoder,
+        vocab_size,
+        decoder=None,
+        ctc_weight=0.3,
+        lsm_weight=0.1,
+        blank=0,
+        sos_eos=2,
+        ignore_id=-1,
+        first_pass_weight=0.5,
+    ):
+        super().__init__(
+            encoder,
+            vocab_size,
+            decoder,
+            ctc_weight=ctc_weight,
+            lsm_weight=lsm_weight,
+            blank=blank,
+            sos_eos=sos_eos,
+            ignore_id=ignore_id,
+        )
         if encoder.first_pass_layers < 1:
             raise ValueError("a cascaded model needs an encoder built with first_pass_layers >= 1")
         if not 0.0 <= first_pass_weight <= 1.0:
@@ -39,9 +57,17 @@ class CascadedASR(DualDecoderASR):
     def forward(self, feats, feat_lengths, tokens, token_lengths):
         first, encoder_out, encoder_lengths = self.encoder.forward_passes(feats, feat_lengths)
         second = self.losses(encoder_out, encoder_lengths, tokens, token_lengths)
-        loss_first = ctc_loss(self.first_pass_log_probs(first), encoder_lengths, tokens, token_lengths, self.blank,
-                              self.ignore_id)
+        loss_first = ctc_loss(
+            self.first_pass_log_probs(first), encoder_lengths, tokens, token_lengths, self.blank, self.ignore_id
+        )
         w = self.first_pass_weight
-        return dict(loss=w * loss_first + (1 - w) * second["loss"], loss_ctc=second["loss_ctc"],
-                    loss_att=second["loss_att"], loss_first_pass=loss_first, loss_second_pass=second["loss"],
-                    encoder_out=encoder_out, encoder_lengths=encoder_lengths, first_pass_out=first)
+        return dict(
+            loss=w * loss_first + (1 - w) * second["loss"],
+            loss_ctc=second["loss_ctc"],
+            loss_att=second["loss_att"],
+            loss_first_pass=loss_first,
+            loss_second_pass=second["loss"],
+            encoder_out=encoder_out,
+            encoder_lengths=encoder_lengths,
+            first_pass_out=first,
+        )

@@ -159,8 +159,10 @@ class ModelConfig:
             config = OmegaConf.to_object(merged)
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or "?"
-            raise ConfigError(f"{where}.{key}: {str(e).splitlines()[0]} (conf/model/*.yaml and "
-                              "edgeconformer/models/config.py list the keys)") from None
+            raise ConfigError(
+                f"{where}.{key}: {str(e).splitlines()[0]} (conf/model/*.yaml and "
+                "edgeconformer/models/config.py list the keys)"
+            ) from None
         config.check()
         return config
 
@@ -170,14 +172,17 @@ class ModelConfig:
     def check(self) -> None:
         if self.subsampling not in SUBSAMPLING:
             raise ConfigError(f"model.subsampling={self.subsampling!r}: choose one of {SUBSAMPLING}")
-        for key, value in (("model.encoder.attention", self.encoder.attention),
-                           ("model.cascade.attention", self.cascade.attention)):
+        for key, value in (
+            ("model.encoder.attention", self.encoder.attention),
+            ("model.cascade.attention", self.cascade.attention),
+        ):
             if value not in ATTENTION:
                 raise ConfigError(f"{key}={value!r}: choose one of {ATTENTION}")
         e = self.encoder
         if not 0 <= e.conv_only_layers <= e.n_layers:
-            raise ConfigError(f"model.encoder.conv_only_layers={e.conv_only_layers} must be in "
-                              f"0..model.encoder.n_layers={e.n_layers}")
+            raise ConfigError(
+                f"model.encoder.conv_only_layers={e.conv_only_layers} must be in 0..model.encoder.n_layers={e.n_layers}"
+            )
         if self.cascade.enabled and self.cascade.n_layers < 1:
             raise ConfigError("model.cascade.n_layers must be >= 1 (second-pass blocks) when cascade.enabled")
 
@@ -195,8 +200,10 @@ class ModelConfig:
             size = (s.get("d_model", e.d_model), s.get("n_heads", e.n_heads), s.get("ff_dim", e.ff_dim))
             dims += [size] * s.get("n_layers", 1)
         if len(dims) != e.n_layers:
-            raise ConfigError(f"model.encoder.stages cover {len(dims)} blocks but model.encoder.n_layers="
-                              f"{e.n_layers}; make them agree")
+            raise ConfigError(
+                f"model.encoder.stages cover {len(dims)} blocks but model.encoder.n_layers="
+                f"{e.n_layers}; make them agree"
+            )
         for k, (d, h, _) in enumerate(dims):
             if d % h:
                 raise ConfigError(f"model.encoder block {k}: d_model={d} is not divisible by n_heads={h}")
@@ -213,14 +220,30 @@ class ModelConfig:
             dims = first + [second] * c.n_layers
             n_layers, first_pass_layers = e.n_layers + c.n_layers, e.n_layers
         return EncoderDims(
-            idim=self.n_mels, d_model=e.d_model, n_layers=n_layers, n_heads=e.n_heads, ff_dim=e.ff_dim,
-            kernel_size=e.kernel_size, dropout=e.dropout, subsampling_factor=self.subsampling_factor,
-            dws_subsampling=self.subsampling == "dws", pos=e.pos, causal=e.causal, chunk_size=e.chunk_size,
-            left_chunks=e.left_chunks, dynamic_chunk=e.dynamic_chunk, norm=e.norm,
-            subsampling_channels=self.subsampling_channels, conv_only_layers=e.conv_only_layers,
-            block_dims=None if dims is None else tuple(dims), attention=e.attention,
-            performer_features=e.performer_features, performer_seed=e.performer_seed,
-            first_pass_layers=first_pass_layers, second_pass_attention=c.attention)
+            idim=self.n_mels,
+            d_model=e.d_model,
+            n_layers=n_layers,
+            n_heads=e.n_heads,
+            ff_dim=e.ff_dim,
+            kernel_size=e.kernel_size,
+            dropout=e.dropout,
+            subsampling_factor=self.subsampling_factor,
+            dws_subsampling=self.subsampling == "dws",
+            pos=e.pos,
+            causal=e.causal,
+            chunk_size=e.chunk_size,
+            left_chunks=e.left_chunks,
+            dynamic_chunk=e.dynamic_chunk,
+            norm=e.norm,
+            subsampling_channels=self.subsampling_channels,
+            conv_only_layers=e.conv_only_layers,
+            block_dims=None if dims is None else tuple(dims),
+            attention=e.attention,
+            performer_features=e.performer_features,
+            performer_seed=e.performer_seed,
+            first_pass_layers=first_pass_layers,
+            second_pass_attention=c.attention,
+        )
 
 
 def register_schema() -> None:

@@ -111,7 +111,7 @@ class ConvolutionModule(nn.Module):
         # -> (B, c, D), cache
         y = F.glu(self.pointwise_in(self.norm_in(x)), dim=-1).transpose(1, 2)  # (B, D, c)
         y = torch.cat([cache, y], dim=2)  # (B, D, kernel_size - 1 + c)
-        cache = y[:, :, y.size(2) - (self.kernel_size - 1):]
+        cache = y[:, :, y.size(2) - (self.kernel_size - 1) :]
         # The depthwise convolution as a sum over sliding windows: same maths as self.depthwise(y), and on a few
         # frames it avoids the convolution kernel's fixed cost (measured ~2.5x faster for 8 frames, kernel 15).
         w = self.depthwise.weight[:, 0]  # (D, kernel_size)
@@ -132,15 +132,29 @@ class Block(nn.Module):
     """x + 1/2 FFN -> x + MHSA -> x + Conv -> x + 1/2 FFN -> LayerNorm, in either layout (models/layout.py);
     without MHSA when attention is None. Built as ConformerBlock or ConvOnlyBlock."""
 
-    def __init__(self, d_model, n_heads, ff_dim, kernel_size, dropout, pos="rel", causal=False, norm="layer",
-                 attention="softmax", performer_features=64, performer_seed=0, layout=TRAINING):
+    def __init__(
+        self,
+        d_model,
+        n_heads,
+        ff_dim,
+        kernel_size,
+        dropout,
+        pos="rel",
+        causal=False,
+        norm="layer",
+        attention="softmax",
+        performer_features=64,
+        performer_seed=0,
+        layout=TRAINING,
+    ):
         super().__init__()
         self.d_model = d_model
         self.ffn1 = FeedForward(d_model, ff_dim, dropout, layout)
         if attention is not None:
             self.norm_mhsa = layout.norm(d_model)
-            self.mhsa = make_attention(attention, d_model, n_heads, dropout, pos, performer_features,
-                                       performer_seed, layout)
+            self.mhsa = make_attention(
+                attention, d_model, n_heads, dropout, pos, performer_features, performer_seed, layout
+            )
             self.dropout = layout.dropout(dropout)
         self.conv = ConvolutionModule(d_model, kernel_size, dropout, norm=norm, causal=causal, layout=layout)
         self.ffn2 = FeedForward(d_model, ff_dim, dropout, layout)
@@ -199,8 +213,9 @@ class ConvOnlyBlock(Block):
     """
 
     def __init__(self, d_model, ff_dim, kernel_size, dropout, causal=False, norm="layer", layout=TRAINING):
-        super().__init__(d_model, 1, ff_dim, kernel_size, dropout, causal=causal, norm=norm, attention=None,
-                         layout=layout)
+        super().__init__(
+            d_model, 1, ff_dim, kernel_size, dropout, causal=causal, norm=norm, attention=None, layout=layout
+        )
 
 
 def make_blocks(dims: EncoderDims, layout=TRAINING) -> tuple[nn.ModuleList, nn.ModuleDict]:
@@ -211,16 +226,30 @@ def make_blocks(dims: EncoderDims, layout=TRAINING) -> tuple[nn.ModuleList, nn.M
         attention = dims.block_attention(i)
         causal = dims.block_causal(i)
         if attention is None:
-            blocks.append(ConvOnlyBlock(d, f, dims.kernel_size, dims.dropout, causal=causal, norm=dims.norm,
-                                        layout=layout))
+            blocks.append(
+                ConvOnlyBlock(d, f, dims.kernel_size, dims.dropout, causal=causal, norm=dims.norm, layout=layout)
+            )
         else:
-            blocks.append(ConformerBlock(d, h, f, dims.kernel_size, dims.dropout, pos=dims.pos, causal=causal,
-                                         norm=dims.norm, attention=attention,
-                                         performer_features=dims.performer_features,
-                                         performer_seed=dims.performer_seed + i, layout=layout))
+            blocks.append(
+                ConformerBlock(
+                    d,
+                    h,
+                    f,
+                    dims.kernel_size,
+                    dims.dropout,
+                    pos=dims.pos,
+                    causal=causal,
+                    norm=dims.norm,
+                    attention=attention,
+                    performer_features=dims.performer_features,
+                    performer_seed=dims.performer_seed + i,
+                    layout=layout,
+                )
+            )
     widths = [b[0] for b in dims.blocks]
-    projections = {str(i): layout.linear(widths[i - 1], widths[i]) for i in range(1, len(widths))
-                   if widths[i] != widths[i - 1]}
+    projections = {
+        str(i): layout.linear(widths[i - 1], widths[i]) for i in range(1, len(widths)) if widths[i] != widths[i - 1]
+    }
     return nn.ModuleList(blocks), nn.ModuleDict(projections)
 
 
@@ -231,11 +260,14 @@ def check_dims(dims: EncoderDims) -> None:
     if len(blocks) != n or any(len(b) != 3 for b in blocks):
         raise ValueError(f"block_dims needs n_layers={n} (d_model, n_heads, ff_dim) triples, got {blocks}")
     if not (dims.first_pass_layers == 0 or 0 < dims.first_pass_layers < n):
-        raise ValueError(f"first_pass_layers={dims.first_pass_layers} must be 0 (no cascade) or in 1..{n - 1} "
-                         "so that both passes have blocks")
+        raise ValueError(
+            f"first_pass_layers={dims.first_pass_layers} must be 0 (no cascade) or in 1..{n - 1} "
+            "so that both passes have blocks"
+        )
     if not 0 <= dims.conv_only_layers <= dims.n_first:
-        raise ValueError(f"conv_only_layers={dims.conv_only_layers} must be in 0..{dims.n_first} (the first-pass "
-                         "blocks)")
+        raise ValueError(
+            f"conv_only_layers={dims.conv_only_layers} must be in 0..{dims.n_first} (the first-pass blocks)"
+        )
 
 
 class ConformerEncoder(nn.Module):
@@ -259,8 +291,13 @@ class ConformerEncoder(nn.Module):
         self.first_pass_layers = dims.first_pass_layers
         self.first_pass_d_model = widths[dims.n_first - 1]
 
-        self.subsampling = Conv2dSubsampling(dims.idim, widths[0], channels=dims.subsampling_channels,
-                                             factor=dims.subsampling_factor, dws=dims.dws_subsampling)
+        self.subsampling = Conv2dSubsampling(
+            dims.idim,
+            widths[0],
+            channels=dims.subsampling_channels,
+            factor=dims.subsampling_factor,
+            dws=dims.dws_subsampling,
+        )
         # Relative positions enter every attention layer; absolute ones are added to x once, here.
         positional_encoding = RelPositionalEncoding if dims.pos == "rel" else AbsolutePositionalEncoding
         self.pos_enc = positional_encoding(widths[0], dims.dropout)
@@ -342,8 +379,10 @@ class ConformerEncoder(nn.Module):
         if self.training:
             raise ValueError("streaming is inference (no dropout, no chunk sampling): call .eval() first")
         if chunk_size <= 0:
-            raise ValueError("streaming needs chunk_size > 0 (encoder frames per chunk); pass chunk_size= or build "
-                             "the encoder with one")
+            raise ValueError(
+                "streaming needs chunk_size > 0 (encoder frames per chunk); pass chunk_size= or build "
+                "the encoder with one"
+            )
         blocks = self.stream_blocks()
         if not all(b.conv.causal for b in blocks):
             raise ValueError("streaming needs causal=True: a centred convolution kernel reads future frames")
@@ -352,8 +391,14 @@ class ConformerEncoder(nn.Module):
             raise ValueError("Performer streaming keeps the sum over all past frames: use left_chunks=-1")
         device = next(self.parameters()).device
         states = [b.stream_init(batch, device) for b in blocks]
-        return {"chunk_size": chunk_size, "left_frames": left_chunks * chunk_size if left_chunks >= 0 else -1,
-                "feats": None, "pending": None, "subsampled": 0, "blocks": states}
+        return {
+            "chunk_size": chunk_size,
+            "left_frames": left_chunks * chunk_size if left_chunks >= 0 else -1,
+            "feats": None,
+            "pending": None,
+            "subsampled": 0,
+            "blocks": states,
+        }
 
     def stream(self, feats, state, final=False):
         """feats: (B, n, F) the next feature frames (any n >= 0, no padding) -> (B, n_out, D1) the encoder frames
@@ -369,7 +414,7 @@ class ConformerEncoder(nn.Module):
             else:
                 x, _ = self.pos_enc(x, offset=state["subsampled"])
             state["subsampled"] += n
-            buf = buf[:, self.subsampling.factor * n:]
+            buf = buf[:, self.subsampling.factor * n :]
             state["pending"] = x if state["pending"] is None else torch.cat([state["pending"], x], dim=1)
         state["feats"] = buf
         outs = []
@@ -393,10 +438,13 @@ class ConformerEncoder(nn.Module):
         """Bytes held by a streaming state: attention (softmax key/value caches grow with the context; Performer
         states are constant), projected relative positions (softmax with pos="rel": grow with the context, but
         depend on no input) and convolution caches (constant)."""
+
         def size(t):
             if isinstance(t, tuple):
                 return sum(size(x) for x in t)
             return 0 if t is None else t.numel() * t.element_size()
 
-        return {key: sum(size(st[part]) for st in state["blocks"])
-                for key, part in (("attention", "attn"), ("positions", "pos"), ("conv", "conv"))}
+        return {
+            key: sum(size(st[part]) for st in state["blocks"])
+            for key, part in (("attention", "attn"), ("positions", "pos"), ("conv", "conv"))
+        }

@@ -68,8 +68,12 @@ class ChannelsFirst(Layout):
     channels_first = True
     channel_dim = 1
 
-    def __init__(self, norm: Callable[[int], nn.Module],
-                 softmax: Callable[[], nn.Module] = MaskedSoftmax, performer_shift: bool = False):
+    def __init__(
+        self,
+        norm: Callable[[int], nn.Module],
+        softmax: Callable[[], nn.Module] = MaskedSoftmax,
+        performer_shift: bool = False,
+    ):
         self.make_norm, self.make_softmax, self.performer_shift = norm, softmax, performer_shift
 
     def linear(self, d_in: int, d_out: int, bias: bool = True) -> nn.Module:

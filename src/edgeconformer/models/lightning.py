@@ -39,10 +39,25 @@ def build_model(m: ModelConfig | Mapping, vocab_size: int) -> DualDecoderASR:
         d = m.decoder
         decoder = TransformerDecoder(vocab_size, encoder.d_model, d.n_heads, d.ff_dim, d.n_layers, d.dropout)
     if m.cascade.enabled:
-        return CascadedASR(encoder, vocab_size, decoder, ctc_weight=m.ctc_weight, lsm_weight=m.lsm_weight,
-                           blank=BLANK_ID, sos_eos=SOS_EOS_ID, first_pass_weight=m.cascade.first_pass_weight)
-    return DualDecoderASR(encoder, vocab_size, decoder, ctc_weight=m.ctc_weight, lsm_weight=m.lsm_weight,
-                          blank=BLANK_ID, sos_eos=SOS_EOS_ID)
+        return CascadedASR(
+            encoder,
+            vocab_size,
+            decoder,
+            ctc_weight=m.ctc_weight,
+            lsm_weight=m.lsm_weight,
+            blank=BLANK_ID,
+            sos_eos=SOS_EOS_ID,
+            first_pass_weight=m.cascade.first_pass_weight,
+        )
+    return DualDecoderASR(
+        encoder,
+        vocab_size,
+        decoder,
+        ctc_weight=m.ctc_weight,
+        lsm_weight=m.lsm_weight,
+        blank=BLANK_ID,
+        sos_eos=SOS_EOS_ID,
+    )
 
 
 NOT_INITIALISED = ("skipped_batches",)  # counters of the earlier run, not weights
@@ -56,17 +71,23 @@ def load_matching_weights(module: torch.nn.Module, path: str | Path) -> dict:
     path = Path(path)
     ckpt_path = path / "best.ckpt" if path.is_dir() else path
     if not ckpt_path.is_file():
-        raise UserError(f"train.init_from={str(path)!r}: no checkpoint there; give a .ckpt file or a trained model "
-                        "folder (models/<variant>) holding best.ckpt")
+        raise UserError(
+            f"train.init_from={str(path)!r}: no checkpoint there; give a .ckpt file or a trained model "
+            "folder (models/<variant>) holding best.ckpt"
+        )
     ckpt = load_weights(ckpt_path, "train.init_from")
     state = {k: v for k, v in ckpt.get("state_dict", ckpt).items() if k not in NOT_INITIALISED}
     own = module.state_dict()
     loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     module.load_state_dict(loaded, strict=False)
-    return {"path": str(ckpt_path), "loaded": len(loaded), "total": len(own),
-            "missing": sorted(k for k in own if k not in loaded and k not in NOT_INITIALISED),
-            "unexpected": sorted(k for k in state if k not in own),
-            "shape_mismatch": sorted(k for k in state if k in own and own[k].shape != state[k].shape)}
+    return {
+        "path": str(ckpt_path),
+        "loaded": len(loaded),
+        "total": len(own),
+        "missing": sorted(k for k in own if k not in loaded and k not in NOT_INITIALISED),
+        "unexpected": sorted(k for k in state if k not in own),
+        "shape_mismatch": sorted(k for k in state if k in own and own[k].shape != state[k].shape),
+    }
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
@@ -95,8 +116,9 @@ def word_error_rate(refs: list[str], hyps: list[str]) -> tuple[float, float]:
 
 
 class ASRModule(L.LightningModule):
-    def __init__(self, model: dict | ModelConfig, optim: dict, vocab_size: int, seed: int = 0,
-                 decode: dict | None = None):
+    def __init__(
+        self, model: dict | ModelConfig, optim: dict, vocab_size: int, seed: int = 0, decode: dict | None = None
+    ):
         super().__init__()
         if isinstance(model, ModelConfig):
             model = model.to_dict()
@@ -134,8 +156,10 @@ class ASRModule(L.LightningModule):
             return
         self.init_report = load_matching_weights(self, path)
         r = self.init_report
-        print(f"init_from {r['path']}: loaded {r['loaded']} of {r['total']} tensors; missing {r['missing']}; "
-              f"unexpected {r['unexpected']}; shape mismatch {r['shape_mismatch']}")
+        print(
+            f"init_from {r['path']}: loaded {r['loaded']} of {r['total']} tensors; missing {r['missing']}; "
+            f"unexpected {r['unexpected']}; shape mismatch {r['shape_mismatch']}"
+        )
         if self.trainer.is_global_zero:
             write_json_atomic(Path(self.trainer.default_root_dir) / "init_from.json", r)
 
@@ -169,15 +193,19 @@ class ASRModule(L.LightningModule):
         for name, p in self.named_parameters():
             # No weight decay on biases, norms and the attention position biases (standard practice).
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        return torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=o["lr"], betas=tuple(o["betas"]))
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o["lr"],
+            betas=tuple(o["betas"]),
+        )
 
     def configure_optimizers(self):
         o = self.hparams.optim
         opt = self.make_optimizer()
         total = int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(o["schedule"], o["warmup_steps"], total, o["min_lr_ratio"]))
+            opt, lr_lambda(o["schedule"], o["warmup_steps"], total, o["min_lr_ratio"])
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---------------------------------------------------------------------------------------- validation
@@ -207,8 +235,9 @@ class ASRModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def decode_encoder_output(self, encoder_out, encoder_lengths, method="ctc_greedy", beam=8,
-                              ctc_weight=0.3) -> list[str]:
+    def decode_encoder_output(
+        self, encoder_out, encoder_lengths, method="ctc_greedy", beam=8, ctc_weight=0.3
+    ) -> list[str]:
         """(B, T', D) encoder output -> B transcripts (upper case) with one of decoding.METHODS."""
         log_probs = self.model.ctc_log_probs(encoder_out)  # (B, T', V)
         texts = []
@@ -216,11 +245,19 @@ class ASRModule(L.LightningModule):
             T = int(encoder_lengths[i])
             kwargs = {}
             if method in ("attention", "joint"):
-                kwargs["step_fn"] = self.model.attention_step_fn(encoder_out[i:i + 1], T)
+                kwargs["step_fn"] = self.model.attention_step_fn(encoder_out[i : i + 1], T)
             if method == "rescoring":
-                kwargs["score_fn"] = self.model.sequence_score_fn(encoder_out[i:i + 1], T)
-            ids = decode(method, log_probs[i, :T], sos_eos=SOS_EOS_ID, beam=beam, ctc_weight=ctc_weight,
-                         blank=BLANK_ID, max_len=T, **kwargs)
+                kwargs["score_fn"] = self.model.sequence_score_fn(encoder_out[i : i + 1], T)
+            ids = decode(
+                method,
+                log_probs[i, :T],
+                sos_eos=SOS_EOS_ID,
+                beam=beam,
+                ctc_weight=ctc_weight,
+                blank=BLANK_ID,
+                max_len=T,
+                **kwargs,
+            )
             texts.append(self.tokenizer.decode(ids))
         return texts
 
@@ -228,19 +265,28 @@ class ASRModule(L.LightningModule):
     def decode_first_pass(self, first_out, lengths, method="ctc_greedy", beam=8) -> list[str]:
         """Cascade: (B, T', D1) first-pass output -> B transcripts from the first-pass CTC head."""
         if method not in FIRST_PASS_METHODS:
-            raise ValueError(f"the first pass has only a CTC head: method must be one of {FIRST_PASS_METHODS}, "
-                             f"got {method!r}")
+            raise ValueError(
+                f"the first pass has only a CTC head: method must be one of {FIRST_PASS_METHODS}, got {method!r}"
+            )
         log_probs = self.model.first_pass_log_probs(first_out)  # (B, T', V)
-        return [self.tokenizer.decode(decode(method, log_probs[i, :int(lengths[i])], beam=beam, blank=BLANK_ID))
-                for i in range(first_out.size(0))]
+        return [
+            self.tokenizer.decode(decode(method, log_probs[i, : int(lengths[i])], beam=beam, blank=BLANK_ID))
+            for i in range(first_out.size(0))
+        ]
 
     @torch.no_grad()
-    def transcribe(self, audio: torch.Tensor, audio_lengths: torch.Tensor, method="ctc_greedy", beam=8,
-                   ctc_weight=0.3, first_pass=False) -> list[str]:
+    def transcribe(
+        self,
+        audio: torch.Tensor,
+        audio_lengths: torch.Tensor,
+        method="ctc_greedy",
+        beam=8,
+        ctc_weight=0.3,
+        first_pass=False,
+    ) -> list[str]:
         feats, lengths = self.features(audio, audio_lengths)
         if first_pass:  # cascade: the streaming first pass only (CTC methods)
             first_out, lengths = self.model.encode_first_pass(feats, lengths)
             return self.decode_first_pass(first_out, lengths, method, beam)
         encoder_out, encoder_lengths = self.model.encode(feats, lengths)
         return self.decode_encoder_output(encoder_out, encoder_lengths, method, beam, ctc_weight)
-

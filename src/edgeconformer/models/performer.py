@@ -138,7 +138,7 @@ class PerformerAttention(nn.Module):
 
     def project(self, query, key, value):
         # (B, T, D) x3 -> float32 query/key features (B, H, T, m) and values (B, H, Tk, d)
-        scale = self.d_head ** -0.25
+        scale = self.d_head**-0.25
         q = rearrange(self.query(query), "b t (h d) -> b h t d", h=self.n_heads) * scale
         k = rearrange(self.key(key), "b t (h d) -> b h t d", h=self.n_heads) * scale
         v = rearrange(self.value(value), "b t (h d) -> b h t d", h=self.n_heads)
@@ -169,7 +169,7 @@ class PerformerAttention(nn.Module):
     # ------------------------------------------------------------------------------------- channels first
     def logits(self, x):
         # x: (B, d, 1, T) one head's queries or keys -> (B, m, 1, T): w_f.x' - |x'|^2 / 2, a 1x1 convolution by W
-        x = x * self.d_head ** -0.25
+        x = x * self.d_head**-0.25
         return F.conv2d(x, self.features[:, :, None, None]) - 0.5 * (x * x).sum(1, keepdim=True)
 
     def forward_heads(self, x, mask=None):

@@ -44,6 +44,18 @@ from edgeconformer.stabilize.softmax import LUTSoftmax
 SOFTMAXES = ("exact", "lut")
 
 
+def check_attention_modules(trained, built) -> None:
+    """The graph is built from the encoder's recorded dims: a module swapped into the trained encoder afterwards is
+    not described by them, so refuse it rather than replace it silently."""
+    for i, (t, b) in enumerate(zip(trained.blocks, built.blocks)):
+        a, c = getattr(t, "mhsa", None), getattr(b, "mhsa", None)
+        if type(a) is not type(c):
+            raise ValueError(
+                f"block {i}: {type(a).__name__} has no ANE form; the encoder's dims build "
+                f"{type(c).__name__} (attention variants live in models/, built from EncoderDims)"
+            )
+
+
 def channels_first_state(source: dict, target: dict) -> dict:
     """A trained state dict -> the channels-first graph's: same names, only shapes change (Linear (o, i) ->
     (o, i, 1, 1), depthwise (D, 1, K) -> (D, 1, 1, K)), except the front end's kernels, transposed to run on (F, T)
@@ -85,8 +97,11 @@ class Subsampling(nn.Module):
         layers = [nn.Conv2d(1, channels, KERNEL, STRIDE), nn.ReLU()]
         for _ in range(self.n_convs - 1):
             if dws:
-                layers += [nn.Conv2d(channels, channels, KERNEL, STRIDE, groups=channels),
-                           nn.Conv2d(channels, channels, 1), nn.ReLU()]
+                layers += [
+                    nn.Conv2d(channels, channels, KERNEL, STRIDE, groups=channels),
+                    nn.Conv2d(channels, channels, 1),
+                    nn.ReLU(),
+                ]
             else:
                 layers += [nn.Conv2d(channels, channels, KERNEL, STRIDE), nn.ReLU()]
         self.conv = nn.Sequential(*layers)
@@ -145,11 +160,15 @@ class Encoder(nn.Module):
 
     def __init__(self, dims: EncoderDims, layout: ChannelsFirst, max_len: int):
         super().__init__()
-        self.chunk_size, self.left_chunks, self.first_pass_layers = dims.chunk_size, dims.left_chunks, \
-            dims.first_pass_layers
+        self.chunk_size, self.left_chunks, self.first_pass_layers = (
+            dims.chunk_size,
+            dims.left_chunks,
+            dims.first_pass_layers,
+        )
         d0 = dims.blocks[0][0]
-        self.subsampling = Subsampling(dims.idim, d0, dims.subsampling_channels or d0, dims.subsampling_factor,
-                                       dims.dws_subsampling)
+        self.subsampling = Subsampling(
+            dims.idim, d0, dims.subsampling_channels or d0, dims.subsampling_factor, dims.dws_subsampling
+        )
         if dims.pos == "rel":  # a table per width of the softmax blocks (Performers ignore relative positions)
             widths = [d for i, (d, _, _) in enumerate(dims.blocks) if dims.block_attention(i) == "softmax"]
             self.pos_enc = RelPositionalEncoding(d0, widths, max_len)
@@ -179,10 +198,22 @@ class ANEConformer(nn.Module):
     only (batch 1, or utterances of equal length): there are no length masks.
     """
 
-    def __init__(self, dims: EncoderDims, vocab_size: int, max_len: int = 5000, cmvn: bool = False,
-                 prenorm: str = "none", p: int = 2, fmt: str = "fp16", softmax: str = "exact", lut_size: int = 256,
-                 lut_range: float = 16.0, lut_interp: str = "linear", lut_max_squarings=None,
-                 performer_shift: bool = False):
+    def __init__(
+        self,
+        dims: EncoderDims,
+        vocab_size: int,
+        max_len: int = 5000,
+        cmvn: bool = False,
+        prenorm: str = "none",
+        p: int = 2,
+        fmt: str = "fp16",
+        softmax: str = "exact",
+        lut_size: int = 256,
+        lut_range: float = 16.0,
+        lut_interp: str = "linear",
+        lut_max_squarings=None,
+        performer_shift: bool = False,
+    ):
         super().__init__()
         if softmax not in SOFTMAXES:
             raise ValueError(f"softmax must be one of {SOFTMAXES}, got {softmax!r}")
@@ -204,13 +235,13 @@ class ANEConformer(nn.Module):
         self.ctc = nn.Conv2d(dims.blocks[-1][0], vocab_size, 1)  # the CTC head's Linear over channels
 
     @classmethod
-    def from_asr(cls, asr, cmvn=None, prenorm="none", p=2, fmt="fp16", softmax="exact", lut_size=256,
-                 lut_range=16.0, lut_interp="linear", lut_max_squarings=None, performer_shift=False,
-                 max_len=None) -> ANEConformer:
+    def from_asr(cls, asr, cmvn=None, max_len=None, **options) -> ANEConformer:
         """A trained DualDecoderASR's encoder + CTC head (and GlobalCMVN, if given) -> ANEConformer in eval mode.
 
-        performer_shift: the FP16-safe arithmetic of Performer blocks (PerformerAttention.forward_heads); False is
-        the trained model's own, which overflows FP16 (both are the same function in exact arithmetic).
+        options: the graph's numerics, as ANEConformer takes them (prenorm, p, fmt, softmax, lut_size, lut_range,
+        lut_interp, lut_max_squarings, performer_shift). performer_shift: the FP16-safe arithmetic of Performer
+        blocks (PerformerAttention.forward_heads); False is the trained model's own, which overflows FP16 (both are
+        the same function in exact arithmetic).
         max_len: encoder frames the position table covers (default: the trained model's); an export sizes it to
         its longest input, since the table ships as weights."""
         if not isinstance(asr, DualDecoderASR):
@@ -220,22 +251,15 @@ class ANEConformer(nn.Module):
         if not hasattr(enc, "dims"):
             raise ValueError(f"{type(enc).__name__} has no ANE form: build the encoder as a ConformerEncoder")
         pos_enc = enc.pos_enc
-        max_len = max_len or (pos_enc.max_len if isinstance(pos_enc, TrainedRelPositionalEncoding) else
-                               pos_enc.pe.size(0))
-        ane = cls(enc.dims, asr.vocab_size, max_len=max_len, cmvn=cmvn is not None, prenorm=prenorm, p=p, fmt=fmt,
-                  softmax=softmax, lut_size=lut_size, lut_range=lut_range, lut_interp=lut_interp,
-                  lut_max_squarings=lut_max_squarings, performer_shift=performer_shift)
-        for i, (trained, built) in enumerate(zip(enc.blocks, ane.encoder.blocks)):
-            a, b = getattr(trained, "mhsa", None), getattr(built, "mhsa", None)
-            if type(a) is not type(b):  # a module swapped in after building: the recorded dims do not say it
-                raise ValueError(f"block {i}: {type(a).__name__} has no ANE form; the encoder's dims build "
-                                 f"{type(b).__name__} (attention variants live in models/, built from EncoderDims)")
+        trained_len = pos_enc.max_len if isinstance(pos_enc, TrainedRelPositionalEncoding) else pos_enc.pe.size(0)
+        ane = cls(enc.dims, asr.vocab_size, max_len=max_len or trained_len, cmvn=cmvn is not None, **options)
+        check_attention_modules(enc, ane.encoder)
         source = {**enc.state_dict(prefix="encoder."), **asr.ctc.state_dict(prefix="ctc.")}
         if cmvn is not None:
             source.update({"cmvn.mean": cmvn.mean, "cmvn.inv_std": cmvn.inv_std})
         ane.load_state_dict(channels_first_state(source, ane.state_dict()))
         originals = dict(asr.named_modules())
-        for name, module in ane.named_modules():
+        for name, module in ane.named_modules():  # the trained norms' eps (same names on both sides)
             if isinstance(module, (PreNormLayerNorm, nn.BatchNorm2d)):
                 module.eps = originals[name].eps
         return ane.eval()
@@ -247,8 +271,10 @@ class ANEConformer(nn.Module):
         if sub.subsample(feats.size(2)) != sub.freq or (self.cmvn is not None and feats.size(2) != self.idim):
             raise ValueError(f"features have {feats.size(2)} bins; this model takes {self.idim} (n_mels)")
         if sub.subsample(feats.size(1)) < 1:
-            raise ValueError(f"{feats.size(1)} frames are too few for the {2 ** sub.n_convs}x subsampling "
-                             f"(it needs at least {2 ** (sub.n_convs + 1) - 1})")
+            raise ValueError(
+                f"{feats.size(1)} frames are too few for the {2**sub.n_convs}x subsampling "
+                f"(it needs at least {2 ** (sub.n_convs + 1) - 1})"
+            )
 
     def encode(self, feats):
         # feats: (B, T, F) raw log-mels when CMVN is folded in, else normalised -> (B, D, 1, T')

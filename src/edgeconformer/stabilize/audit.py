@@ -84,8 +84,9 @@ def accumulated_sumsq(module: nn.Module, x: torch.Tensor, dims: tuple[int, ...])
         return centred_sumsq(x, dims)
     x = x.detach().double()
     y = x - x.mean(dims, keepdim=True)
-    s = prenormalizer(y, kind, getattr(module, "p", 2), getattr(module, "fmt", "fp16"), dims[0],
-                      getattr(module, "eps", 1e-5))
+    s = prenormalizer(
+        y, kind, getattr(module, "p", 2), getattr(module, "fmt", "fp16"), dims[0], getattr(module, "eps", 1e-5)
+    )
     z = y / s
     return (z * z).sum(dims)
 
@@ -95,8 +96,7 @@ def value_counts(x: torch.Tensor, limits: dict[str, float]) -> dict[str, float |
     x = x.detach()
     x = x if x.dtype == torch.float64 else x.float()  # float32 holds FP16/BF16 values and the limits exactly
     if not x.numel():
-        return {"max_abs": 0.0, "inf": 0, "nan": 0, "overflow": 0, "underflow": 0, "flush_to_zero": 0,
-                "elements": 0}
+        return {"max_abs": 0.0, "inf": 0, "nan": 0, "overflow": 0, "underflow": 0, "flush_to_zero": 0, "elements": 0}
     a = x.abs()
     # Few passes: NaN compares false everywhere, inf counts as "> max", so subtract those instead of masking.
     count = lambda m: int(torch.count_nonzero(m))  # noqa: E731
@@ -147,8 +147,9 @@ class _Recorder:
         self.limits = limits
         self.records: dict[str, dict] = {}
         self.cache: dict[int, tuple[torch.Tensor, int, dict]] = {}
-        self.handles = [m.register_forward_hook(self._hook(name or "<root>"), with_kwargs=True)
-                        for name, m in model.named_modules()]
+        self.handles = [
+            m.register_forward_hook(self._hook(name or "<root>"), with_kwargs=True) for name, m in model.named_modules()
+        ]
 
     def counts(self, t: torch.Tensor) -> dict:
         # Keyed by object identity; the strong reference keeps the id from being reused by another tensor, and
@@ -231,8 +232,12 @@ def default_forward(model: nn.Module, batch) -> torch.Tensor:
 
 
 def _peak(rec: dict) -> float:
-    return max(rec["out_max_abs"], rec["in_max_abs"], rec.get("ln_accumulated_peak", 0.0),
-               rec.get("softmax_max_abs_logit", 0.0))
+    return max(
+        rec["out_max_abs"],
+        rec["in_max_abs"],
+        rec.get("ln_accumulated_peak", 0.0),
+        rec.get("softmax_max_abs_logit", 0.0),
+    )
 
 
 def headroom_bits(peak: float, fmax: float) -> float | None:
@@ -248,15 +253,43 @@ def _worst(records: dict[str, dict], key: Callable[[dict], float], fmax: float) 
     return {"module": name, "peak": peak, "headroom_bits": headroom_bits(peak, fmax)}
 
 
+def _summary(records: dict[str, dict], fmax: float) -> dict:
+    """Adds each record's `peak` and `headroom_bits`; -> the report's summary: worst modules and totals."""
+    for rec in records.values():
+        rec["peak"] = _peak(rec)
+        rec["headroom_bits"] = headroom_bits(rec["peak"], fmax)
+    norms = {k: r for k, r in records.items() if "ln_sumsq_peak" in r}
+    softmaxes = {k: r for k, r in records.items() if "softmax_logit_range" in r}
+    totals = {k: sum(r[k] for r in records.values()) for k in ("inf", "nan", "overflow", "underflow", "flush_to_zero")}
+    return {
+        "worst": _worst(records, _peak, fmax),
+        "worst_activation": _worst(records, lambda r: max(r["out_max_abs"], r["in_max_abs"]), fmax),
+        "worst_layernorm_sumsq": _worst(norms, lambda r: r["ln_accumulated_peak"], fmax),
+        "worst_layernorm_input_sumsq": _worst(norms, lambda r: r["ln_sumsq_peak"], fmax),
+        "layernorm_rows_over": sum(r["ln_rows_over"] for r in norms.values()),
+        "layernorm_rows_nonfinite": sum(r["ln_rows_nonfinite"] for r in norms.values()),
+        "softmax_max_logit_range": max((r["softmax_logit_range"] for r in softmaxes.values()), default=None),
+        "layernorm_modules": len(norms),
+        "softmax_modules": len(softmaxes),
+        **totals,
+    }
+
+
 @torch.no_grad()
-def audit(model: nn.Module, batches: Iterable, fmt: str = "fp16",
-          forward: Callable[[nn.Module, object], object] = default_forward) -> dict:
+def audit(
+    model: nn.Module,
+    batches: Iterable,
+    fmt: str = "fp16",
+    forward: Callable[[nn.Module, object], object] = default_forward,
+) -> dict:
     """Runs `model` (eval mode, any dtype) over `batches` with forward hooks on every module; returns the
     report: {"format", "limits", "dtype", "batches", "modules": {name: record}, "summary", "notes"}."""
     limits = format_limits(fmt)
     if model.training:
-        raise ValueError("audit(model): put the model in eval mode first (model.eval()): dropout would change "
-                         "the activations being audited")
+        raise ValueError(
+            "audit(model): put the model in eval mode first (model.eval()): dropout would change "
+            "the activations being audited"
+        )
     recorder = _Recorder(model, limits)
     n = 0
     try:
@@ -269,33 +302,23 @@ def audit(model: nn.Module, batches: Iterable, fmt: str = "fp16",
         raise ValueError("audit(model, batches): no batches given; pass at least one utterance's features")
 
     records = recorder.records
-    fmax = limits["max"]
-    for rec in records.values():
-        rec["peak"] = _peak(rec)
-        rec["headroom_bits"] = headroom_bits(rec["peak"], fmax)
-    norms = {k: r for k, r in records.items() if "ln_sumsq_peak" in r}
-    softmaxes = {k: r for k, r in records.items() if "softmax_logit_range" in r}
-    totals = {k: sum(r[k] for r in records.values()) for k in ("inf", "nan", "overflow", "underflow",
-                                                                "flush_to_zero")}
-    summary = {
-        "worst": _worst(records, _peak, fmax),
-        "worst_activation": _worst(records, lambda r: max(r["out_max_abs"], r["in_max_abs"]), fmax),
-        "worst_layernorm_sumsq": _worst(norms, lambda r: r["ln_accumulated_peak"], fmax),
-        "worst_layernorm_input_sumsq": _worst(norms, lambda r: r["ln_sumsq_peak"], fmax),
-        "layernorm_rows_over": sum(r["ln_rows_over"] for r in norms.values()),
-        "layernorm_rows_nonfinite": sum(r["ln_rows_nonfinite"] for r in norms.values()),
-        "softmax_max_logit_range": max((r["softmax_logit_range"] for r in softmaxes.values()), default=None),
-        "layernorm_modules": len(norms),
-        "softmax_modules": len(softmaxes),
-        **totals,
-    }
+    summary = _summary(records, limits["max"])
     notes = []
-    if not softmaxes:
-        notes.append("no softmax module ran: attention is fused (F.scaled_dot_product_attention) or absent, so "
-                     "pre-softmax logits are not visible; audit the ANE-layout model to see them")
+    if not summary["softmax_modules"]:
+        notes.append(
+            "no softmax module ran: attention is fused (F.scaled_dot_product_attention) or absent, so "
+            "pre-softmax logits are not visible; audit the ANE-layout model to see them"
+        )
     dtype = next((str(p.dtype).replace("torch.", "") for p in model.parameters()), "none")
-    return {"format": fmt, "limits": limits, "dtype": dtype, "batches": n, "modules": records,
-            "summary": summary, "notes": notes}
+    return {
+        "format": fmt,
+        "limits": limits,
+        "dtype": dtype,
+        "batches": n,
+        "modules": records,
+        "summary": summary,
+        "notes": notes,
+    }
 
 
 def write_audit(report: dict, path_json: str | Path) -> Path:
@@ -315,14 +338,20 @@ def compare_audits(a: dict, b: dict, front_end: str = "subsampling") -> dict:
     ma, mb = a["modules"], b["modules"]
 
     def ratio(pa, pb):
-        return {"a_peak": pa, "b_peak": pb, "ratio": pb / pa if pa > 0 else None,
-                "bits": math.log2(pb / pa) if pa > 0 and pb > 0 else None}
+        return {
+            "a_peak": pa,
+            "b_peak": pb,
+            "ratio": pb / pa if pa > 0 else None,
+            "bits": math.log2(pb / pa) if pa > 0 and pb > 0 else None,
+        }
 
     modules = {k: ratio(ma[k]["peak"], mb[k]["peak"]) for k in ma if k in mb}
     fa, fb = _front_end(ma, front_end), _front_end(mb, front_end)
     if not fa or not fb:
-        raise ValueError(f"compare_audits: no module named with a {front_end!r} component in "
-                         f"{'a' if not fa else 'b'}; pass front_end= the front end's module name")
+        raise ValueError(
+            f"compare_audits: no module named with a {front_end!r} component in "
+            f"{'a' if not fa else 'b'}; pass front_end= the front end's module name"
+        )
     return {
         "modules": modules,
         "front_end": {
@@ -340,8 +369,11 @@ def _leaf_names(report: dict) -> list[str]:
     # Modules without children in the report (a parent's output repeats its last child's), dropouts left out (the
     # identity in eval mode); keeps the plot short.
     names = list(report["modules"])
-    return [n for n in names if not any(m.startswith(n + ".") for m in names) and n != "<root>"
-            and report["modules"][n]["type"] != "Dropout"]
+    return [
+        n
+        for n in names
+        if not any(m.startswith(n + ".") for m in names) and n != "<root>" and report["modules"][n]["type"] != "Dropout"
+    ]
 
 
 def _merged_order(lists: list[list[str]]) -> list[str]:
@@ -374,9 +406,10 @@ def plot_audit(reports: dict[str, dict], path_png: str | Path) -> Path:
     # A Figure without pyplot: no global figure registry, no backend selection (headless by construction).
     fig = Figure(figsize=(max(8.0, 0.12 * len(names) * len(reports)), 10))
     axes = fig.subplots(2, 1)
-    panels = [(axes[0], names, lambda rec: max(rec["out_max_abs"], rec["in_max_abs"]), "log2 max |activation|"),
-              (axes[1], norms, lambda rec: rec.get("ln_accumulated_peak", 0.0),
-               "log2 peak LayerNorm sum of squares")]
+    panels = [
+        (axes[0], names, lambda rec: max(rec["out_max_abs"], rec["in_max_abs"]), "log2 max |activation|"),
+        (axes[1], norms, lambda rec: rec.get("ln_accumulated_peak", 0.0), "log2 peak LayerNorm sum of squares"),
+    ]
     for ax, keys, value, label in panels:
         for i, (rname, r) in enumerate(reports.items()):
             ys = [log2(value(r["modules"][k])) if k in r["modules"] else float("nan") for k in keys]

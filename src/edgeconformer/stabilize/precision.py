@@ -81,6 +81,7 @@ def op_name(func) -> str:
 
 # ------------------------------------------------------------------------------------------------ CPU half probes
 
+
 def _probes() -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], bool]]]:
     """name -> (run the op on half inputs, does the result show an accumulator wider than FP16?).
 
@@ -102,15 +103,20 @@ def _probes() -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[torch.Ten
         "einsum": (lambda: torch.einsum("i,i->", big, ones4), lambda r: float(r) == 0.0),
         "conv1d": (lambda: F.conv1d(big[None, None], ones4[None, None]), lambda r: float(r) == 0.0),
         "conv2d": (lambda: F.conv2d(big.reshape(1, 4, 1, 1), ones4.reshape(1, 4, 1, 1)), lambda r: float(r) == 0.0),
-        "layer_norm": (lambda: F.layer_norm(row, (144,)),
-                       lambda r: bool(torch.isfinite(r).all()) and abs(float(r[0]) - 1.0) < 1e-2),
+        "layer_norm": (
+            lambda: F.layer_norm(row, (144,)),
+            lambda r: bool(torch.isfinite(r).all()) and abs(float(r[0]) - 1.0) < 1e-2,
+        ),
         "softmax": (lambda: torch.softmax(zeros, 0), lambda r: abs(float(r[0]) * 70000 - 1) < 1e-2),
         "log_softmax": (lambda: F.log_softmax(zeros, 0), lambda r: abs(float(r[0]) + math.log(70000)) < 1e-2),
-        "vector_norm": (lambda: torch.linalg.vector_norm(torch.full((4,), 300.0, dtype=h)),
-                        lambda r: float(r) == 600.0),
-        "scaled_dot_product_attention": (lambda: F.scaled_dot_product_attention(q, k, ones4.reshape(1, 1, 1, 4),
-                                                                                scale=1.0),
-                                         lambda r: bool(torch.isfinite(r).all())),
+        "vector_norm": (
+            lambda: torch.linalg.vector_norm(torch.full((4,), 300.0, dtype=h)),
+            lambda r: float(r) == 600.0,
+        ),
+        "scaled_dot_product_attention": (
+            lambda: F.scaled_dot_product_attention(q, k, ones4.reshape(1, 1, 1, 4), scale=1.0),
+            lambda r: bool(torch.isfinite(r).all()),
+        ),
     }
 
 
@@ -145,8 +151,11 @@ def probe_cpu_half() -> dict[str, dict[str, bool | str | None]]:
         except (RuntimeError, NotImplementedError) as e:
             out[name] = {"half_kernel": False, "wide_accumulation": None, "error": str(e)}
             continue
-        out[name] = {"half_kernel": result.dtype == torch.float16, "wide_accumulation": bool(wide(result)),
-                     "error": None}
+        out[name] = {
+            "half_kernel": result.dtype == torch.float16,
+            "wide_accumulation": bool(wide(result)),
+            "error": None,
+        }
     return out
 
 
@@ -157,6 +166,7 @@ def wide_accumulating_ops() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ FP16 reductions
+
 
 def pairwise_sum(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     """sum over `dim` as a pairwise tree, every addition rounded to x.dtype (log2(n) vectorised adds).
@@ -218,6 +228,7 @@ REDUCTIONS = {"torch.sum": False, "torch.Tensor.sum": False, "torch.mean": True,
 
 # ------------------------------------------------------------------------------------------------ the simulation
 
+
 class HalfSimulation(TorchFunctionMode):
     """Context manager: every torch call inside runs as FP16 as the CPU allows, and is accounted for.
 
@@ -225,8 +236,7 @@ class HalfSimulation(TorchFunctionMode):
     them, e.g. "torch.nn.functional.conv2d") always run in float32. accumulate: "native" (the CPU kernels) or
     "fp16" (sum/mean re-computed with FP16 additions). `report()` returns the counts."""
 
-    def __init__(self, dtype: torch.dtype = torch.float16, force_fp32: Iterable[str] = (),
-                 accumulate: str = "native"):
+    def __init__(self, dtype: torch.dtype = torch.float16, force_fp32: Iterable[str] = (), accumulate: str = "native"):
         super().__init__()
         if accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate={accumulate!r}: choose one of {ACCUMULATE}")
@@ -284,9 +294,13 @@ class HalfSimulation(TorchFunctionMode):
             return out
 
     def report(self) -> dict:
-        return {"dtype": str(self.dtype).replace("torch.", ""), "accumulate": self.accumulate,
-                "fallback_ops": dict(self.fallback_ops), "wide_accumulation_ops": dict(self.wide_accumulation_ops),
-                "emulated_reductions": dict(self.emulated_reductions)}
+        return {
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "accumulate": self.accumulate,
+            "fallback_ops": dict(self.fallback_ops),
+            "wide_accumulation_ops": dict(self.wide_accumulation_ops),
+            "emulated_reductions": dict(self.emulated_reductions),
+        }
 
 
 def _module_dtype(module: nn.Module) -> torch.dtype | None:
@@ -294,14 +308,22 @@ def _module_dtype(module: nn.Module) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def run_fp16(module: nn.Module, *args, force_fp32: Iterable[str] = (), accumulate: str = "native",
-             dtype: torch.dtype = torch.float16, **kwargs):
+def run_fp16(
+    module: nn.Module,
+    *args,
+    force_fp32: Iterable[str] = (),
+    accumulate: str = "native",
+    dtype: torch.dtype = torch.float16,
+    **kwargs,
+):
     """module(*args, **kwargs) under HalfSimulation, floating tensor inputs cast to `dtype`; the module must
     already be in that dtype (`to_precision(module, "fp16")`). Returns (output, report)."""
     have = _module_dtype(module)
     if have is not None and have != dtype:
-        raise ValueError(f"run_fp16: the module's parameters are {have}, not {dtype}; cast a copy first with "
-                         f"to_precision(module, 'fp16')")
+        raise ValueError(
+            f"run_fp16: the module's parameters are {have}, not {dtype}; cast a copy first with "
+            f"to_precision(module, 'fp16')"
+        )
     cast = lambda t: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
     with one_thread(), HalfSimulation(dtype, force_fp32, accumulate) as sim:
         out = module(*tree_map(cast, args), **tree_map(cast, kwargs))
@@ -323,16 +345,23 @@ def one_thread():
 
 # ------------------------------------------------------------------------------------------------ precision modes
 
+
 class PrecisionModel:
     """feats (B, T, F) raw log-mels (CMVN folded in) -> CTC log-probs (B, T', V) in float32, in one precision mode.
 
     `report` accumulates the simulation counts over every call (all zeros/empty for "fp32")."""
 
-    def __init__(self, mode: str, module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
-                 simulation: dict | None):
+    def __init__(
+        self, mode: str, module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], simulation: dict | None
+    ):
         self.mode, self.module, self._forward, self.simulation = mode, module, forward, simulation
-        self.report = {"mode": mode, "calls": 0, "fallback_ops": Counter(), "wide_accumulation_ops": Counter(),
-                       "emulated_reductions": Counter()}
+        self.report = {
+            "mode": mode,
+            "calls": 0,
+            "fallback_ops": Counter(),
+            "wide_accumulation_ops": Counter(),
+            "emulated_reductions": Counter(),
+        }
 
     @torch.no_grad()
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
@@ -349,10 +378,38 @@ class PrecisionModel:
         return {k: dict(v) if isinstance(v, Counter) else v for k, v in self.report.items()}
 
 
-def precision_model(asr, mode: str, cmvn: nn.Module | None = None, prenorm: str = "mad", p: int = 2,
-                    fmt: str = "fp16", softmax: str = "lut", lut_size: int = 256, lut_range: float = 16.0,
-                    lut_interp: str = "linear", lut_max_squarings=None, performer_shift: bool = True,
-                    accumulate: str = "native", force_fp32: Iterable[str] = ()) -> PrecisionModel:
+def _fp32_model(asr, cmvn: nn.Module | None) -> PrecisionModel:
+    """The "fp32" mode: a float32 copy of the original model (+ CMVN), run as trained (feats (B, T, F) -> CTC)."""
+    model = copy.deepcopy(asr).float().eval()
+    norm = None if cmvn is None else copy.deepcopy(cmvn).float()
+
+    def forward(feats):
+        feats = feats.float()
+        lengths = torch.full((feats.size(0),), feats.size(1), dtype=torch.long)
+        if norm is not None:
+            feats = norm(feats, lengths)
+        encoder_out, _ = model.encode(feats, lengths)
+        return model.ctc_log_probs(encoder_out)
+
+    return PrecisionModel("fp32", model, forward, None)
+
+
+def precision_model(
+    asr,
+    mode: str,
+    cmvn: nn.Module | None = None,
+    prenorm: str = "mad",
+    p: int = 2,
+    fmt: str = "fp16",
+    softmax: str = "lut",
+    lut_size: int = 256,
+    lut_range: float = 16.0,
+    lut_interp: str = "linear",
+    lut_max_squarings=None,
+    performer_shift: bool = True,
+    accumulate: str = "native",
+    force_fp32: Iterable[str] = (),
+) -> PrecisionModel:
     """A trained DualDecoderASR (+ its GlobalCMVN, or None when features are already normalised) in one of MODES.
 
     prenorm/p/fmt/softmax/lut_*/performer_shift configure the stabilized "fp16" mode; "fp16_unstabilized" always
@@ -365,23 +422,22 @@ def precision_model(asr, mode: str, cmvn: nn.Module | None = None, prenorm: str 
         hint = " (an ASRModule? pass module.model and cmvn=module.cmvn)" if hasattr(asr, "model") else ""
         raise ValueError(f"precision_model needs a DualDecoderASR, got {type(asr).__name__}{hint}")
     if mode == "fp32":
-        model = copy.deepcopy(asr).float().eval()
-        norm = None if cmvn is None else copy.deepcopy(cmvn).float()
-
-        def forward(feats):
-            feats = feats.float()
-            lengths = torch.full((feats.size(0),), feats.size(1), dtype=torch.long)
-            if norm is not None:
-                feats = norm(feats, lengths)
-            encoder_out, _ = model.encode(feats, lengths)
-            return model.ctc_log_probs(encoder_out)
-
-        return PrecisionModel(mode, model, forward, None)
+        return _fp32_model(asr, cmvn)
     if mode == "fp16_unstabilized":
         prenorm, softmax, performer_shift = "none", "exact", False
-    ane = ANEConformer.from_asr(asr, cmvn, prenorm=prenorm, p=p, fmt=fmt, softmax=softmax, lut_size=lut_size,
-                                lut_range=lut_range, lut_interp=lut_interp, lut_max_squarings=lut_max_squarings,
-                                performer_shift=performer_shift)
+    ane = ANEConformer.from_asr(
+        asr,
+        cmvn,
+        prenorm=prenorm,
+        p=p,
+        fmt=fmt,
+        softmax=softmax,
+        lut_size=lut_size,
+        lut_range=lut_range,
+        lut_interp=lut_interp,
+        lut_max_squarings=lut_max_squarings,
+        performer_shift=performer_shift,
+    )
     half = to_precision(ane, "fp16").eval()
     if accumulate == "fp16":
         # The LayerNorms' own device algorithm: every reduction rounded after each addition, means taken as sums of

@@ -32,10 +32,10 @@ PRENORMS = ("none", "mad", "linf", "optimal")
 @dataclass(frozen=True)
 class FloatFormat:
     name: str
-    max: float            # largest finite value M
-    min_normal: float     # smallest positive normal m
+    max: float  # largest finite value M
+    min_normal: float  # smallest positive normal m
     min_subnormal: float  # smallest positive subnormal
-    mantissa_bits: int    # stored fraction bits; unit roundoff u = 2^-(mantissa_bits + 1)
+    mantissa_bits: int  # stored fraction bits; unit roundoff u = 2^-(mantissa_bits + 1)
     dtype: torch.dtype
 
     @property
@@ -206,30 +206,23 @@ def bounds(prenorm, p, fmt, d):
     f = get_format(fmt)
     if d < 1:
         raise ValueError(f"d must be >= 1, got {d}")
-    M, m, u = f.max, f.min_normal, f.unit_roundoff
+    M = f.max
     gamma = rounding_growth(prenorm, p, f, d)
     if prenorm == "none":
         exact = computed = math.inf
     elif prenorm == "optimal":
-        exact = computed = M / gamma                   # by construction of overflow_safe_scale
+        exact = computed = M / gamma  # by construction of overflow_safe_scale
     else:
         exact, computed = _sup_sum(prenorm, p, d, True), _sup_sum(prenorm, p, d, False)
     max_partial = M if prenorm == "optimal" else computed * gamma
     safe = {"none": (0, 0), "optimal": (None, None)}.get(prenorm)
     if safe is None:
         safe = (_largest_safe_d(prenorm, p, f, False), _largest_safe_d(prenorm, p, f, True))
-    # smallest possible sum, which lost terms are compared with: mean|z| = 1 (MAD, up to the rounding of s),
-    # max|z| = 1 (L-inf, exact), (max|y| / s)^p > M / (2^p gamma d) (optimal: s < twice its continuous optimum)
-    min_sum = {"none": 0.0, "mad": d / gamma, "linf": 1.0, "optimal": M * (1 - u) / (2**p * gamma * d)}[prenorm]
-    ratio = {
-        "none": None,
-        "mad": m ** (1 / p),                           # s = mean|y| <= max|y|
-        "linf": m ** (1 / p),
-        "optimal": (2**p * gamma * d * m / M) ** (1 / p),
-    }[prenorm]
-    n_under = d if prenorm == "none" else d - 1    # the largest term of a pre-normalized row is >= 1 > m
     return {
-        "prenorm": prenorm, "p": p, "format": f.name, "d": d,
+        "prenorm": prenorm,
+        "p": p,
+        "format": f.name,
+        "d": d,
         "max_sum_exact": exact,
         "max_sum_computed": computed,
         "rounding_growth": gamma,
@@ -237,6 +230,24 @@ def bounds(prenorm, p, fmt, d):
         "overflow_free": max_partial <= M,
         "largest_safe_d": safe[0],
         "largest_safe_d_centered": safe[1],
+        **_underflow_bounds(prenorm, p, f, d, gamma),
+    }
+
+
+def _underflow_bounds(prenorm, p, f, d, gamma):
+    # The underflow entries of `bounds` (FTZ worst case: a term below m is lost entirely).
+    M, m, u = f.max, f.min_normal, f.unit_roundoff
+    # smallest possible sum, which lost terms are compared with: mean|z| = 1 (MAD, up to the rounding of s),
+    # max|z| = 1 (L-inf, exact), (max|y| / s)^p > M / (2^p gamma d) (optimal: s < twice its continuous optimum)
+    min_sum = {"none": 0.0, "mad": d / gamma, "linf": 1.0, "optimal": M * (1 - u) / (2**p * gamma * d)}[prenorm]
+    ratio = {
+        "none": None,
+        "mad": m ** (1 / p),  # s = mean|y| <= max|y|
+        "linf": m ** (1 / p),
+        "optimal": (2**p * gamma * d * m / M) ** (1 / p),
+    }[prenorm]
+    n_under = d if prenorm == "none" else d - 1  # the largest term of a pre-normalized row is >= 1 > m
+    return {
         "underflow_ratio": ratio,
         "underflow_abs": m ** (1 / p) if prenorm == "none" else None,
         "max_underflow_terms": n_under,
@@ -308,16 +319,18 @@ def worst_case_row(d, prenorm="mad", fmt="fp16", centred=False, accumulate="sequ
     target = torch.zeros(d, dtype=f.dtype)
     target[-1] = 1.0
     base = 2.0**f.mantissa_bits
-    for start in range(0, 2**f.mantissa_bits - 1, 64):              # candidate bulk values, 64 at a time
+    for start in range(0, 2**f.mantissa_bits - 1, 64):  # candidate bulk values, 64 at a time
         k = torch.arange(start, min(start + 64, 2**f.mantissa_bits - 1), dtype=torch.float64)
-        x = (base + k)[:, None].expand(-1, d).clone()                # (64, d), exact in the format
+        x = (base + k)[:, None].expand(-1, d).clone()  # (64, d), exact in the format
         x[:, -1] += 1
         x = x.to(f.dtype)
         ok = (centered(x, -1, accumulate) == target).all(-1)
         if ok.any():
             return x[int(ok.nonzero()[0])]
-    raise ValueError(f"no bulk value in [2^{f.mantissa_bits}, 2^{f.mantissa_bits + 1}) centres to a single spike "
-                     f"at d = {d} ({fmt}, {accumulate})")
+    raise ValueError(
+        f"no bulk value in [2^{f.mantissa_bits}, 2^{f.mantissa_bits + 1}) centres to a single spike "
+        f"at d = {d} ({fmt}, {accumulate})"
+    )
 
 
 def first_overflow_d(prenorm="mad", p=2, fmt="fp16", centred=False, accumulate="sequential", d_max=4096):
@@ -331,7 +344,7 @@ def first_overflow_d(prenorm="mad", p=2, fmt="fp16", centred=False, accumulate="
     if prenorm == "none":
         raise ValueError("prenorm 'none' overflows at every width for large enough values")
     if prenorm == "optimal":
-        return None                                                 # M by construction (overflow_safe_scale)
+        return None  # M by construction (overflow_safe_scale)
     proven = _largest_safe_d(prenorm, p, f, centred)
     if proven is None:
         return None
@@ -352,11 +365,11 @@ def layer_norm(x, weight, bias, eps, prenorm="none", p=2, fmt="fp16", dim=-1, ac
     _check(prenorm, p)
     dim = dim % x.dim()
     d = x.shape[dim]
-    y = centered(x, dim, accumulate)                         # (..., d, ...)
+    y = centered(x, dim, accumulate)  # (..., d, ...)
     s = prenormalizer(y, prenorm, p, fmt, dim, eps, accumulate)  # (..., 1, ...)
     z = y / s
     var = _sum(z * z, dim, accumulate) / d if accumulate == "sequential" else (z * z).mean(dim, keepdim=True)
-    eps_s = eps / s / s                                      # eps / s^2 without forming s^2 (it may overflow)
+    eps_s = eps / s / s  # eps / s^2 without forming s^2 (it may overflow)
     out = z * torch.rsqrt(var + eps_s)
     shape = [1] * x.dim()
     shape[dim] = d
@@ -393,9 +406,12 @@ class PreNormLayerNorm(nn.Module):
         return m
 
     def forward(self, x):
-        return layer_norm(x, self.weight, self.bias, self.eps, self.prenorm, self.p, self.fmt, self.dim,
-                          self.accumulate)
+        return layer_norm(
+            x, self.weight, self.bias, self.eps, self.prenorm, self.p, self.fmt, self.dim, self.accumulate
+        )
 
     def extra_repr(self):
-        return (f"{self.weight.shape[0]}, eps={self.eps}, prenorm={self.prenorm}, p={self.p}, fmt={self.fmt}, "
-                f"dim={self.dim}, accumulate={self.accumulate}")
+        return (
+            f"{self.weight.shape[0]}, eps={self.eps}, prenorm={self.prenorm}, p={self.p}, fmt={self.fmt}, "
+            f"dim={self.dim}, accumulate={self.accumulate}"
+        )

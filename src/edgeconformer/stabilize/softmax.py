@@ -114,10 +114,10 @@ def lut_softmax(scores, dim=-1, mask=None, table_size=256, range_=16.0, interp="
         mask = mask.expand_as(scores)
     dim = dim % scores.dim()
     cap = resolve_max_squarings(max_squarings, range_, scores.shape[dim], dtype)
-    z, valid = _centered(scores, dim, mask)                       # (..., d, ...) <= 0
-    k = _row_k(z, valid, dim, range_, cap)                        # (..., 1, ...)
-    w = z * torch.exp2(-k.to(torch.float64)).to(dtype)            # z / 2^k: exact (power of two), in [-R, 0]
-    t = -w * torch.tensor((K - 1) / range_, dtype=dtype)          # table position from the top: accurate near z=0
+    z, valid = _centered(scores, dim, mask)  # (..., d, ...) <= 0
+    k = _row_k(z, valid, dim, range_, cap)  # (..., 1, ...)
+    w = z * torch.exp2(-k.to(torch.float64)).to(dtype)  # z / 2^k: exact (power of two), in [-R, 0]
+    t = -w * torch.tensor((K - 1) / range_, dtype=dtype)  # table position from the top: accurate near z=0
     inside = valid & (w >= -range_)
     t = torch.where(inside, t, torch.zeros_like(t))
     table = exp_table(K, range_, dtype).to(scores.device)
@@ -125,12 +125,12 @@ def lut_softmax(scores, dim=-1, mask=None, table_size=256, range_=16.0, interp="
         e = table[torch.round(t).long().clamp(0, K - 1)]
     else:
         j = torch.floor(t)
-        frac = t - j                                              # exact in binary floating point
-        j = j.long().clamp(0, K - 1)                              # t may round up past K - 1; D[K-1] = 0 there
+        frac = t - j  # exact in binary floating point
+        j = j.long().clamp(0, K - 1)  # t may round up past K - 1; D[K-1] = 0 there
         e = table[j] + frac * diff_table(K, range_, dtype).to(scores.device)[j]
     e = torch.where(inside, e, torch.zeros_like(e))
     nan = scores.isnan() if mask is None else scores.isnan() & mask
-    e = torch.where(nan, torch.full_like(e, float("nan")), e)     # a NaN score poisons its row, as in torch.softmax
+    e = torch.where(nan, torch.full_like(e, float("nan")), e)  # a NaN score poisons its row, as in torch.softmax
     # Squarings, only where the row needs them. With a cap the loop count is a constant, so a traced graph (Core ML
     # export) is the same for every input; without one it follows this input's largest k.
     steps = cap if cap is not None else (int(k.max()) if k.numel() else 0)
@@ -153,8 +153,10 @@ class LUTSoftmax(nn.Module):
         return lut_softmax(scores, dim, mask, self.table_size, self.range_, self.interp, self.max_squarings)
 
     def extra_repr(self):
-        return (f"table_size={self.table_size}, range_={self.range_}, interp={self.interp}, "
-                f"max_squarings={self.max_squarings}")
+        return (
+            f"table_size={self.table_size}, range_={self.range_}, interp={self.interp}, "
+            f"max_squarings={self.max_squarings}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,8 +178,9 @@ def _interp_error(w, h, interp):
     return np.exp(theta * h) * (1 - theta * c) - 1
 
 
-def error_bound(table_size, range_, interp="linear", dtype=torch.float16, k=0, width=64, floor=1e-3,
-                max_squarings=None):
+def error_bound(
+    table_size, range_, interp="linear", dtype=torch.float16, k=0, width=64, floor=1e-3, max_squarings=None
+):
     """Worst-case error of lut_softmax against the exact softmax of the same scores, for a row of `width` unmasked
     entries that uses k squarings: {"abs": bound on |p_hat - p| for every entry, "rel": bound on |p_hat/p - 1| for
     entries with p >= floor}. inf where the bound is vacuous. Derivation: docs/stabilization.md, section 2."""
@@ -191,8 +194,8 @@ def error_bound(table_size, range_, interp="linear", dtype=torch.float16, k=0, w
     truncated = 0.0
     max_squarings = resolve_max_squarings(max_squarings, R, n, f.dtype)
     if max_squarings is not None and k >= max_squarings:
-        truncated = math.exp(-R * q / (1 + u) ** 2)                 # entries beyond the table are set to 0
-    eta = (k + 3) * mu + truncated                                  # absolute error of one entry (subnormals)
+        truncated = math.exp(-R * q / (1 + u) ** 2)  # entries beyond the table are set to 0
+    eta = (k + 3) * mu + truncated  # absolute error of one entry (subnormals)
     sigma = (n - 1) * 2.0**-24 + (u if f.dtype != torch.float32 else 0.0)  # torch sums in float32, rounds once
 
     # |zeta| ranges over [0, zmax]; lg_up[i] bounds log B on [0, grid[i]]
@@ -211,8 +214,8 @@ def error_bound(table_size, range_, interp="linear", dtype=torch.float16, k=0, w
         scale = (1 + u) / ((1 - eps_s) * (1 - sigma))
         rnd = (u + sigma) / (1 - sigma)
         extra = eta / ((1 - eps_s) * (1 - sigma)) + mu / 2
-        p_hi = np.exp(-grid[:-1])                                   # on [grid_i, grid_i+1]: p <= exp(-grid_i)
-        pq = np.where(p_hi <= 0.5, p_hi * (1 - p_hi), 0.25)         # p (1 - p) <= that
+        p_hi = np.exp(-grid[:-1])  # on [grid_i, grid_i+1]: p <= exp(-grid_i)
+        pq = np.where(p_hi <= 0.5, p_hi * (1 - p_hi), 0.25)  # p (1 - p) <= that
         dev = (pq * (np.expm1(lg_up[1:]) + b0) + p_hi * tail) * scale + p_hi * rnd
         abs_ = float(np.max(dev)) + extra
         z_floor = math.log(1 / floor)
@@ -226,20 +229,24 @@ def _log_growth(K: int, R: float, q: float, f, interp: str):
     squarings; alpha, the relative rounding of the computed position)."""
     u, mu, h = f.unit_roundoff, f.min_subnormal, R / (K - 1)
     c = (K - 1) / R
-    u_c = abs(float(torch.tensor(c, dtype=f.dtype)) - c) / c        # rounding of the index scale (often exact)
-    alpha = (1 + u) ** 2 * (1 + u_c) - 1                            # rounding of z = s - max and of t = -w c
+    u_c = abs(float(torch.tensor(c, dtype=f.dtype)) - c) / c  # rounding of the index scale (often exact)
+    alpha = (1 + u) ** 2 * (1 + u_c) - 1  # rounding of z = s - max and of t = -w c
     if interp == "nearest":
-        d_rnd = u                                                   # the table entry
-    else:                                                           # T_j + frac * D_j: entries, product, sum
+        d_rnd = u  # the table entry
+    else:  # T_j + frac * D_j: entries, product, sum
         d_rnd = (1 + u) * (1 + u * np.exp(h) + (2 * u + u * u) * np.expm1(h)) - 1
-    log_sub = q * (h * mu + mu)                                     # subnormal w and t, after 2^k squarings
+    log_sub = q * (h * mu + mu)  # subnormal w and t, after 2^k squarings
 
     def log_growth(zeta):
         # log B(zeta) (k squarings double log errors)
-        w = zeta * (1 + alpha) / q                                  # the computed position may lie further out
+        w = zeta * (1 + alpha) / q  # the computed position may lie further out
         with np.errstate(over="ignore"):
-            return (alpha * zeta + log_sub + q * (np.log1p(_interp_error(w, h, interp)) + np.log1p(d_rnd))
-                    + (q - 1) * np.log1p(u))
+            return (
+                alpha * zeta
+                + log_sub
+                + q * (np.log1p(_interp_error(w, h, interp)) + np.log1p(d_rnd))
+                + (q - 1) * np.log1p(u)
+            )
 
     return log_growth, alpha
 
@@ -250,7 +257,7 @@ def _row_sum_error(grid, lg, lg_up, alpha: float, n: int, eta: float) -> tuple[f
     with np.errstate(over="ignore", invalid="ignore"):
         # row-sum error relative to S >= 1: entries within Z0 are off by at most B(Z0) - 1 relative; each entry
         # beyond Z0 by at most (B(zeta) - 1) exp(-zeta) absolute, whose largest value past Z0 is tau(Z0)
-        piece = np.expm1(lg_up[1:]) * np.exp(-grid[:-1])            # bound on [grid_i, grid_i+1]
+        piece = np.expm1(lg_up[1:]) * np.exp(-grid[:-1])  # bound on [grid_i, grid_i+1]
         tau = np.append(np.maximum.accumulate(piece[::-1])[::-1], 0.0)
         tails = n * tau + n * eta
         sum_err = np.expm1(lg_up) + tails
@@ -278,24 +285,33 @@ def adversarial_rows(n_rows=1024, width=64, seed=0, range_=16.0):
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
-    fams.append(randn(per, width) * 10 ** (rand(per, 1) * 2 - 2))                          # ranges ~ 0.01 .. 1
-    fams.append(-rand(per, width) * range_ * (0.5 + rand(per, 1)))                         # ranges ~ R
+    fams.append(randn(per, width) * 10 ** (rand(per, 1) * 2 - 2))  # ranges ~ 0.01 .. 1
+    fams.append(-rand(per, width) * range_ * (0.5 + rand(per, 1)))  # ranges ~ R
     fams.append(-rand(per, width) * range_ * 2 ** torch.randint(1, 11, (per, 1), generator=g))  # >> R
     x = randn(per, width)
-    x[:, 0] += 10 ** (1 + 3 * rand(per))                                                   # one huge outlier
+    x[:, 0] += 10 ** (1 + 3 * rand(per))  # one huge outlier
     fams.append(x)
     x = randn(per, width) * rand(per, 1) * 2
-    x[:, -1] = -range_ * 2 ** (rand(per) * 10)                                             # one far below
+    x[:, -1] = -range_ * 2 ** (rand(per) * 10)  # one far below
     fams.append(x)
-    fams.append((randn(per, 1) * 100).expand(per, width).clone())                          # constant rows
+    fams.append((randn(per, 1) * 100).expand(per, width).clone())  # constant rows
     std = torch.tensor([1.0, 3.0, 10.0], dtype=torch.float64)[torch.randint(0, 3, (per, 1), generator=g)]
-    fams.append(randn(per, width) * std)                                                   # attention-like
+    fams.append(randn(per, width) * std)  # attention-like
     rows = torch.cat(fams)[:n_rows]
     return rows[torch.randperm(len(rows), generator=g)]
 
 
-def measure_error(table_size, range_, interp="linear", dtype=torch.float16, n_rows=1024, width=64, seed=0,
-                  floor=1e-3, max_squarings=None):
+def measure_error(
+    table_size,
+    range_,
+    interp="linear",
+    dtype=torch.float16,
+    n_rows=1024,
+    width=64,
+    seed=0,
+    floor=1e-3,
+    max_squarings=None,
+):
     """Max errors of lut_softmax on adversarial_rows (cast to `dtype`) against a float64 softmax of the same cast
     scores. max_rel_error is over entries with p >= floor; bound_* is error_bound at the largest k measured."""
     scores = adversarial_rows(n_rows, width, seed, range_).to(dtype)
@@ -310,25 +326,43 @@ def measure_error(table_size, range_, interp="linear", dtype=torch.float16, n_ro
     b0 = error_bound(table_size, range_, interp, dtype, 0, width, floor, max_squarings)
     bk = error_bound(table_size, range_, interp, dtype, kmax, width, floor, max_squarings)
     return {
-        "table_size": int(table_size), "range": float(range_), "interp": interp, "dtype": str(dtype).split(".")[-1],
-        "rows": int(n_rows), "width": int(width), "floor": floor, "max_k": kmax,
+        "table_size": int(table_size),
+        "range": float(range_),
+        "interp": interp,
+        "dtype": str(dtype).split(".")[-1],
+        "rows": int(n_rows),
+        "width": int(width),
+        "floor": floor,
+        "max_k": kmax,
         "rescaled_rows": int((~rows0).sum()),
         "max_abs_error": float(err.max()),
         "max_rel_error": float(rel.max()),
         "max_abs_error_k0": float(err[rows0].max()) if rows0.any() else 0.0,
         "max_rel_error_k0": float(rel[rows0].max()) if rows0.any() else 0.0,
-        "bound_abs_k0": b0["abs"], "bound_rel_k0": b0["rel"],
-        "bound_abs": bk["abs"], "bound_rel": bk["rel"],
+        "bound_abs_k0": b0["abs"],
+        "bound_rel_k0": b0["rel"],
+        "bound_abs": bk["abs"],
+        "bound_rel": bk["rel"],
     }
 
 
-def error_table(table_sizes=(16, 64, 256, 1024), ranges=(8.0, 16.0), interps=INTERPS, dtype=torch.float16,
-                n_rows=4096, width=64, seed=0, floor=1e-3):
+def error_table(
+    table_sizes=(16, 64, 256, 1024),
+    ranges=(8.0, 16.0),
+    interps=INTERPS,
+    dtype=torch.float16,
+    n_rows=4096,
+    width=64,
+    seed=0,
+    floor=1e-3,
+):
     """Markdown table of measure_error (the one in docs/stabilization.md): per K, R and interpolation the bound and
     the measured errors on rows within R (k = 0), then all rows with uncapped squarings and with the "auto" cap."""
-    lines = ["| K | R | interp | step h | bound abs (k=0) | measured abs (k=0) | bound rel (k=0) | measured rel (k=0) "
-             "| measured abs, all rows (max k) | measured rel, all rows | measured abs, all rows, auto cap (k<=) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| K | R | interp | step h | bound abs (k=0) | measured abs (k=0) | bound rel (k=0) | measured rel (k=0) "
+        "| measured abs, all rows (max k) | measured rel, all rows | measured abs, all rows, auto cap (k<=) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for R in ranges:
         for interp in interps:
             for K in table_sizes:
@@ -338,7 +372,8 @@ def error_table(table_sizes=(16, 64, 256, 1024), ranges=(8.0, 16.0), interps=INT
                     f"| {K} | {R:g} | {interp} | {R / (K - 1):.3g} | {full['bound_abs_k0']:.2e} "
                     f"| {full['max_abs_error_k0']:.2e} | {full['bound_rel_k0']:.2e} | {full['max_rel_error_k0']:.2e} "
                     f"| {full['max_abs_error']:.2e} ({full['max_k']}) | {full['max_rel_error']:.2e} "
-                    f"| {auto['max_abs_error']:.2e} ({auto['max_k']}) |")
+                    f"| {auto['max_abs_error']:.2e} ({auto['max_k']}) |"
+                )
     return "\n".join(lines)
 
 

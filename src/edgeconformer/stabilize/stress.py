@@ -63,8 +63,10 @@ def scale_activations(asr: DualDecoderASR, gain: float) -> DualDecoderASR:
         raise ValueError(f"gain must be a finite number > 0, got {gain}")
     if not isinstance(asr.encoder.pos_enc, RelPositionalEncoding):
         # x * sqrt(D) + PE(t): the added table would not be scaled, so block 0 would not see g x.
-        raise ValueError("scale_activations needs relative positional encoding (model.encoder.pos=rel): the "
-                         "absolute encoding adds an unscaled position table to the residual stream")
+        raise ValueError(
+            "scale_activations needs relative positional encoding (model.encoder.pos=rel): the "
+            "absolute encoding adds an unscaled position table to the residual stream"
+        )
     scaled = copy.deepcopy(asr)
     enc = scaled.encoder
     blocks = enc.blocks
@@ -104,6 +106,8 @@ def safe_gain(report: dict, margin_bits: float = 1.0, max_gain: float = 512.0) -
         raise ValueError("safe_gain: the audit saw no finite nonzero activation; audit the model on real utterances")
     bits = math.floor(headroom - margin_bits)
     if bits < 0:
-        raise ValueError(f"safe_gain: the unscaled model has only {headroom:.2f} bits of headroom "
-                         f"(margin {margin_bits}); it needs no stress to overflow")
+        raise ValueError(
+            f"safe_gain: the unscaled model has only {headroom:.2f} bits of headroom "
+            f"(margin {margin_bits}); it needs no stress to overflow"
+        )
     return min(2.0**bits, float(max_gain))

@@ -50,8 +50,9 @@ def load_run(variant: str, seed: int, root=".") -> Run:
     except FileNotFoundError as e:
         raise UserError(f"{e.filename}: not found; run `dvc repro evaluate@{paths.name}` first") from None
     if not isinstance(evaluation, dict):
-        raise UserError(f"{paths.evaluation}: expected a JSON object of metrics; re-run "
-                        f"`dvc repro evaluate@{paths.name}`")
+        raise UserError(
+            f"{paths.evaluation}: expected a JSON object of metrics; re-run `dvc repro evaluate@{paths.name}`"
+        )
     return Run(variant, int(seed), RunMetrics.parse(evaluation), rows)
 
 
@@ -70,25 +71,36 @@ def variant_summary(runs: list[Run]) -> VariantMetrics:
             headline_keys.update({f"{key}_mean": mean, f"{key}_sd": sd})
     rtf = [r.evaluation.get("rtf_cpu") for r in runs if r.evaluation.get("rtf_cpu") is not None]
     return VariantMetrics(
-        variant=runs[0].variant, n_seeds=len(runs), n_utterances=first.get("n_utterances"), **headline_keys,
+        variant=runs[0].variant,
+        n_seeds=len(runs),
+        n_utterances=first.get("n_utterances"),
+        **headline_keys,
         **{key: first.get(key) for key in FIXED},
         rtf_cpu=float(np.median(rtf)) if rtf else None,  # median over seeds: timing noise, not a model effect
-        stats=stats, seeds=[replace(r.evaluation, seed=r.seed) for r in runs])
+        stats=stats,
+        seeds=[replace(r.evaluation, seed=r.seed) for r in runs],
+    )
 
 
 def headline(summary: dict, comparisons: list[dict], variant: str, base: str | None) -> dict:
     """reports/headline/<variant>.json, the only file DVC registers as metrics: a few short keys so that `dvc
     metrics show` and `dvc exp show --only-metrics` fit a 120-column terminal (one row per variant). Everything
     else is in metrics/<variant>.json and metrics/comparisons.json."""
+
     def r(v, digits):
         return None if v is None else round(float(v), digits)
 
     vs = next((c for c in comparisons if c["a"] == f"{variant}/fp32" and c["b"] == f"{base}/fp32"), None)
-    return {"seeds": summary["n_seeds"], "wer": r(summary.get("wer_fp32_mean"), 2),
-            "wer_sd": r(summary.get("wer_fp32_sd"), 2), "vs_base": r(vs["diff"], 2) if vs else None,
-            "ci95": f"[{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs else None,
-            "gflops": r(summary.get("gflops_per_audio_second"), 3), "params_m": r(summary.get("params_millions"), 2),
-            "rtf": r(summary.get("rtf_cpu"), 4)}
+    return {
+        "seeds": summary["n_seeds"],
+        "wer": r(summary.get("wer_fp32_mean"), 2),
+        "wer_sd": r(summary.get("wer_fp32_sd"), 2),
+        "vs_base": r(vs["diff"], 2) if vs else None,
+        "ci95": f"[{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs else None,
+        "gflops": r(summary.get("gflops_per_audio_second"), 3),
+        "params_m": r(summary.get("params_millions"), 2),
+        "rtf": r(summary.get("rtf_cpu"), 4),
+    }
 
 
 def side(runs: list[Run], mode: str, ids: list[str]) -> np.ndarray:
@@ -142,9 +154,18 @@ def run_comparison(by_variant, spec, c: DictConfig) -> dict:
     words = np.asarray([{row["id"]: row for row in ra[0].rows}[i][ma]["ref_words"] for i in ids], dtype=np.float64)
     same_models = va == vb
     same_seeds = [r.seed for r in ra] == [r.seed for r in rb]
-    result = paired(f"{va}/{ma}", f"{vb}/{mb}", "wer", side(ra, ma, ids), side(rb, mb, ids), words,
-                    paired_seeds=same_models or same_seeds, resamples=int(c.resamples),
-                    confidence=float(c.confidence), seed=int(c.seed))
+    result = paired(
+        f"{va}/{ma}",
+        f"{vb}/{mb}",
+        "wer",
+        side(ra, ma, ids),
+        side(rb, mb, ids),
+        words,
+        paired_seeds=same_models or same_seeds,
+        resamples=int(c.resamples),
+        confidence=float(c.confidence),
+        seed=int(c.seed),
+    )
     d = result.to_dict()
     d["seeds"] = [[r.seed for r in ra], [r.seed for r in rb]]
     return d
@@ -163,32 +184,43 @@ def compare(cfg: DictConfig, root=".") -> dict:
     for variant, vruns in by_variant.items():
         summaries[variant] = variant_summary(vruns).to_dict()
         write_json_atomic(variant_metrics_path(variant, metrics_dir), summaries[variant])
-    comparisons = [run_comparison(by_variant, spec, cfg.compare)
-                   for spec in comparison_specs(by_variant, list(cfg.get("compared") or []), cfg.compare)]
+    comparisons = [
+        run_comparison(by_variant, spec, cfg.compare)
+        for spec in comparison_specs(by_variant, list(cfg.get("compared") or []), cfg.compare)
+    ]
     write_json_atomic(metrics_dir / "comparisons.json", comparisons)
     base = next((v for v in cfg.get("compared") or [] if v in by_variant), None)
     for variant, summary in summaries.items():
-        write_json_atomic(Path(root) / HEADLINE_DIR / f"{variant}.json",
-                          headline(summary, comparisons, variant, base))
+        write_json_atomic(Path(root) / HEADLINE_DIR / f"{variant}.json", headline(summary, comparisons, variant, base))
     print(format_comparisons(summaries, comparisons))
     lg = cfg.get("logger") or {}
     if lg.get("wandb"):  # one W&B run per seed grouped per variant, and the comparisons (offline by default)
-
-        log_chain(summaries, comparisons, {"seeds": list(cfg.get("seeds") or []), "compared": list(cfg.compared)},
-                  project=lg.project, entity=lg.get("entity"), mode=lg.get("wandb_mode", "offline"))
+        log_chain(
+            summaries,
+            comparisons,
+            {"seeds": list(cfg.get("seeds") or []), "compared": list(cfg.compared)},
+            project=lg.project,
+            entity=lg.get("entity"),
+            mode=lg.get("wandb_mode", "offline"),
+        )
     return {"variants": summaries, "comparisons": comparisons}
 
 
 def format_comparisons(summaries: dict, comparisons: list[dict]) -> str:
     lines = ["variant      seeds  WER fp32 % (mean +- sd)  WER fp16 %      WER fp16 unstab. %"]
     for v, s in summaries.items():
+
         def cell(key, s=s):
             mean, sd = s.get(f"{key}_mean"), s.get(f"{key}_sd")
             return "n/a" if mean is None else f"{mean:.2f}" + (f" +- {sd:.2f}" if sd is not None else "")
-        lines.append(f"{v:<12} {s['n_seeds']:>5}  {cell('wer_fp32'):<24} {cell('wer_fp16'):<15} "
-                     f"{cell('wer_fp16_unstabilized')}")
+
+        lines.append(
+            f"{v:<12} {s['n_seeds']:>5}  {cell('wer_fp32'):<24} {cell('wer_fp16'):<15} {cell('wer_fp16_unstabilized')}"
+        )
     lines.append("paired differences (a - b, WER points, 95% CI over utterances and seeds):")
     for c in comparisons:
-        lines.append(f"  {c['a']:<28} - {c['b']:<22} {c['diff']:+7.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
-                     f"  n={c['n_utterances']}  seeds={c['n_seeds']}  {c['verdict']}")
+        lines.append(
+            f"  {c['a']:<28} - {c['b']:<22} {c['diff']:+7.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
+            f"  n={c['n_utterances']}  seeds={c['n_seeds']}  {c['verdict']}"
+        )
     return "\n".join(lines)

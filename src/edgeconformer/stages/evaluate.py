@@ -60,9 +60,15 @@ def coreml_sim(package, utterances, tokenizer, reference: dict[str, torch.Tensor
         worst = max(worst, float((log_probs - ref)[finite].abs().max()) if finite.any() else float("inf"))
         same += hyps[-1] == greedy_text(ref, tokenizer)
     s = score([u.text for u in utterances], hyps, [u.id for u in utterances])
-    return {"wer": s["wer"], "cer": s["cer"], "rows": s["utterances"], "max_abs_diff_vs_pytorch_fp16": worst,
-            "identical_transcripts": same, "utterances": len(utterances),
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "wer": s["wer"],
+        "cer": s["cer"],
+        "rows": s["utterances"],
+        "max_abs_diff_vs_pytorch_fp16": worst,
+        "identical_transcripts": same,
+        "utterances": len(utterances),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def coreml_on_device(package, utterances, tokenizer, subsampled, warmup: int) -> dict | None:
@@ -73,7 +79,8 @@ def coreml_on_device(package, utterances, tokenizer, subsampled, warmup: int) ->
         print(f"Core ML on device: skipped ({why})")
         return None
     results = coreml_device.evaluate_compute_units(
-        str(package), [(u.feats.numpy(), u.seconds) for u in utterances], warmup=warmup, out_frames=subsampled)
+        str(package), [(u.feats.numpy(), u.seconds) for u in utterances], warmup=warmup, out_frames=subsampled
+    )
     refs, ids = [u.text for u in utterances], [u.id for u in utterances]
     out = {}
     for unit, r in results.items():
@@ -90,8 +97,10 @@ def read_precision_modes(path, options: dict, run: str) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: not found; run `dvc repro stabilize@{run}` first") from None
     if saved["options"] != options:
-        raise UserError(f"{path}: written for stabilization options {saved['options']}, but stabilized.pt holds "
-                        f"{options}; re-run `dvc repro stabilize@{run}`")
+        raise UserError(
+            f"{path}: written for stabilization options {saved['options']}, but stabilized.pt holds "
+            f"{options}; re-run `dvc repro stabilize@{run}`"
+        )
     return saved
 
 
@@ -121,8 +130,13 @@ def first_pass_metrics(module, utterances, rtf_inputs, rtf_cfg) -> dict:
     if not is_cascade(module):
         return {"wer_first_pass_fp32": None, "rtf_cpu_first_pass": None, "rows": None}
     s = first_pass_scores(module, utterances)
-    rtf = measure_rtf(recognizer_fn(module, first_pass=True), rtf_inputs, warmup=rtf_cfg.warmup,
-                      repeats=rtf_cfg.repeats, threads=rtf_cfg.threads)
+    rtf = measure_rtf(
+        recognizer_fn(module, first_pass=True),
+        rtf_inputs,
+        warmup=rtf_cfg.warmup,
+        repeats=rtf_cfg.repeats,
+        threads=rtf_cfg.threads,
+    )
     return {"wer_first_pass_fp32": s["wer"], "rtf_cpu_first_pass": rtf["rtf_median"], "rows": s["utterances"]}
 
 
@@ -133,8 +147,10 @@ def precision_inputs(cfg: DictConfig, paths, module, options: dict) -> tuple[dic
     ids = [r["id"] for r in saved["modes"]["fp32"]["rows"]]
     utts = [u for u in load_utterances(cfg, module.fbank, limit=len(ids)) if u.id in set(ids)]
     if [u.id for u in utts] != ids:
-        raise UserError(f"{paths.report_dir / 'precision_modes.json'} covers other utterances than "
-                        f"{cfg.data.test_split}: re-run `dvc repro stabilize@{paths.name}`")
+        raise UserError(
+            f"{paths.report_dir / 'precision_modes.json'} covers other utterances than "
+            f"{cfg.data.test_split}: re-run `dvc repro stabilize@{paths.name}`"
+        )
     return saved, utts
 
 
@@ -148,8 +164,9 @@ def simulated_program(cfg: DictConfig, package, module, options: dict, utts: lis
         fp16_log_probs = {u.id: fp16(u.feats)[0] for u in sim_utts}
     sim = coreml_sim(package, sim_utts, module.tokenizer, fp16_log_probs)
     rows = modes["fp16"]["rows"][: len(sim_utts)]
-    sim["wer_pytorch_fp16_same_utterances"] = score([r["reference"] for r in rows], [r["hypothesis"] for r in rows],
-                                                    [r["id"] for r in rows])["wer"]
+    sim["wer_pytorch_fp16_same_utterances"] = score(
+        [r["reference"] for r in rows], [r["hypothesis"] for r in rows], [r["id"] for r in rows]
+    )["wer"]
     return sim
 
 
@@ -160,41 +177,74 @@ def rtf_audio(cfg: DictConfig) -> list[tuple]:
     return [(load_audio(r["audio_filepath"], uid=r["id"], manifest=manifest), float(r["duration"])) for r in timed]
 
 
-def run_record(cfg: DictConfig, paths, module, options: dict, saved: dict, utts: list, *, sim: dict,
-               device: dict | None, rtf: dict, first: dict) -> RunMetrics:
+def run_record(
+    cfg: DictConfig,
+    paths,
+    module,
+    options: dict,
+    saved: dict,
+    utts: list,
+    *,
+    sim: dict,
+    device: dict | None,
+    rtf: dict,
+    first: dict,
+) -> RunMetrics:
     """The run's evaluation.json (metrics.RunMetrics) from the stage's measurements and the model's counted
-    figures (device estimates, FLOPs, streaming state)."""
-    e, modes = cfg.eval, saved["modes"]
-    d = e.device_estimate
-    estimates = estimate_all(module.model, d.seconds, list(d.profiles), d.precision)
-    flops = count_flops(module.model, e.flops.seconds, idim=module.fbank.n_mels,
-                        tokens_per_second=e.flops.tokens_per_second)
+    figures (model_figures)."""
+    modes = saved["modes"]
     return RunMetrics(
-        variant=paths.variant, seed=paths.seed, model=cfg.model.name,
-        wer_fp32=modes["fp32"]["wer"], wer_fp16=modes["fp16"]["wer"],
-        wer_fp16_unstabilized=modes["fp16_unstabilized"]["wer"], wer_coreml_sim=sim["wer"],
+        variant=paths.variant,
+        seed=paths.seed,
+        model=cfg.model.name,
+        wer_fp32=modes["fp32"]["wer"],
+        wer_fp16=modes["fp16"]["wer"],
+        wer_fp16_unstabilized=modes["fp16_unstabilized"]["wer"],
+        wer_coreml_sim=sim["wer"],
         wer_coreml=device["ALL"]["wer"] if device else None,
-        cer_fp32=modes["fp32"]["cer"], cer_fp16=modes["fp16"]["cer"],
-        rtf_cpu=rtf["rtf_median"], rtf_cpu_p90=rtf["rtf_p90"],
+        cer_fp32=modes["fp32"]["cer"],
+        cer_fp16=modes["fp16"]["cer"],
+        rtf_cpu=rtf["rtf_median"],
+        rtf_cpu_p90=rtf["rtf_p90"],
         rtf_coreml=device["ALL"]["rtf_median"] if device else None,
-        rtf_device_estimate=estimates[d.device]["rtf"], device=d.device,
-        rtf_device_estimates={name: est["rtf"] for name, est in estimates.items()},
-        flops_subsampling_share=flops["shares"]["subsampling"], flops_shares=flops["shares"],
-        gflops_per_audio_second=flops["gflops_per_audio_second"],
-        params_millions=count_params(module.model) / 1e6,
-        gflops_per_audio_second_streamed=flops["gflops_per_audio_second_streamed"],
-        attention_state_bytes=AttentionState.parse(attention_state_bytes(module.model, e.flops.seconds)),
-        wer_first_pass_fp32=first["wer_first_pass_fp32"], rtf_cpu_first_pass=first["rtf_cpu_first_pass"],
-        n_utterances=len(utts), audio_hours=sum(u.seconds for u in utts) / 3600, split=cfg.data.test_split,
+        wer_first_pass_fp32=first["wer_first_pass_fp32"],
+        rtf_cpu_first_pass=first["rtf_cpu_first_pass"],
+        n_utterances=len(utts),
+        audio_hours=sum(u.seconds for u in utts) / 3600,
+        split=cfg.data.test_split,
         stabilization=options,
         nonfinite_utterances={mode: m["nonfinite_utterances"] for mode, m in modes.items()},
         # The stabilization ablation (FP16 accumulation emulated; empty when stabilize.ablation is off).
         stabilization_arms={arm: modes[arm]["wer"] for arm in modes if arm.startswith("acc16_")},
-        softmax_k=saved.get("softmax_k"), audit_frontend_peak=saved.get("frontend_peak"),
-        coreml_sim=CoremlSim.parse({k: v for k, v in sim.items() if k != "rows"}), coreml_device=device,
+        softmax_k=saved.get("softmax_k"),
+        audit_frontend_peak=saved.get("frontend_peak"),
+        coreml_sim=CoremlSim.parse({k: v for k, v in sim.items() if k != "rows"}),
+        coreml_device=device,
         rtf_protocol=RtfProtocol.parse({k: v for k, v in rtf.items() if k != "utterances"}),
-        device_estimates={name: DeviceEstimate.parse(est) for name, est in estimates.items()},
         machine=Machine.parse(rtf["machine"]),
+        **model_figures(cfg, module),
+    )
+
+
+def model_figures(cfg: DictConfig, module) -> dict:
+    """RunMetrics fields counted on the model itself: device estimates, FLOPs, parameters, streaming state."""
+    e = cfg.eval
+    d = e.device_estimate
+    estimates = estimate_all(module.model, d.seconds, list(d.profiles), d.precision)
+    flops = count_flops(
+        module.model, e.flops.seconds, idim=module.fbank.n_mels, tokens_per_second=e.flops.tokens_per_second
+    )
+    return dict(
+        rtf_device_estimate=estimates[d.device]["rtf"],
+        device=d.device,
+        rtf_device_estimates={name: est["rtf"] for name, est in estimates.items()},
+        flops_subsampling_share=flops["shares"]["subsampling"],
+        flops_shares=flops["shares"],
+        gflops_per_audio_second=flops["gflops_per_audio_second"],
+        params_millions=count_params(module.model) / 1e6,
+        gflops_per_audio_second_streamed=flops["gflops_per_audio_second_streamed"],
+        attention_state_bytes=AttentionState.parse(attention_state_bytes(module.model, e.flops.seconds)),
+        device_estimates={name: DeviceEstimate.parse(est) for name, est in estimates.items()},
     )
 
 
@@ -222,11 +272,13 @@ def evaluate(cfg: DictConfig) -> dict:
     saved, utts = precision_inputs(cfg, paths, module, options)
     modes = saved["modes"]
     sim = simulated_program(cfg, paths.package, module, options, utts, modes)
-    device = coreml_on_device(paths.package, utts, module.tokenizer,
-                              module.model.encoder.subsampling.subsample_lengths, e.rtf.warmup)
+    device = coreml_on_device(
+        paths.package, utts, module.tokenizer, module.model.encoder.subsampling.subsample_lengths, e.rtf.warmup
+    )
     rtf_inputs = rtf_audio(cfg)
-    rtf = measure_rtf(recognizer_fn(module), rtf_inputs, warmup=e.rtf.warmup, repeats=e.rtf.repeats,
-                      threads=e.rtf.threads)
+    rtf = measure_rtf(
+        recognizer_fn(module), rtf_inputs, warmup=e.rtf.warmup, repeats=e.rtf.repeats, threads=e.rtf.threads
+    )
     first = first_pass_metrics(module, utts, rtf_inputs, e.rtf)
     record = run_record(cfg, paths, module, options, saved, utts, sim=sim, device=device, rtf=rtf, first=first)
 
@@ -243,8 +295,10 @@ def format_state(state: dict | None) -> str:
     """attention_state_bytes -> "51,200 B attention (+0 B positions, 26,880 B conv caches) at 10 s"."""
     if not state:
         return "n/a"
-    return (f"{state['attention']:,} B attention (+{state['positions']:,} B positions, {state['conv']:,} B conv "
-            f"caches) at {state['seconds']:g} s")
+    return (
+        f"{state['attention']:,} B attention (+{state['positions']:,} B positions, {state['conv']:,} B conv "
+        f"caches) at {state['seconds']:g} s"
+    )
 
 
 def format_metrics(m: dict) -> str:
@@ -269,6 +323,8 @@ def format_metrics(m: dict) -> str:
         f"{format_state(m.get('attention_state_bytes'))}",
     ]
     if m.get("wer_first_pass_fp32") is not None or m.get("rtf_cpu_first_pass") is not None:
-        lines.append(f"  first pass  WER % fp32 {pct(m.get('wer_first_pass_fp32'))}  RTF cpu "
-                     f"{num(m.get('rtf_cpu_first_pass'), '.4f')}")
+        lines.append(
+            f"  first pass  WER % fp32 {pct(m.get('wer_first_pass_fp32'))}  RTF cpu "
+            f"{num(m.get('rtf_cpu_first_pass'), '.4f')}"
+        )
     return "\n".join(lines)

@@ -52,9 +52,17 @@ class EquivalenceError(UserError):
 
 def ane_options(s: DictConfig) -> dict:
     """conf/stabilize -> ANEConformer.from_asr keyword arguments of the stabilized graph."""
-    return dict(prenorm=s.prenorm, p=int(s.p), fmt=s.format, softmax=s.softmax.kind,
-                lut_size=int(s.softmax.table_size), lut_range=float(s.softmax.range), lut_interp=s.softmax.interp,
-                lut_max_squarings=s.softmax.get("max_squarings"), performer_shift=bool(s.get("performer_shift", True)))
+    return dict(
+        prenorm=s.prenorm,
+        p=int(s.p),
+        fmt=s.format,
+        softmax=s.softmax.kind,
+        lut_size=int(s.softmax.table_size),
+        lut_range=float(s.softmax.range),
+        lut_interp=s.softmax.interp,
+        lut_max_squarings=s.softmax.get("max_squarings"),
+        performer_shift=bool(s.get("performer_shift", True)),
+    )
 
 
 @torch.no_grad()
@@ -71,13 +79,18 @@ def check_equivalence(module, ane, utterances, atol: float) -> dict:
         hyp = greedy_text(ane(u.feats)[0], module.tokenizer)
         if ref != hyp:
             mismatches.append({"id": u.id, "original": ref, "ane": hyp})
-    result = {"utterances": len(utterances), "encoder_max_abs_diff": worst, "atol": atol,
-              "transcript_mismatches": mismatches}
+    result = {
+        "utterances": len(utterances),
+        "encoder_max_abs_diff": worst,
+        "atol": atol,
+        "transcript_mismatches": mismatches,
+    }
     if worst > atol or mismatches:
         raise EquivalenceError(
             f"the ANE-layout graph differs from the trained model in FP32: encoder max |diff| {worst:.2e} (allowed "
             f"{atol:.0e}), {len(mismatches)} greedy transcripts differ (first: {mismatches[:1]}); this is a "
-            "conversion bug: report it with the model config")
+            "conversion bug: report it with the model config"
+        )
     return result
 
 
@@ -91,8 +104,10 @@ def choose_stress_gain(setting, ane_audit: dict, fp16_max: float = 65504.0) -> f
         return float(setting)
     peak = ane_audit["summary"]["worst_layernorm_input_sumsq"]["peak"]
     if not 0 < peak < math.inf:
-        raise UserError(f"stabilize.stress_gain=auto needs a finite LayerNorm peak from the FP32 audit, got {peak}; "
-                        "set stabilize.stress_gain to a number")
+        raise UserError(
+            f"stabilize.stress_gain=auto needs a finite LayerNorm peak from the FP32 audit, got {peak}; "
+            "set stabilize.stress_gain to a number"
+        )
     forcing = 2.0 ** max(0, math.ceil(math.log2(math.sqrt(64 * fp16_max / peak))))
     return min(forcing, safe_gain(ane_audit, margin_bits=1.0, max_gain=2.0**15))
 
@@ -116,9 +131,14 @@ def transcribe_modes(models: dict, utterances, tokenizer) -> dict:
             if reference is not None:
                 worst = max(worst, math.inf if bad else float((log_probs - reference[u.id]).abs().max()))
         s = score(refs, hyps, ids)
-        out[mode] = {"wer": s["wer"], "cer": s["cer"], "nonfinite_utterances": nonfinite,
-                     "max_abs_diff_vs_fp32": worst if reference is not None else None,
-                     "simulation": model.summary(), "rows": s["utterances"]}
+        out[mode] = {
+            "wer": s["wer"],
+            "cer": s["cer"],
+            "nonfinite_utterances": nonfinite,
+            "max_abs_diff_vs_fp32": worst if reference is not None else None,
+            "simulation": model.summary(),
+            "rows": s["utterances"],
+        }
     return out
 
 
@@ -152,17 +172,24 @@ def stabilize(cfg: DictConfig) -> dict:
     timer = StepTimer()
     results = run_steps(cfg, paths, module, utts, options, timer)
     # Stored in FP32 (the trained weights exactly); consumers cast to their precision.
-    save_stabilized(ANEConformer.from_asr(module.model, module.cmvn, **options), options,
-                    paths.stabilized)
-    summary = stabilize_summary(s, paths.variant, options, results, len(utts),
-                                round(time.perf_counter() - started, 1), timer.seconds)
+    save_stabilized(ANEConformer.from_asr(module.model, module.cmvn, **options), options, paths.stabilized)
+    summary = stabilize_summary(
+        s, paths.variant, options, results, len(utts), round(time.perf_counter() - started, 1), timer.seconds
+    )
     write_json_atomic(paths.report_dir / "stabilize.json", summary)
     # Every transcript of every mode, for the evaluate stage (the same options it evaluates) and for inspection.
-    write_json_atomic(paths.report_dir / "precision_modes.json",
-                      {"options": options, "softmax_k": results["softmax_k"], "frontend_peak": summary["frontend_peak"],
-                       "modes": {mode: {k: m[k] for k in ("wer", "cer", "nonfinite_utterances",
-                                                          "max_abs_diff_vs_fp32", "rows")}
-                                 for mode, m in {**results["modes"], **results["ablation"]}.items()}})
+    write_json_atomic(
+        paths.report_dir / "precision_modes.json",
+        {
+            "options": options,
+            "softmax_k": results["softmax_k"],
+            "frontend_peak": summary["frontend_peak"],
+            "modes": {
+                mode: {k: m[k] for k in ("wer", "cer", "nonfinite_utterances", "max_abs_diff_vs_fp32", "rows")}
+                for mode, m in {**results["modes"], **results["ablation"]}.items()
+            },
+        },
+    )
     print(format_summary(summary))
     print(json.dumps({k: summary[k] for k in ("variant", "wer", "wer_delta_fp16", "stress")}))
     return summary
@@ -199,16 +226,22 @@ def run_steps(cfg: DictConfig, paths, module, utts, options: dict, timer: StepTi
     timer.lap("stress")
 
     # 5. LUT softmax error vs float64 for the configured table sizes.
-    r["lut"] = error_table(table_sizes=tuple(s.softmax.error_table_sizes), ranges=(float(s.softmax.range),),
-                           interps=(s.softmax.interp,))
+    r["lut"] = error_table(
+        table_sizes=tuple(s.softmax.error_table_sizes), ranges=(float(s.softmax.range),), interps=(s.softmax.interp,)
+    )
     timer.lap("lut_error_table")
 
     # 6. Stabilization ablation under FP16 accumulation.
     r["ablation"], r["softmax_k"] = {}, None
     ab = s.get("ablation") or {}
     if ab.get("enabled", False) and (ab.get("variants") is None or paths.variant in ab.variants):
-        arms = run_arms(module, utts, {name: dict(options, **arm) for name, arm in ablation_arms(options).items()},
-                        s.ablation.accumulate, workers=int(cfg.trainer.num_threads))
+        arms = run_arms(
+            module,
+            utts,
+            {name: dict(options, **arm) for name, arm in ablation_arms(options).items()},
+            s.ablation.accumulate,
+            workers=int(cfg.trainer.num_threads),
+        )
         r["ablation"] = transcribe_modes(arms, utts, module.tokenizer)
         r["softmax_k"] = softmax_k_distribution(module, utts, options)
         timer.lap("ablation")
@@ -218,39 +251,61 @@ def run_steps(cfg: DictConfig, paths, module, utts, options: dict, timer: StepTi
 def range_audits(module, ane32, models: dict, feats: list[torch.Tensor], fmt: str) -> dict:
     """FP16 range audits of the trained model as is, its ANE graph in FP32, and both FP16 graphs."""
     original = [(module.cmvn(f, torch.tensor([f.size(1)])), None) for f in feats]
-    return {"original_fp32": audit(module.model.eval(), original, fmt=fmt),
-            "ane_fp32": audit(ane32, feats, fmt=fmt),
-            "fp16_unstabilized": audit_fp16(models["fp16_unstabilized"].module, feats, fmt),
-            "fp16": audit_fp16(models["fp16"].module, feats, fmt)}
+    return {
+        "original_fp32": audit(module.model.eval(), original, fmt=fmt),
+        "ane_fp32": audit(ane32, feats, fmt=fmt),
+        "fp16_unstabilized": audit_fp16(models["fp16_unstabilized"].module, feats, fmt),
+        "fp16": audit_fp16(models["fp16"].module, feats, fmt),
+    }
 
 
-def stabilize_summary(s: DictConfig, variant: str, options: dict, r: dict, utterances: int, seconds: float,
-                      step_seconds: dict) -> dict:
+def stabilize_summary(
+    s: DictConfig, variant: str, options: dict, r: dict, utterances: int, seconds: float, step_seconds: dict
+) -> dict:
     """stabilize.json from the results of run_steps."""
     modes, stress, ablation, audits = r["modes"], r["stress"], r["ablation"], r["audits"]
     return {
-        "variant": variant, "options": options, "equivalence": r["equivalence"],
+        "variant": variant,
+        "options": options,
+        "equivalence": r["equivalence"],
         "wer": {mode: m["wer"] for mode, m in modes.items()},
         "nonfinite_utterances": {mode: m["nonfinite_utterances"] for mode, m in modes.items()},
         "wer_delta_fp16": modes["fp16"]["wer"] - modes["fp32"]["wer"],
         "wer_delta_fp16_unstabilized": modes["fp16_unstabilized"]["wer"] - modes["fp32"]["wer"],
         "simulation": {mode: m["simulation"] for mode, m in modes.items()},
-        "stress": {"gain": r["gain"], "setting": str(s.stress_gain), "utterances": r["stress_utterances"],
-                   "wer": {mode: m["wer"] for mode, m in stress.items()},
-                   "nonfinite_utterances": {mode: m["nonfinite_utterances"] for mode, m in stress.items()},
-                   "max_abs_diff_vs_fp32": {mode: m["max_abs_diff_vs_fp32"] for mode, m in stress.items()}},
+        "stress": {
+            "gain": r["gain"],
+            "setting": str(s.stress_gain),
+            "utterances": r["stress_utterances"],
+            "wer": {mode: m["wer"] for mode, m in stress.items()},
+            "nonfinite_utterances": {mode: m["nonfinite_utterances"] for mode, m in stress.items()},
+            "max_abs_diff_vs_fp32": {mode: m["max_abs_diff_vs_fp32"] for mode, m in stress.items()},
+        },
         "max_abs_diff_vs_fp32": {mode: m["max_abs_diff_vs_fp32"] for mode, m in modes.items()},
-        "ablation": {"accumulate": s.get("ablation", {}).get("accumulate"), "arms": ablation_arms(options),
-                     "wer": {arm: m["wer"] for arm, m in ablation.items()},
-                     "nonfinite_utterances": {arm: m["nonfinite_utterances"] for arm, m in ablation.items()},
-                     "softmax_k": r["softmax_k"]},
+        "ablation": {
+            "accumulate": s.get("ablation", {}).get("accumulate"),
+            "arms": ablation_arms(options),
+            "wer": {arm: m["wer"] for arm, m in ablation.items()},
+            "nonfinite_utterances": {arm: m["nonfinite_utterances"] for arm, m in ablation.items()},
+            "softmax_k": r["softmax_k"],
+        },
         "audit_summary": {name: a["summary"] for name, a in audits.items()},
         # The front end's largest |activation| in the trained FP32 model (paper 1, claim 7: DWS vs vanilla range).
-        "frontend_peak": max((v["peak"] for k, v in audits["original_fp32"]["modules"].items()
-                              if "subsampling" in k.split(".") and v.get("peak") is not None), default=None),
-        "lut_error": r["lut"], "utterances": utterances, "audit_utterances": r["audit_utterances"],
-        "seconds": seconds, "step_seconds": step_seconds,
-        "config": OmegaConf.to_container(s, resolve=True), "audit": str(r["audit_path"]),
+        "frontend_peak": max(
+            (
+                v["peak"]
+                for k, v in audits["original_fp32"]["modules"].items()
+                if "subsampling" in k.split(".") and v.get("peak") is not None
+            ),
+            default=None,
+        ),
+        "lut_error": r["lut"],
+        "utterances": utterances,
+        "audit_utterances": r["audit_utterances"],
+        "seconds": seconds,
+        "step_seconds": step_seconds,
+        "config": OmegaConf.to_container(s, resolve=True),
+        "audit": str(r["audit_path"]),
     }
 
 
@@ -286,8 +341,11 @@ def run_arms(module, utterances, arms: dict[str, dict], accumulate: str, workers
     arms x utterance shares run in `workers` spawned processes side by side, one core each."""
 
     shares = [utterances[i::workers] for i in range(max(1, workers))]
-    jobs = [(module.model, module.cmvn, options, accumulate, [u.feats for u in share])
-            for options in arms.values() for share in shares]
+    jobs = [
+        (module.model, module.cmvn, options, accumulate, [u.feats for u in share])
+        for options in arms.values()
+        for share in shares
+    ]
     if workers <= 1:
         results = [_arm_outputs(job) for job in jobs]
     else:
@@ -296,7 +354,7 @@ def run_arms(module, utterances, arms: dict[str, dict], accumulate: str, workers
     out = {}
     for i, name in enumerate(arms):
         outputs, summaries = {}, []
-        for share, (log_probs, summary) in zip(shares, results[i * len(shares): (i + 1) * len(shares)]):
+        for share, (log_probs, summary) in zip(shares, results[i * len(shares) : (i + 1) * len(shares)]):
             outputs.update({id(u.feats): lp for u, lp in zip(share, log_probs)})
             summaries.append(summary)
         out[name] = Replayed(outputs, summaries)
@@ -307,8 +365,13 @@ def ablation_arms(options: dict) -> dict:
     """The stabilization ablation's arms: overrides of the configured stabilized graph's options."""
     exact, lut = {"softmax": "exact"}, {"softmax": "lut"}
     plain, prenorm = {"prenorm": "none"}, {"prenorm": options["prenorm"]}
-    return {"acc16_none": {**plain, **exact}, "acc16_prenorm": {**prenorm, **exact}, "acc16_lut": {**plain, **lut},
-            "acc16_both": {**prenorm, **lut}, "acc16_both_uncapped": {**prenorm, **lut, "lut_max_squarings": None}}
+    return {
+        "acc16_none": {**plain, **exact},
+        "acc16_prenorm": {**prenorm, **exact},
+        "acc16_lut": {**plain, **lut},
+        "acc16_both": {**prenorm, **lut},
+        "acc16_both_uncapped": {**prenorm, **lut, "lut_max_squarings": None},
+    }
 
 
 @torch.no_grad()
@@ -318,9 +381,16 @@ def softmax_k_distribution(module, utterances, options: dict) -> dict:
     only where a row's score range exceeds the table's range R; the capped rule drops those rows' entries below
     -R * 2^cap instead (below FP16's resolution when the cap is "auto")."""
 
-    ane = ANEConformer.from_asr(module.model, module.cmvn, softmax="lut", lut_size=options["lut_size"],
-                                lut_range=options["lut_range"], lut_interp=options["lut_interp"],
-                                lut_max_squarings=None, performer_shift=options["performer_shift"]).eval()
+    ane = ANEConformer.from_asr(
+        module.model,
+        module.cmvn,
+        softmax="lut",
+        lut_size=options["lut_size"],
+        lut_range=options["lut_range"],
+        lut_interp=options["lut_interp"],
+        lut_max_squarings=None,
+        performer_shift=options["performer_shift"],
+    ).eval()
     uncapped, capped, widest = Counter(), Counter(), 0
     setting = options["lut_max_squarings"]
 
@@ -334,8 +404,7 @@ def softmax_k_distribution(module, utterances, options: dict) -> dict:
         nonlocal widest
         widest = max(widest, scores.shape[dim])
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in ane.modules()
-               if isinstance(m, LUTSoftmax)]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in ane.modules() if isinstance(m, LUTSoftmax)]
     try:
         for u in utterances:
             ane(u.feats)
@@ -345,18 +414,27 @@ def softmax_k_distribution(module, utterances, options: dict) -> dict:
     if not handles:
         return None  # no softmax attention (e.g. Performer blocks only)
     cap = resolve_max_squarings(setting, options["lut_range"], max(widest, 1), torch.float16)
-    return {"uncapped": {str(k): n for k, n in sorted(uncapped.items())},
-            "capped": {str(k): n for k, n in sorted(capped.items())}, "cap": cap, "setting": str(setting),
-            "range": options["lut_range"], "rows": sum(uncapped.values()),
-            "rows_needing_rescaling": sum(n for k, n in uncapped.items() if k > 0)}
+    return {
+        "uncapped": {str(k): n for k, n in sorted(uncapped.items())},
+        "capped": {str(k): n for k, n in sorted(capped.items())},
+        "cap": cap,
+        "setting": str(setting),
+        "range": options["lut_range"],
+        "rows": sum(uncapped.values()),
+        "rows_needing_rescaling": sum(n for k, n in uncapped.items() if k > 0),
+    }
 
 
 def format_summary(s: dict) -> str:
     eq = s["equivalence"]
-    lines = [f"stabilize@{s['variant']}: ANE graph == trained model in FP32 on {eq['utterances']} utterances "
-             f"(encoder max |diff| {eq['encoder_max_abs_diff']:.1e}, identical greedy transcripts)",
-             f"{'mode':<20} {'WER %':>7} {'non-finite':>10}   stress x{s['stress']['gain']:g}: WER %  non-finite"]
+    lines = [
+        f"stabilize@{s['variant']}: ANE graph == trained model in FP32 on {eq['utterances']} utterances "
+        f"(encoder max |diff| {eq['encoder_max_abs_diff']:.1e}, identical greedy transcripts)",
+        f"{'mode':<20} {'WER %':>7} {'non-finite':>10}   stress x{s['stress']['gain']:g}: WER %  non-finite",
+    ]
     for mode in s["wer"]:
-        lines.append(f"{mode:<20} {s['wer'][mode]:>7.2f} {s['nonfinite_utterances'][mode]:>10}   "
-                     f"{s['stress']['wer'][mode]:>20.2f} {s['stress']['nonfinite_utterances'][mode]:>11}")
+        lines.append(
+            f"{mode:<20} {s['wer'][mode]:>7.2f} {s['nonfinite_utterances'][mode]:>10}   "
+            f"{s['stress']['wer'][mode]:>20.2f} {s['stress']['nonfinite_utterances'][mode]:>11}"
+        )
     return "\n".join(lines)

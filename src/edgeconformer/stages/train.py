@@ -38,7 +38,6 @@ def output_dir(cfg: DictConfig) -> Path:
     if cfg.get("out_dir"):
         return Path(cfg.out_dir)
     if sweep_group():  # each multirun job writes into its own job folder
-
         return Path(HydraConfig.get().runtime.output_dir)
     return run_paths(cfg).model_dir
 
@@ -53,10 +52,18 @@ def make_loggers(cfg: DictConfig, out: Path) -> list:
         # One W&B run per seed, grouped per variant (error bars over seeds in the project's panels).
         group = f"{cfg.model.name}-{variant_name(cfg)}"
         name = f"{group}-s{cfg.seed}"
-        loggers.append(WandbLogger(project=lg.project, entity=lg.entity, group=lg.group or sweep_group() or group,
-                                   name=name, job_type="train",
-                                   tags=list(lg.tags), save_dir=".", config=OmegaConf.to_container(cfg,
-                                                                                                   resolve=True)))
+        loggers.append(
+            WandbLogger(
+                project=lg.project,
+                entity=lg.entity,
+                group=lg.group or sweep_group() or group,
+                name=name,
+                job_type="train",
+                tags=list(lg.tags),
+                save_dir=".",
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
     return loggers
 
 
@@ -79,8 +86,9 @@ def train(cfg: DictConfig) -> dict:
     tokenizer, saved_config = start_run_folder(cfg, out)
 
     started = time.perf_counter()
-    module = ASRModule(container(cfg.model), container(cfg.train), tokenizer.vocab_size, seed=seed,
-                       decode=container(cfg.train.decode))
+    module = ASRModule(
+        container(cfg.model), container(cfg.train), tokenizer.vocab_size, seed=seed, decode=container(cfg.train.decode)
+    )
     module.tokenizer = tokenizer
     data = ASRDataModule(container(cfg.data), container(cfg.train), tokenizer, module.fbank, seed)
     data.setup("fit")  # features before the fit (timed apart from it), and the module's CMVN from them
@@ -91,12 +99,21 @@ def train(cfg: DictConfig) -> dict:
     trainer, best = make_trainer(cfg, out, precision)
     ckpt_path = resumable_checkpoint(out, cfg, saved_config)
     fit_s = fit(trainer, module, data, out, ckpt_path)
-    metrics = {"variant": variant_name(cfg), "seed": seed, "model": cfg.model.name, "epochs": trainer.current_epoch,
-               "steps": trainer.global_step, "skipped_batches": int(module.skipped_batches),
-               "features_seconds": round(features_s, 1), "fit_seconds": round(fit_s, 1),
-               "train_hours": round(sum(data.train_set.durations) / 3600, 3), "best_val_wer": best_score(best),
-               "resumed_from": ckpt_path, "precision": precision_why,
-               "audio_seconds_per_second": round(module.audio_seconds_seen / max(fit_s, 1e-9), 1)}
+    metrics = {
+        "variant": variant_name(cfg),
+        "seed": seed,
+        "model": cfg.model.name,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "skipped_batches": int(module.skipped_batches),
+        "features_seconds": round(features_s, 1),
+        "fit_seconds": round(fit_s, 1),
+        "train_hours": round(sum(data.train_set.durations) / 3600, 3),
+        "best_val_wer": best_score(best),
+        "resumed_from": ckpt_path,
+        "precision": precision_why,
+        "audio_seconds_per_second": round(module.audio_seconds_seen / max(fit_s, 1e-9), 1),
+    }
     metrics.update(post_fit_report(trainer)[0])  # weight averaging, then the test split
     if trainer.is_global_zero:
         write_json_atomic(out / "train_metrics.json", metrics)
@@ -137,8 +154,15 @@ def make_trainer(cfg: DictConfig, out: Path, precision: str) -> tuple[L.Trainer,
     """The Trainer with its checkpoints (best.ckpt by val/wer, last.ckpt every epoch) and the callbacks that
     train.max_time, train.average_last and train.test_after_fit ask for; -> (trainer, the best.ckpt callback)."""
     t, tr = cfg.train, cfg.trainer
-    best = ModelCheckpoint(dirpath=out, filename="best", monitor="val/wer", mode="min", save_top_k=1,
-                           enable_version_counter=False, auto_insert_metric_name=False)
+    best = ModelCheckpoint(
+        dirpath=out,
+        filename="best",
+        monitor="val/wer",
+        mode="min",
+        save_top_k=1,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
     # Overwritten after every epoch (monitor=None keeps the latest), the checkpoint to resume from.
     last = ModelCheckpoint(dirpath=out, filename="last", save_top_k=1, enable_version_counter=False)
     callbacks = [best, last]
@@ -149,12 +173,23 @@ def make_trainer(cfg: DictConfig, out: Path, precision: str) -> tuple[L.Trainer,
     if t.get("test_after_fit", True):  # after the averaging, which may replace best.ckpt
         callbacks.append(DecodeTestSplit(best, t.test_methods, t.decode.beam, t.decode.ctc_weight))
     trainer = L.Trainer(
-        accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
-        precision=precision, deterministic=tr.deterministic, max_epochs=t.max_epochs, max_steps=t.max_steps,
-        gradient_clip_val=t.grad_clip, check_val_every_n_epoch=t.val_every_n_epochs,
-        log_every_n_steps=tr.log_every_n_steps, logger=make_loggers(cfg, out), callbacks=callbacks,
-        enable_progress_bar=bool(tr.get("progress_bar", True)), use_distributed_sampler=False,
-        default_root_dir=str(out), num_sanity_val_steps=0,
+        accelerator=tr.accelerator,
+        devices=tr.devices,
+        num_nodes=tr.num_nodes,
+        strategy=tr.strategy,
+        precision=precision,
+        deterministic=tr.deterministic,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        gradient_clip_val=t.grad_clip,
+        check_val_every_n_epoch=t.val_every_n_epochs,
+        log_every_n_steps=tr.log_every_n_steps,
+        logger=make_loggers(cfg, out),
+        callbacks=callbacks,
+        enable_progress_bar=bool(tr.get("progress_bar", True)),
+        use_distributed_sampler=False,
+        default_root_dir=str(out),
+        num_sanity_val_steps=0,
     )
     return trainer, best
 
@@ -175,8 +210,16 @@ def fit(trainer: L.Trainer, module: ASRModule, data: ASRDataModule, out: Path, c
 
 
 # Keys that may change between an interrupted run and its resumption (they only say how long to train).
-RESUME_FREE_KEYS = {"max_epochs", "max_steps", "max_time", "resume", "test_after_fit", "test_methods",
-                    "num_workers", "average_last"}
+RESUME_FREE_KEYS = {
+    "max_epochs",
+    "max_steps",
+    "max_time",
+    "resume",
+    "test_after_fit",
+    "test_methods",
+    "num_workers",
+    "average_last",
+}
 
 
 def resumable_checkpoint(out: Path, cfg: DictConfig, saved: DictConfig | None) -> str | None:
@@ -187,14 +230,19 @@ def resumable_checkpoint(out: Path, cfg: DictConfig, saved: DictConfig | None) -
     if saved is not None:
         now = OmegaConf.to_container(cfg, resolve=True)
         before = OmegaConf.to_container(saved, resolve=True)
-        changed = [f"{section}.{k}" for section in ("model", "data", "train")
-                   for k in set(now[section]) | set(before.get(section, {}))
-                   if k not in RESUME_FREE_KEYS and now[section].get(k) != before.get(section, {}).get(k)]
+        changed = [
+            f"{section}.{k}"
+            for section in ("model", "data", "train")
+            for k in set(now[section]) | set(before.get(section, {}))
+            if k not in RESUME_FREE_KEYS and now[section].get(k) != before.get(section, {}).get(k)
+        ]
         changed += ["seed"] if now.get("seed") != before.get("seed") else []
         if changed:
-            raise UserError(f"{last} was written with different settings ({', '.join(sorted(changed))}); "
-                            "resuming would mix two experiments. Use another out_dir, or train.resume=false to "
-                            "start over (this overwrites the checkpoints there).")
+            raise UserError(
+                f"{last} was written with different settings ({', '.join(sorted(changed))}); "
+                "resuming would mix two experiments. Use another out_dir, or train.resume=false to "
+                "start over (this overwrites the checkpoints there)."
+            )
     print(f"resuming from {last}")
     return str(last)
 

@@ -48,7 +48,8 @@ class TimeGuard(Callback):
                 f"training exceeded train.max_time={self.max_time} at epoch {trainer.current_epoch}, step "
                 f"{trainer.global_step} of max_epochs={trainer.max_epochs}: the run is incomplete and its results "
                 "would depend on this machine's speed. Raise or remove the guard (train.max_time=null), or lower "
-                "train.max_epochs; rerunning with the same out_dir resumes from last.ckpt.")
+                "train.max_epochs; rerunning with the same out_dir resumes from last.ckpt."
+            )
 
 
 class AfterFit(Callback):
@@ -92,14 +93,19 @@ class AverageLastEpochs(AfterFit):
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"epoch{trainer.current_epoch:03d}.pt"
         save_torch_atomic({k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}, path)
-        for old in sorted(self.folder.glob("epoch*.pt"))[:-self.keep]:
+        for old in sorted(self.folder.glob("epoch*.pt"))[: -self.keep]:
             old.unlink()
 
     def after_fit(self, trainer, pl_module) -> dict:
         if not self.best.best_model_path:
             return {}
-        return average_into_best(self.folder.parent, Path(self.best.best_model_path), pl_module,
-                                 trainer.datamodule.dev_set, best_score(self.best))
+        return average_into_best(
+            self.folder.parent,
+            Path(self.best.best_model_path),
+            pl_module,
+            trainer.datamodule.dev_set,
+            best_score(self.best),
+        )
 
 
 def average_state_dicts(states: list[dict]) -> dict:
@@ -122,8 +128,11 @@ def average_into_best(out: Path, best_path: Path, module, dev_set, best_wer: flo
     module.eval()
     refs, hyps = decode_dataset(module, dev_set, "ctc_greedy")
     wer = word_error_rate(refs, hyps)[0]
-    info = {"averaged_epochs": [int(p.stem[5:]) for p in paths], "averaged_val_wer": wer,
-            "best_is_average": best_wer is None or wer < best_wer}
+    info = {
+        "averaged_epochs": [int(p.stem[5:]) for p in paths],
+        "averaged_val_wer": wer,
+        "best_is_average": best_wer is None or wer < best_wer,
+    }
     if info["best_is_average"]:
         ckpt = load_weights(best_path, "weight averaging")
         ckpt["state_dict"] = averaged
@@ -157,6 +166,7 @@ class DecodeTestSplit(AfterFit):
         if hasattr(module.model, "first_pass_log_probs"):  # cascade: the streaming first pass too
             for method in [m for m in self.methods if m in FIRST_PASS_METHODS] or ["ctc_greedy"]:
                 refs, hyps = decode_dataset(module, test_set, method, self.beam, first_pass=True)
-                metrics[f"test_wer_first_pass_{method}"], metrics[f"test_cer_first_pass_{method}"] = \
-                    word_error_rate(refs, hyps)
+                metrics[f"test_wer_first_pass_{method}"], metrics[f"test_cer_first_pass_{method}"] = word_error_rate(
+                    refs, hyps
+                )
         return metrics

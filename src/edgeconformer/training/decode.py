@@ -9,8 +9,15 @@ from edgeconformer.data.dataset import DurationBucketSampler
 
 
 @torch.no_grad()
-def decode_dataset(module, dataset: FeatureDataset, method: str, beam: int = 8, ctc_weight: float = 0.3,
-                   max_batch_seconds: float = 300, first_pass: bool = False) -> tuple[list[str], list[str]]:
+def decode_dataset(
+    module,
+    dataset: FeatureDataset,
+    method: str,
+    beam: int = 8,
+    ctc_weight: float = 0.3,
+    max_batch_seconds: float = 300,
+    first_pass: bool = False,
+) -> tuple[list[str], list[str]]:
     """References and hypotheses over a dataset, batched by duration (outputs are padding-invariant).
     first_pass=True: a cascaded model's first pass (CTC methods only)."""
     sampler = DurationBucketSampler(dataset.durations, max_batch_seconds, shuffle=False)
