@@ -130,17 +130,19 @@ def test_imports_are_at_module_level_but_heavy_optional_ones_with_a_reason(name)
             assert "lazy:" in block or "try:" in block, f"{where}: say why the import is lazy (# lazy: ...)"
 
 
-def test_the_code_passes_the_configured_linter():
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_the_code_passes_the_configured_linter_and_formatter(command):
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     assert ruff, "ruff is not installed: run ./setup.sh (it installs the test extras)"
     root = SRC.parents[1]
     proc = subprocess.run(
-        [ruff, "check", "--no-cache", "src", "tests", "benchmarks", "pipelines", "hydra_plugins"],
+        [ruff, *command, "--no-cache", "src", "tests", "benchmarks", "pipelines", "hydra_plugins"],
         cwd=root,
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
+    fix = "ruff format src tests benchmarks pipelines hydra_plugins" if "format" in command else "ruff check --fix"
+    assert proc.returncode == 0, f"run `{fix}`\n" + proc.stdout[-3000:] + proc.stderr[-1000:]
 
 
 def function_lengths() -> dict[str, int]:
