@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torchaudio
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 from torchaudio.models import Conformer
 
 from edgeconformer.models.conformer import ConformerEncoder
@@ -164,6 +166,31 @@ def train_step(model, opt, feats, lengths) -> float:
     return time.perf_counter() - t0
 
 
+def step_flops(model, feats, lengths) -> int:
+    """FLOPs counted in one training step (forward and backward; torch.utils.flop_counter, the math backend of
+    scaled_dot_product_attention so attention's matrix products count) on a copy: the timed model is untouched."""
+    net = copy.deepcopy(model).train()
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        out, _ = net(feats, lengths)
+        out.pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
+def gemm_peak(n: int = 1024, reps: int = 5) -> float:
+    """FLOP/s of the best of `reps` fp32 (n x n) @ (n x n) products on the current threads: the machine's matrix
+    product peak as this process sees it, measured beside the models it is compared with."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = min(timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n**3 / best
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def infer_call(model, feats, lengths, inner: int) -> float:
     # Mean time of `inner` consecutive forwards: one forward of a small model is only milliseconds.
     with torch.inference_mode():
@@ -215,6 +242,13 @@ def bench_size(size: str, cfg: dict, args) -> dict:
         "throughput": {n: audio_s / s for n, s in step_s.items()},
         "throughput_best": {n: audio_s / s for n, s in step_best.items()},
     }
+    # Peak fraction: counted FLOPs per second of a (median) training step over the fp32 matrix-product peak
+    # measured now, in the same process and precision: how much of the machine a step uses.
+    flops = {n: step_flops(m, feats, lengths) for n, m in models.items()}
+    peak = gemm_peak()
+    result["train"]["step_gflop"] = {n: f / 1e9 for n, f in flops.items()}
+    result["train"]["gemm_peak_gflops"] = peak / 1e9
+    result["train"]["peak_fraction"] = {n: flops[n] / step_s[n] / peak for n in models}
     opts.clear()  # frees the optimizer states before the inference runs
 
     # (2) batch-1 inference RTF
@@ -282,14 +316,16 @@ def format_report(report: dict) -> str:
             f"train batch {tr['batch']} ({tr['audio_seconds']:.1f} s audio, padded to {tr['padded_frames']} "
             f"frames), RTF on {inf['audio_seconds']:g} s",
             f"{'model':<11} {'block params':>13} {'train step s':>13} {'audio s / s':>12} {'(best)':>8} "
-            f"{'RTF':>8} {'(best)':>8}",
+            f"{'RTF':>8} {'(best)':>8} {'GFLOP/step':>11} {'of peak':>8}",
         ]
         for n in MODELS:
             lines.append(
                 f"{n:<11} {r['params'][n + '_blocks']:>13,} {tr['step_s'][n]:>13.3f} "
                 f"{tr['throughput'][n]:>12.1f} {tr['throughput_best'][n]:>8.1f} "
-                f"{inf['rtf'][n]:>8.4f} {inf['rtf_best'][n]:>8.4f}"
+                f"{inf['rtf'][n]:>8.4f} {inf['rtf_best'][n]:>8.4f} {tr['step_gflop'][n]:>11.2f} "
+                f"{tr['peak_fraction'][n]:>8.1%}"
             )
+        lines.append(f"fp32 matrix-product peak measured in this run: {tr['gemm_peak_gflops']:.0f} GFLOP/s")
         for k, v in r["ratios"].items():
             b = r["ratios_best"][k]
             lines.append(

@@ -50,6 +50,16 @@ def test_bench_encoder_tiny(tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     assert json.loads(printed[-1]) == json.loads(out.read_text()) == json.loads(json.dumps(report))
 
+    # Peak fraction: a step's counted FLOPs per second over the matrix-product peak measured in the same run.
+    for r in report["results"]:
+        tr = r["train"]
+        assert positive(tr["gemm_peak_gflops"])
+        for name, fraction in tr["peak_fraction"].items():
+            assert positive(tr["step_gflop"][name])
+            assert math.isclose(fraction, tr["step_gflop"][name] / tr["step_s"][name] / tr["gemm_peak_gflops"])
+        # the relative-position model does the absolute one's work and more (position projections and scores)
+        assert tr["step_gflop"]["ours_rel"] > tr["step_gflop"]["ours_abs"]
+
     for key in ("torch", "torchaudio", "threads", "reps", "warmup", "machine", "date", "results"):
         assert key in report
     assert report["threads"] == 1 and report["reps"] == 1
