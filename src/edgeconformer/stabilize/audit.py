@@ -147,8 +147,12 @@ class _Recorder:
         self.limits = limits
         self.records: dict[str, dict] = {}
         self.cache: dict[int, tuple[torch.Tensor, int, dict]] = {}
+        # nn.Identity (e.g. the inference graph's dropout) passes its input on: its record would repeat the
+        # previous module's and count its values twice in the summary.
         self.handles = [
-            m.register_forward_hook(self._hook(name or "<root>"), with_kwargs=True) for name, m in model.named_modules()
+            m.register_forward_hook(self._hook(name or "<root>"), with_kwargs=True)
+            for name, m in model.named_modules()
+            if not isinstance(m, nn.Identity)
         ]
 
     def counts(self, t: torch.Tensor) -> dict:
