@@ -38,26 +38,10 @@ def build_model(m: ModelConfig | Mapping, vocab_size: int) -> DualDecoderASR:
     if m.ctc_weight < 1:
         d = m.decoder
         decoder = TransformerDecoder(vocab_size, encoder.d_model, d.n_heads, d.ff_dim, d.n_layers, d.dropout)
+    heads = dict(ctc_weight=m.ctc_weight, lsm_weight=m.lsm_weight, blank=BLANK_ID, sos_eos=SOS_EOS_ID)
     if m.cascade.enabled:
-        return CascadedASR(
-            encoder,
-            vocab_size,
-            decoder,
-            ctc_weight=m.ctc_weight,
-            lsm_weight=m.lsm_weight,
-            blank=BLANK_ID,
-            sos_eos=SOS_EOS_ID,
-            first_pass_weight=m.cascade.first_pass_weight,
-        )
-    return DualDecoderASR(
-        encoder,
-        vocab_size,
-        decoder,
-        ctc_weight=m.ctc_weight,
-        lsm_weight=m.lsm_weight,
-        blank=BLANK_ID,
-        sos_eos=SOS_EOS_ID,
-    )
+        return CascadedASR(encoder, vocab_size, decoder, **heads, first_pass_weight=m.cascade.first_pass_weight)
+    return DualDecoderASR(encoder, vocab_size, decoder, **heads)
 
 
 NOT_INITIALISED = ("skipped_batches",)  # counters of the earlier run, not weights

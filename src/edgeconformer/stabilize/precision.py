@@ -394,50 +394,42 @@ def _fp32_model(asr, cmvn: nn.Module | None) -> PrecisionModel:
     return PrecisionModel("fp32", model, forward, None)
 
 
-def precision_model(
-    asr,
-    mode: str,
-    cmvn: nn.Module | None = None,
-    prenorm: str = "mad",
-    p: int = 2,
-    fmt: str = "fp16",
-    softmax: str = "lut",
-    lut_size: int = 256,
-    lut_range: float = 16.0,
-    lut_interp: str = "linear",
+# The stabilized graph's options (ANEConformer's keyword arguments) when precision_model is not told otherwise.
+STABILIZED = dict(
+    prenorm="mad",
+    p=2,
+    fmt="fp16",
+    softmax="lut",
+    lut_size=256,
+    lut_range=16.0,
+    lut_interp="linear",
     lut_max_squarings=None,
-    performer_shift: bool = True,
-    accumulate: str = "native",
-    force_fp32: Iterable[str] = (),
+    performer_shift=True,
+)
+UNSTABILIZED = dict(prenorm="none", softmax="exact", performer_shift=False)
+
+
+def precision_model(
+    asr, mode: str, cmvn: nn.Module | None = None, accumulate: str = "native", force_fp32: Iterable[str] = (), **options
 ) -> PrecisionModel:
     """A trained DualDecoderASR (+ its GlobalCMVN, or None when features are already normalised) in one of MODES.
 
-    prenorm/p/fmt/softmax/lut_*/performer_shift configure the stabilized "fp16" mode; "fp16_unstabilized" always
-    uses prenorm "none", the exact softmax and the Performer's unshifted features; accumulate/force_fp32 configure
-    the simulation of both FP16 modes."""
+    options (prenorm, p, fmt, softmax, lut_*, performer_shift; defaults STABILIZED) configure the stabilized "fp16"
+    mode; "fp16_unstabilized" always uses prenorm "none", the exact softmax and the Performer's unshifted features;
+    accumulate/force_fp32 configure the simulation of both FP16 modes."""
 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     if not isinstance(asr, DualDecoderASR):
         hint = " (an ASRModule? pass module.model and cmvn=module.cmvn)" if hasattr(asr, "model") else ""
         raise ValueError(f"precision_model needs a DualDecoderASR, got {type(asr).__name__}{hint}")
+    unknown = set(options) - set(STABILIZED)
+    if unknown:
+        raise TypeError(f"precision_model got unknown options {sorted(unknown)}; the graph takes {sorted(STABILIZED)}")
     if mode == "fp32":
         return _fp32_model(asr, cmvn)
-    if mode == "fp16_unstabilized":
-        prenorm, softmax, performer_shift = "none", "exact", False
-    ane = ANEConformer.from_asr(
-        asr,
-        cmvn,
-        prenorm=prenorm,
-        p=p,
-        fmt=fmt,
-        softmax=softmax,
-        lut_size=lut_size,
-        lut_range=lut_range,
-        lut_interp=lut_interp,
-        lut_max_squarings=lut_max_squarings,
-        performer_shift=performer_shift,
-    )
+    options = {**STABILIZED, **options, **(UNSTABILIZED if mode == "fp16_unstabilized" else {})}
+    ane = ANEConformer.from_asr(asr, cmvn, **options)
     half = to_precision(ane, "fp16").eval()
     if accumulate == "fp16":
         # The LayerNorms' own device algorithm: every reduction rounded after each addition, means taken as sums of
