@@ -10,6 +10,7 @@ worker. They also report the seconds they took, which the stage leaves out of `f
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class TimeGuard(Callback):
             )
 
 
-class AfterFit(Callback):
+class AfterFit(Callback, ABC):
     """Work done once after fitting on global rank zero (`after_fit` returns train_metrics.json entries)."""
 
     def on_fit_end(self, trainer, pl_module):
@@ -64,8 +65,9 @@ class AfterFit(Callback):
         report["metrics"].update(values)
         report["seconds"] += time.perf_counter() - started
 
+    @abstractmethod
     def after_fit(self, trainer, pl_module) -> dict:
-        raise NotImplementedError
+        """The work; -> its train_metrics.json entries."""
 
 
 def post_fit_report(trainer) -> tuple[dict, float]:
