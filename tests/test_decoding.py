@@ -366,6 +366,22 @@ def test_joint_search_respects_length_and_max_len():
     assert all(len(h) <= 1 for h, _ in capped)
 
 
+def test_joint_decode_gives_an_empty_transcript_when_ctc_rules_out_the_whole_shortlist():
+    # CTC allows only token 5; the attention decoder's pre-beam shortlist (tokens 3 and 4) never contains it nor
+    # <eos>, so no hypothesis ever has a finite combined score: the search finds nothing, decode says "".
+    vocab, eos = 8, 2
+    ctc = torch.full((3, vocab), float("-inf"))
+    ctc[:, 5] = 0.0
+
+    def shortlist(prefixes):
+        logits = torch.full((len(prefixes), vocab), -10.0)
+        logits[:, 3], logits[:, 4] = -0.1, -0.2
+        return torch.log_softmax(logits, -1)
+
+    assert joint_ctc_attention_beam_search(ctc, shortlist, eos, beam=1, blank=0) == []
+    assert decode("joint", ctc, shortlist, eos, beam=1, blank=0) == []
+
+
 # --------------------------------------------------------------------------- rescoring
 
 

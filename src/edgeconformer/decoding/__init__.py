@@ -40,9 +40,12 @@ def decode(
         return attention_beam_search(step_fn, sos_eos, beam=beam, max_len=200 if max_len is None else max_len)[0][0]
     if method == "joint":
         w = 0.3 if ctc_weight is None else ctc_weight
-        return joint_ctc_attention_beam_search(
+        hyps = joint_ctc_attention_beam_search(
             ctc_log_probs, step_fn, sos_eos, ctc_weight=w, beam=beam, blank=blank, max_len=max_len, length=length
-        )[0][0]
+        )
+        # No hypothesis reached <eos> with a finite score: CTC ruled out every token of the attention shortlist
+        # (a barely trained model). Nothing both decoders allow: an empty transcript, not a crash.
+        return hyps[0][0] if hyps else []
     if method == "rescoring":
         nbest = ctc_prefix_beam_search(ctc_log_probs, beam=beam, blank=blank, length=length)
         if score_fn is None:
