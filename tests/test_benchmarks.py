@@ -4,7 +4,7 @@ import importlib.util
 import json
 import math
 
-from conftest import REPO
+from conftest import REPO, TINY_MODEL
 
 
 def load_bench(name: str = "bench_encoder"):
@@ -85,7 +85,7 @@ def test_bench_encoder_tiny(tmp_path, capsys):
 
 def test_bench_train_profile_tiny(data_dir, tmp_path, capsys):
     # The profile of the real training step on the tiny corpus and model: schema and invariants, no timing claims.
-    from conftest import TINY_DATA, TINY_MODEL
+    from conftest import TINY_DATA
 
     bench = load_bench("bench_train_profile")
     out = tmp_path / "profile.json"
@@ -128,22 +128,7 @@ def test_op_groups_cover_the_kinds_of_work():
 
 def test_bench_precision_tiny(capsys):
     bench = load_bench("bench_precision")
-    result = bench.main(
-        [
-            "model.encoder.d_model=32",
-            "model.encoder.n_heads=2",
-            "model.encoder.ff_dim=64",
-            "model.encoder.n_layers=1",
-            "model.subsampling_channels=8",
-            "train.max_batch_seconds=4",
-            "--steps",
-            "1",
-            "--threads",
-            "1",
-            "--vocab",
-            "16",
-        ]
-    )
+    result = bench.main([*TINY_MODEL, "train.max_batch_seconds=4", "--steps", "1", "--threads", "1", "--vocab", "16"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
     assert all(positive(s) for s in result["step_seconds"].values())
     assert result["ratio_fp32_over_bf16"] == result["step_seconds"]["32-true"] / result["step_seconds"]["bf16-mixed"]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import TINY_MODEL
 from edgeconformer.config import compose
 from edgeconformer.errors import ConfigError
 from edgeconformer.hardware import cpu_bf16, cpu_flags, resolve_precision, step_timer, synthetic_batch
@@ -51,18 +52,7 @@ def test_auto_on_an_unknown_accelerator_asks_for_an_explicit_precision():
 
 
 def test_step_timer_times_both_precisions_without_touching_the_model_or_the_rng():
-    model = build_model(
-        compose(
-            [
-                "model.encoder.d_model=32",
-                "model.encoder.n_heads=2",
-                "model.encoder.ff_dim=64",
-                "model.encoder.n_layers=1",
-                "model.subsampling_channels=8",
-            ]
-        ).model,
-        16,
-    )
+    model = build_model(compose(TINY_MODEL).model, 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(3)
     expected = torch.rand(4)
@@ -80,17 +70,7 @@ def test_the_train_stage_resolves_auto_for_its_own_model():
     from edgeconformer.models.lightning import ASRModule
     from edgeconformer.stages.train import training_precision
 
-    cfg = compose(
-        [
-            "model.encoder.d_model=32",
-            "model.encoder.n_heads=2",
-            "model.encoder.ff_dim=64",
-            "model.encoder.n_layers=1",
-            "model.subsampling_channels=8",
-            "train.max_batch_seconds=4",
-            "trainer.precision=auto",
-        ]
-    )
+    cfg = compose([*TINY_MODEL, "train.max_batch_seconds=4", "trainer.precision=auto"])
     module = ASRModule(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.train), 16)
     precision, why = training_precision(cfg, module)
     assert why["requested"] == "auto" and why["chosen"] == precision in ("32-true", "bf16-mixed")

@@ -143,10 +143,11 @@ def training_precision(cfg: DictConfig, module: ASRModule) -> tuple[str, dict]:
     only where the CPU has bf16 instructions and a timed training step of this model is faster in it); -> (the
     Lightning precision, why)."""
     tr = cfg.trainer
+    if tr.precision != "auto":
+        return resolve_precision(str(tr.precision))
     batch = synthetic_batch(cfg.model.n_mels, module.model.vocab_size, float(cfg.train.max_batch_seconds))
-    precision, why = resolve_precision(str(tr.precision), tr.accelerator, step_timer(module.model, batch))
-    if tr.precision == "auto":
-        print(f"trainer.precision=auto -> {precision}: {why['reason']}")
+    precision, why = resolve_precision("auto", tr.accelerator, step_timer(module.model, batch))
+    print(f"trainer.precision=auto -> {precision}: {why['reason']}")
     return precision, why
 
 
