@@ -17,6 +17,7 @@ from edgeconformer.decoding.ctc import ctc_greedy
 from edgeconformer.models.asr import DualDecoderASR
 from edgeconformer.models.attention import RelPositionMultiHeadAttention
 from edgeconformer.models.conformer import ConformerEncoder
+from edgeconformer.models.dropout import Dropout
 from edgeconformer.models.layout import ChannelsFirst
 from edgeconformer.models.lightning import build_model
 from edgeconformer.models.performer import PerformerAttention
@@ -172,7 +173,7 @@ def test_layout_contract():
     asr = tiny_asr(causal=True, chunk_size=3, subsampling="dws")
     ane = ANEConformer.from_asr(asr)
     assert not any(isinstance(m, nn.Linear) for m in ane.modules())
-    assert not any(isinstance(m, (nn.Conv1d, nn.LayerNorm, nn.Dropout)) for m in ane.modules())
+    assert not any(isinstance(m, (nn.Conv1d, nn.LayerNorm, nn.Dropout, Dropout)) for m in ane.modules())
     # every original Linear became a 1x1 Conv2d of the same name
     ane_modules = dict(ane.named_modules())
     linears = [n for n, m in asr.named_modules() if isinstance(m, nn.Linear) and not n.startswith("decoder")]

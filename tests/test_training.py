@@ -217,3 +217,64 @@ def test_features_on_the_fly_train_like_precomputed_ones(data_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_parallel_runs_setting():
+    from edgeconformer.errors import UserError
+    from edgeconformer.stages.train import parallel_runs
+
+    cores = len(os.sched_getaffinity(0))
+    assert parallel_runs("auto", 7, "cpu", 1) == min(7, cores)
+    assert parallel_runs("auto", 7, "cpu", cores) == 1
+    assert parallel_runs("auto", 1, "cpu", 1) == 1
+    assert parallel_runs("auto", 7, "gpu", 8) == 1  # one device: one run at a time
+    assert parallel_runs(3, 2, "cpu", 1) == 2 and parallel_runs("4", 7, "cpu", 1) == 4
+    with pytest.raises(UserError, match="parallel_runs=0"):
+        parallel_runs(0, 7, "cpu", 1)
+
+
+def test_train_runs_side_by_side_equal_each_run_trained_alone(data_dir, tmp_path, monkeypatch):
+    """The chain's pool (two runs at once, one thread each, spawned processes) gives each run exactly the
+    checkpoint that run gets trained alone on one thread; train@<run> then publishes it into models/<dir>/."""
+    from omegaconf import OmegaConf
+
+    from edgeconformer.config import apply_variant, load_params
+    from edgeconformer.stages.train import PUBLISHED, publish_run, train, train_runs
+
+    monkeypatch.chdir(tmp_path)
+    extra = ["variants=[vanilla,dws]", "compared=[vanilla,dws]", "seeds=[1]", "trainer.parallel_runs=2"]
+    base = tiny_cfg(data_dir, tmp_path / "unused", "train.max_epochs=1", "train.test_after_fit=false", *extra)
+    base.out_dir = None
+    OmegaConf.save(base, tmp_path / "params.yaml", resolve=True)
+    cfg, _ = load_params("params.yaml", [])
+    summary = train_runs(cfg, "params.yaml")
+    assert set(summary["runs"]) == {"vanilla-s1", "dws-s1"} and summary["parallel_runs"] == 2
+    assert all("error" not in r for r in summary["runs"].values())
+
+    alone_cfg, given = load_params("params.yaml", ["variant=dws", "seed=1", f"out_dir={tmp_path / 'alone'}"])
+    alone_cfg = apply_variant(alone_cfg, given)
+    alone_cfg.trainer.num_threads = 1
+    threads = torch.get_num_threads()
+    try:
+        train(alone_cfg)
+    finally:
+        torch.set_num_threads(threads)
+    pooled, alone = _weights(tmp_path / "trained/dws/s1/best.ckpt"), _weights(tmp_path / "alone/best.ckpt")
+    assert pooled.keys() == alone.keys() and all(torch.equal(pooled[k], alone[k]) for k in alone)
+
+    for variant in ("vanilla", "dws"):
+        run_cfg, given = load_params("params.yaml", [f"variant={variant}", "seed=1"])
+        publish_run(apply_variant(run_cfg, given))
+        for name in PUBLISHED:
+            published = tmp_path / "models" / variant / "s1" / name
+            assert published.read_bytes() == (tmp_path / "trained" / variant / "s1" / name).read_bytes()
+
+
+def test_publish_run_names_the_missing_training(tmp_path, monkeypatch):
+    from edgeconformer.errors import UserError
+    from edgeconformer.stages.train import publish_run
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose([*TINY_MODEL, "variant=dws", "seed=2"])
+    with pytest.raises(UserError, match=r"trained/dws/s2: best.ckpt.*dvc repro train_runs"):
+        publish_run(cfg)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from edgeconformer.models.dropout import Dropout, dropout
 from edgeconformer.models.layout import TRAINING
 
 
@@ -56,7 +57,7 @@ class PositionalEncoding(nn.Module):
         super().__init__()
         self.d_model = d_model
         self.xscale = math.sqrt(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
 
 class AbsolutePositionalEncoding(PositionalEncoding):
@@ -118,7 +119,7 @@ class MultiHeadAttention(nn.Module):
         if layout.channels_first:
             self.softmax = layout.softmax()  # explicit, pluggable (inference: no attention dropout)
         else:
-            self.dropout = nn.Dropout(dropout)  # its p goes into the fused kernel
+            self.dropout = Dropout(dropout)  # its p: the fused kernel's off the CPU, attention_with_dropout's on it
 
     def split_heads(self, x):
         return rearrange(x, "b t (h d) -> b h t d", h=self.n_heads)
@@ -131,9 +132,11 @@ class MultiHeadAttention(nn.Module):
         mask = mask.unsqueeze(1)  # (B, 1, 1|Tq, Tk) broadcast over heads
         if bias is not None:
             mask = bias.masked_fill(~mask, float("-inf"))
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout.p if self.training else 0.0
-        )  # (B, H, Tq, d)
+        p = self.dropout.p if self.training else 0.0
+        if p > 0.0 and q.device.type == "cpu":
+            x = attention_with_dropout(q, k, v, mask, p)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, Tq, d)
         return self.out(rearrange(x, "b h t d -> b t (h d)"))
 
     def forward(self, query, key, value, mask, pos_emb=None):
@@ -193,6 +196,16 @@ class MultiHeadAttention(nn.Module):
         k, v = self.cached_keys(h, state, left_frames)
         everything = torch.ones(h.size(0), 1, k.size(2), dtype=torch.bool, device=h.device)  # all cached frames
         return self.attend(self.split_heads(self.query(h)), k, v, everything)
+
+
+def attention_with_dropout(q, k, v, mask, p):
+    # q: (B, H, Tq, d), k/v: (B, H, Tk, d), mask: bool (B, 1, 1|Tq, Tk) True = may attend, or additive float
+    # (B|1, H, Tq, Tk) -> (B, H, Tq, d). With dropout_p > 0 torch's CPU scaled_dot_product_attention runs its unfused
+    # math path (scores, safe softmax, bernoulli_ dropout, product) anyway; this is the same path with the cheaper
+    # masks of models/dropout.py. _safe_softmax (the math path's own) turns a fully masked row into zeros, not NaN.
+    scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-2, -1))  # (B, H, Tq, Tk)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(dropout(torch._safe_softmax(scores, -1), p), v)
 
 
 def rel_shift(x):

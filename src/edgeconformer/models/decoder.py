@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgeconformer.models.attention import AbsolutePositionalEncoding, MultiHeadAttention, make_pad_mask
+from edgeconformer.models.dropout import Dropout
 
 
 class DecoderLayer(nn.Module):
@@ -18,8 +19,8 @@ class DecoderLayer(nn.Module):
         self.norm_cross = nn.LayerNorm(d_model)
         self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout)
         self.norm_ff = nn.LayerNorm(d_model)
-        self.ff = nn.Sequential(nn.Linear(d_model, ff_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff_dim, d_model))
-        self.dropout = nn.Dropout(dropout)
+        self.ff = nn.Sequential(nn.Linear(d_model, ff_dim), nn.ReLU(), Dropout(dropout), nn.Linear(ff_dim, d_model))
+        self.dropout = Dropout(dropout)
 
     def forward(self, x, self_mask, memory, memory_mask):
         # x: (B, U, D), self_mask: (B, U, U), memory: (B, T, D), memory_mask: (B, 1, T); True = may attend

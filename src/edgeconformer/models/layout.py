@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from edgeconformer.models.dropout import Dropout
+
 
 class MaskedSoftmax(nn.Module):
     """Softmax over `dim` with keys masked out (mask: True where a query may attend a key). Chunk masks always
@@ -52,7 +54,7 @@ class Layout:
         return nn.Conv1d(d_model, d_model, kernel_size, groups=d_model)  # padding applied by hand
 
     def dropout(self, p: float) -> nn.Module:
-        return nn.Dropout(p)
+        return Dropout(p)  # nn.Dropout with cheaper CPU masks
 
     def softmax(self) -> nn.Module | None:
         return None  # fused into scaled_dot_product_attention
