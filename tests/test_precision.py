@@ -86,6 +86,7 @@ def test_forced_fp32_ops_are_counted_per_call():
     out, rep = run_fp16(model, x, force_fp32=["torch.nn.functional.linear"])
     assert rep["fallback_ops"] == {"torch.nn.functional.linear": 2}
     assert "torch.nn.functional.linear" not in rep["wide_accumulation_ops"]
+    assert rep["fp32_compute_ops"] == {}
     w0, b0, w2, b2 = (p.float() for p in model.parameters())
     h = F.linear(x.half().float(), w0, b0).half().relu()
     assert torch.equal(out, F.linear(h.float(), w2, b2).half())
@@ -95,7 +96,70 @@ def test_wide_accumulation_calls_are_counted():
     model = to_precision(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 3)), "fp16")
     _, rep = run_fp16(model, torch.randn(2, 8))
     assert rep["wide_accumulation_ops"] == {"torch.nn.functional.linear": 2, "torch.nn.functional.layer_norm": 1}
+    assert rep["fp32_compute_ops"] == {}  # linear keeps its half kernel (see below)
     assert rep["fallback_ops"] == {} and rep["emulated_reductions"] == {}
+
+
+def test_convolutions_and_matrix_products_are_computed_in_fp32_and_rounded_once():
+    torch.manual_seed(3)
+    x, dw_x = torch.randn(1, 144, 1, 250).half(), torch.randn(1, 144, 1, 264).half()
+    w, b = (torch.randn(576, 144, 1, 1) * 0.1).half(), torch.randn(576).half()
+    dw = (torch.randn(144, 1, 1, 15) * 0.3).half()
+    q, k = torch.randn(1, 250, 1, 36).half(), torch.randn(1, 36, 1, 250).half()
+    calls = {
+        "torch.nn.functional.conv2d": (lambda x, w, b: F.conv2d(x, w, b), (x, w, b)),
+        "depthwise": (lambda x, w: F.conv2d(x, w, groups=144), (dw_x, dw)),
+        "torch.nn.functional.conv1d": (lambda x, w, b: F.conv1d(x, w, b), (x[:, :, 0], w[..., 0], b)),
+        "torch.functional.einsum": (lambda q, k: torch.einsum("bqhc,bchk->bqhk", q, k), (q, k)),
+        "torch.matmul": (torch.matmul, (x[0, :, 0].T, w[:, :, 0, 0].T)),
+    }
+    for label, (fn, args) in calls.items():
+        native = fn(*args)  # the CPU half kernel: float32 accumulator, one rounding
+        with HalfSimulation() as sim:
+            out = fn(*args)
+        assert out.dtype == torch.float16, label
+        # the same semantics computed in float32: the half arguments are exact there, one rounding at the end ...
+        assert torch.equal(out, fn(*(a.float() for a in args)).half()), label
+        # ... and the half kernel differs by its float32 summation order only (one FP16 ulp at the scale of the
+        # terms, in a small fraction of the outputs)
+        assert torch.allclose(out.float(), native.float(), rtol=1e-3, atol=2e-3), label
+        assert (out != native).float().mean() < 0.01, label
+        rep = sim.report()
+        name = "torch.nn.functional.conv2d" if label == "depthwise" else label
+        assert rep["wide_accumulation_ops"] == {name: 1} and rep["fp32_compute_ops"] == {name: 1}, label
+        assert rep["fallback_ops"] == {}, label  # not a fallback: the op has a half kernel
+    # forced to float32: a fallback, not a wide-accumulating half call
+    with HalfSimulation(force_fp32=["torch.nn.functional.conv2d"]) as sim:
+        F.conv2d(x, w, b)
+    assert sim.report()["fallback_ops"] == {"torch.nn.functional.conv2d": 1}
+    assert sim.report()["fp32_compute_ops"] == {} and sim.report()["wide_accumulation_ops"] == {}
+
+
+def test_fp32_compute_keeps_the_half_kernel_where_its_semantics_would_differ():
+    x, w = torch.randn(1, 8, 1, 5).half(), torch.randn(4, 8, 1, 1).half()
+    with HalfSimulation() as sim:
+        F.conv2d(x, w.float())  # mixed dtypes: the half kernel refuses, the call falls back as before
+    assert sim.report()["fp32_compute_ops"] == {}
+    assert sim.report()["fallback_ops"] == {"torch.nn.functional.conv2d": 1}
+    a, b, out = torch.randn(3, 4).half(), torch.randn(4, 5).half(), torch.empty(3, 5).half()
+    with HalfSimulation() as sim:
+        torch.matmul(a, b, out=out)  # out=: written in place by the half kernel
+    assert torch.equal(out, a @ b) and sim.report()["fp32_compute_ops"] == {}
+    assert sim.report()["wide_accumulation_ops"] == {"torch.matmul": 1}
+    with HalfSimulation(torch.bfloat16) as sim:  # measured for float16 only: bfloat16 keeps its kernels
+        y = F.conv2d(x.bfloat16(), w.bfloat16())
+    assert y.dtype == torch.bfloat16 and sim.report()["fp32_compute_ops"] == {}
+    # linear's half kernel rounds the product before adding the bias for a non-contiguous batched input (and once
+    # for a contiguous one): one float32 rounding would not be its semantics, so it keeps the half kernel
+    xt, wl, bl = torch.randn(1, 144, 250).half().mT, (torch.randn(576, 144) * 0.1).half(), torch.randn(576).half()
+    native = F.linear(xt, wl, bl)
+    two_roundings = F.linear(xt.float(), wl.float()).half() + bl
+    one_rounding = F.linear(xt.float(), wl.float(), bl.float()).half()
+    assert (native != two_roundings).float().mean() < 0.01 < 0.1 < (native != one_rounding).float().mean()
+    with HalfSimulation() as sim:
+        assert torch.equal(F.linear(xt, wl, bl), native)
+    assert sim.report()["fp32_compute_ops"] == {}
+    assert sim.report()["wide_accumulation_ops"] == {"torch.nn.functional.linear": 1}
 
 
 def test_a_real_error_is_not_hidden_by_the_fallback():
@@ -146,6 +210,7 @@ def test_fp32_mode_is_the_original_model():
         "calls": 1,
         "fallback_ops": {},
         "wide_accumulation_ops": {},
+        "fp32_compute_ops": {},
         "emulated_reductions": {},
     }
 
@@ -165,6 +230,8 @@ def test_fp16_modes_run_entirely_in_half_and_stay_close():
         s = pm.summary()
         assert s["calls"] == 2 and s["fallback_ops"] == {}  # no op of the ANE graph leaves FP16
         assert s["wide_accumulation_ops"]["torch.nn.functional.conv2d"] > 0
+        for op in ("torch.nn.functional.conv2d", "torch.functional.einsum"):  # every call computed in float32
+            assert s["fp32_compute_ops"][op] == s["wide_accumulation_ops"][op] > 0
     with pytest.raises(ValueError, match="fp17"):
         precision_model(asr, "fp17")
     assert MODES == ("fp32", "fp16_unstabilized", "fp16")

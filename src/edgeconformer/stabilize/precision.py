@@ -13,6 +13,22 @@
   attention all accumulate in float32 and round once at the end (`probe_cpu_half` measures it: partial sums that
   pass 65504 do not overflow). An accelerator accumulating in FP16 would overflow or lose precision there, so
   the CPU simulation is optimistic for exactly these calls (docs/stabilization.md section 5).
+* computes the convolutions and matrix products among them (conv1d/conv2d, matmul/bmm/mm, einsum;
+  `FP32_COMPUTE`) in float32 from their half inputs and weights and rounds the result to float16 once; the
+  report counts these calls in `fp32_compute_ops` as well as in `wide_accumulation_ops` (they are not fallbacks:
+  the ops have half kernels). The semantics are those of the CPU half kernel: FP16 storage (half inputs and weights are
+  exact in float32), a float32 accumulator, one rounding of the output (the bias included). Only the float32
+  summation order differs: per call of the trained ANE graph (same inputs) 0.04% of the outputs differ on average,
+  0.17% at most, by one FP16 ulp at the scale of the terms (more ulps only for results near zero, where partial
+  sums cancel). The reason is speed: without AVX-512 FP16 the CPU half kernels take slow generic paths
+  (convolutions: im2col + a scalar GEMM). Measured on one thread at T' = 249, half kernel vs float32 with the
+  casts: 1x1 conv2d 144 -> 576 15.6 vs 0.66 ms, depthwise (1, 15) conv2d 1.6 vs 0.16 ms, the subsampling's 3x3
+  conv2d 139 vs 5 ms, einsum 1.7-3.4 vs 0.13-0.2 ms, matmul/bmm 6.8 vs 0.4 ms; one 10 s utterance through the
+  stabilized ANE graph 0.72 -> 0.11 s (native accumulation), 0.98 -> 0.40 s (FP16 accumulation, now mostly
+  the LayerNorms' sequential FP16 algorithm). Not switched: sum, mean, layer_norm, softmax, log_softmax (no faster
+  in float32 with the casts, x0.4-0.9); linear (x6-9, but its half kernel rounds twice for a non-contiguous
+  batched input, product then bias, and no simulated graph calls it); SDPA (x2.1, its half kernel's internal
+  roundings not measured, not called either). bfloat16 simulation keeps the native kernels.
 * with accumulate="fp16", re-computes sum and mean of half tensors as pairwise sums rounded to FP16 after every
   addition (`emulated_reductions` counts them), so a sum of squares that passes 65504 overflows as it would on
   such a device; `precision_model` also switches the graph's pre-normalized LayerNorms to their own FP16
@@ -159,6 +175,11 @@ def probe_cpu_half() -> dict[str, dict[str, bool | str | None]]:
     return out
 
 
+# Probes whose ops HalfSimulation computes in float32 and rounds once (see the module docstring): convolutions and
+# matrix products, whose CPU half kernels are 10-30x slower than float32 with the casts.
+FP32_COMPUTE = frozenset(op for name in ("conv1d", "conv2d", "matmul", "einsum") for op in PROBED_OPS[name])
+
+
 def wide_accumulating_ops() -> dict[str, str]:
     """op name -> probe name, for every op whose CPU half kernel was measured to accumulate wider than FP16."""
     probes = probe_cpu_half()
@@ -234,7 +255,13 @@ class HalfSimulation(TorchFunctionMode):
 
     dtype: the simulated format (float16; bfloat16 works the same). force_fp32: op names (as `op_name` spells
     them, e.g. "torch.nn.functional.conv2d") always run in float32. accumulate: "native" (the CPU kernels) or
-    "fp16" (sum/mean re-computed with FP16 additions). `report()` returns the counts."""
+    "fp16" (sum/mean re-computed with FP16 additions). `report()` returns the counts.
+
+    With float16, the wide-accumulating ops of `FP32_COMPUTE` (convolutions, matrix products) are computed in
+    float32 from their half arguments and rounded to float16 once: the half kernel's own semantics (float32
+    accumulator, one rounding), 10-30x faster on CPUs without AVX-512 FP16; only the float32 summation order differs
+    (last-ulp differences, module docstring). Counted in `fp32_compute_ops` and `wide_accumulation_ops`, not in
+    `fallback_ops`. Calls with an `out=` argument or float arguments of another dtype go to the half kernel."""
 
     def __init__(self, dtype: torch.dtype = torch.float16, force_fp32: Iterable[str] = (), accumulate: str = "native"):
         super().__init__()
@@ -244,8 +271,12 @@ class HalfSimulation(TorchFunctionMode):
             raise ValueError(f"HalfSimulation simulates float16 or bfloat16, got {dtype}")
         self.dtype, self.force_fp32, self.accumulate = dtype, frozenset(force_fp32), accumulate
         self.wide = wide_accumulating_ops()
+        # only ops measured to accumulate wide in their half kernel: for them float32 compute + one rounding is the
+        # kernel's own semantics
+        self.fp32_compute = frozenset(FP32_COMPUTE & self.wide.keys()) if dtype == torch.float16 else frozenset()
         self.fallback_ops: Counter = Counter()
         self.wide_accumulation_ops: Counter = Counter()
+        self.fp32_compute_ops: Counter = Counter()
         self.emulated_reductions: Counter = Counter()
 
     def _has_sim(self, args, kwargs):
@@ -258,6 +289,18 @@ class HalfSimulation(TorchFunctionMode):
             elif isinstance(a, (list, tuple)) and any(torch.is_tensor(t) and t.dtype == self.dtype for t in a):
                 return True
         return False
+
+    def _only_sim(self, args, kwargs):
+        # Every floating tensor argument (one level into lists: einsum's operand list) is of the simulated dtype, and
+        # no out= tensor: then float32 compute + one rounding is what the half kernel does. Mixed dtypes go to the
+        # half kernel (which refuses them: a counted fallback, as without fp32 compute).
+        if kwargs.get("out") is not None:
+            return False
+        for a in (*args, *kwargs.values()):
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                if torch.is_tensor(t) and t.is_floating_point() and t.dtype != self.dtype:
+                    return False
+        return True
 
     def _fp32(self, func, args, kwargs):
         cast_in = lambda t: t.float() if torch.is_tensor(t) and t.dtype == self.dtype else t  # noqa: E731
@@ -281,6 +324,9 @@ class HalfSimulation(TorchFunctionMode):
                 return fp16_sum(x, dim, keepdim, mean=REDUCTIONS[name])
         if name in self.wide:
             self.wide_accumulation_ops[name] += 1
+            if name in self.fp32_compute and self._only_sim(args, kwargs):
+                self.fp32_compute_ops[name] += 1
+                return self._fp32(func, args, kwargs)
         try:
             return func(*args, **kwargs)
         except (RuntimeError, NotImplementedError) as error:
@@ -299,6 +345,7 @@ class HalfSimulation(TorchFunctionMode):
             "accumulate": self.accumulate,
             "fallback_ops": dict(self.fallback_ops),
             "wide_accumulation_ops": dict(self.wide_accumulation_ops),
+            "fp32_compute_ops": dict(self.fp32_compute_ops),
             "emulated_reductions": dict(self.emulated_reductions),
         }
 
@@ -346,6 +393,10 @@ def one_thread():
 # ------------------------------------------------------------------------------------------------ precision modes
 
 
+# the per-call counts of HalfSimulation.report() that PrecisionModel sums over calls
+SIMULATION_COUNTS = ("fallback_ops", "wide_accumulation_ops", "fp32_compute_ops", "emulated_reductions")
+
+
 class PrecisionModel:
     """feats (B, T, F) raw log-mels (CMVN folded in) -> CTC log-probs (B, T', V) in float32, in one precision mode.
 
@@ -360,6 +411,7 @@ class PrecisionModel:
             "calls": 0,
             "fallback_ops": Counter(),
             "wide_accumulation_ops": Counter(),
+            "fp32_compute_ops": Counter(),
             "emulated_reductions": Counter(),
         }
 
@@ -369,7 +421,7 @@ class PrecisionModel:
         if self.simulation is None:
             return self._forward(feats).float()
         out, rep = run_fp16(self.module, feats, **self.simulation)
-        for key in ("fallback_ops", "wide_accumulation_ops", "emulated_reductions"):
+        for key in SIMULATION_COUNTS:
             self.report[key].update(rep[key])
         return out.float()
 

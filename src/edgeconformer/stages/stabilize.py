@@ -41,7 +41,7 @@ from edgeconformer.errors import UserError
 from edgeconformer.scoring import greedy_text, load_utterances, score
 from edgeconformer.stabilize.ane import ANEConformer
 from edgeconformer.stabilize.audit import audit, plot_audit, write_audit
-from edgeconformer.stabilize.precision import MODES, one_thread, precision_model
+from edgeconformer.stabilize.precision import MODES, SIMULATION_COUNTS, one_thread, precision_model
 from edgeconformer.stabilize.softmax import LUTSoftmax, error_table, resolve_max_squarings, squarings
 from edgeconformer.stabilize.stress import safe_gain, scale_activations
 
@@ -325,7 +325,7 @@ class Replayed:
     def __init__(self, outputs: dict[int, torch.Tensor], summaries: list[dict]):
         self.outputs = outputs
         self.report = {"mode": "fp16", "calls": sum(r["calls"] for r in summaries)}
-        for key in ("fallback_ops", "wide_accumulation_ops", "emulated_reductions"):
+        for key in SIMULATION_COUNTS:
             self.report[key] = dict(sum((Counter(r[key]) for r in summaries), Counter()))
 
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
