@@ -6,19 +6,18 @@
 
 import sys
 
-from edgeconformer.config import load_params
+from edgeconformer.config import load_params, params_argument
 from edgeconformer.errors import UserError
 from edgeconformer.stages.train import train_runs
 
 
 def main(argv: list[str]) -> None:
-    params = "params.yaml"
-    if "--params" in argv:
-        i = argv.index("--params")
-        params, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
-    cfg, _ = load_params(params, argv)
     try:
-        train_runs(cfg, params, argv)
+        # the pool's workers compose each run from the same file and overrides, so both are passed on
+        params, overrides = params_argument(argv)
+        params = params or "params.yaml"
+        cfg, _ = load_params(params, overrides)
+        train_runs(cfg, params, overrides)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

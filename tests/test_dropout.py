@@ -15,16 +15,27 @@ from edgeconformer.models.dropout import LEVELS, Dropout, dropout, keep_mask
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
 def test_keep_rate_and_scale(p):
     torch.manual_seed(0)
-    n = 1_000_001  # odd: the last int32 draw is used for one element only
+    n = 1_000_001  # not a multiple of 4: the last int64 draw is used for one element only
     keep, scale = keep_mask(torch.Size([n]), p)
     p_eff = round(p * LEVELS) / LEVELS
     assert abs(p_eff - p) <= 0.5 / LEVELS
     assert scale == pytest.approx(1 / (1 - p_eff))
     sigma = math.sqrt(p_eff * (1 - p_eff) / n)
     assert abs((1 - keep.float().mean().item()) - p_eff) < 5 * sigma
-    # both halves of each 31-bit draw are uniform: the even and odd elements drop alike
-    for half in (keep[0::2], keep[1::2]):
-        assert abs((1 - half.float().mean().item()) - p_eff) < 5 * sigma * math.sqrt(2)
+    # the four 16-bit quarters of each 63-bit draw are uniform: elements 4i, 4i+1, 4i+2, 4i+3 drop alike
+    for quarter in range(4):
+        part = keep[quarter::4]
+        assert abs((1 - part.float().mean().item()) - p_eff) < 5 * sigma * 2
+
+
+def test_quarters_of_a_draw_are_uncorrelated():
+    # the four elements made from one 64-bit draw must drop independently of each other
+    torch.manual_seed(5)
+    n = 400_000
+    keep, _ = keep_mask(torch.Size([4 * n]), 0.5)
+    corr = torch.corrcoef(keep.view(n, 4).T.float())
+    off_diagonal = corr[~torch.eye(4, dtype=torch.bool)]
+    assert off_diagonal.abs().max() < 5 / math.sqrt(n)
 
 
 def test_output_is_masked_and_scaled_input_with_unbiased_mean():
@@ -76,12 +87,18 @@ def test_attention_path_equals_sdpa_without_dropout():
     torch.testing.assert_close(
         attention_with_dropout(q, k, v, key_mask, 0.0), F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
     )
-    bias = torch.randn(2, 4, 7, 7).masked_fill(~key_mask, float("-inf"))
-    bias[1, :, 2] = float("-inf")  # a fully masked query row: zeros, not NaN
-    out = attention_with_dropout(q, k, v, bias, 0.0)
+    bias = torch.randn(2, 4, 7, 7)
+    mask = key_mask & torch.ones(7, 7, dtype=torch.bool)  # (B, 1, Tq, Tk)
+    mask[1, :, 2] = False  # a fully masked query row: zeros, not NaN
+    out = attention_with_dropout(q, k, v, mask, 0.0, bias)
     assert torch.equal(out[1, :, 2], torch.zeros(4, 16))
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~mask, float("-inf")))
     torch.testing.assert_close(out, torch.nan_to_num(ref))
+    # a bias shared by the batch (1, H, Tq, Tk) broadcasts
+    shared = attention_with_dropout(q, k, v, key_mask, 0.0, bias[:1])
+    torch.testing.assert_close(
+        shared, F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:1].masked_fill(~key_mask, float("-inf")))
+    )
 
 
 def test_attention_dropout_drops_weights_in_training():

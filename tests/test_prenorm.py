@@ -185,6 +185,23 @@ def test_format_table_matches_torch(name):
     assert 2.0**-f.mantissa_bits == fi.eps and f.unit_roundoff == fi.eps / 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_numpy_accumulation_equals_the_elementwise_loop_bit_for_bit(dtype):
+    # cumsum_in_format's numpy path (no autograd) against its torch loop (taken for tensors that need gradients):
+    # every partial sum identical, overflow to inf and the NaN of inf - inf included, along any dim
+    torch.manual_seed(11)
+    for scale in (1e-6, 1.0, 300.0, 3e4 if dtype == torch.float16 else 3e37):
+        v = (torch.randn(6, 40, 33) * scale).to(dtype)
+        for dim in (-1, 1, 0):
+            fast = cumsum_in_format(v, dim=dim)
+            slow = cumsum_in_format(v.clone().requires_grad_(), dim=dim).detach()
+            assert fast.dtype == slow.dtype == dtype
+            assert torch.equal(fast.isnan(), slow.isnan())
+            assert torch.equal(fast.nan_to_num(), slow.nan_to_num())
+    big = torch.full((2, 8), 40000.0, dtype=torch.float16)
+    assert torch.isinf(cumsum_in_format(big)).all(dim=0)[1:].all()
+
+
 def test_sum_in_format_rounds_after_every_addition():
     v = torch.tensor([2048.0] + [1.0] * 1024, dtype=torch.float16)
     assert float(sum_in_format(v)) == 2048.0  # 2048 + 1 rounds back to 2048 (ties to even) each time

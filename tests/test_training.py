@@ -219,7 +219,7 @@ def test_features_on_the_fly_train_like_precomputed_ones(data_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_parallel_runs_setting():
+def test_parallel_runs_setting(monkeypatch):
     from edgeconformer.errors import UserError
     from edgeconformer.stages.train import parallel_runs
 
@@ -228,6 +228,9 @@ def test_parallel_runs_setting():
     assert parallel_runs("auto", 7, "cpu", cores) == 1
     assert parallel_runs("auto", 1, "cpu", 1) == 1
     assert parallel_runs("auto", 7, "gpu", 8) == 1  # one device: one run at a time
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parallel_runs("auto", 7, "auto", 1) == 1  # Lightning's auto would put every run on the one GPU
+    assert parallel_runs("auto", 7, "cpu", 1) == min(7, cores)
     assert parallel_runs(3, 2, "cpu", 1) == 2 and parallel_runs("4", 7, "cpu", 1) == 4
     with pytest.raises(UserError, match="parallel_runs=0"):
         parallel_runs(0, 7, "cpu", 1)

@@ -129,12 +129,21 @@ def _hydra_given(cfg: DictConfig) -> DictConfig:
     return given
 
 
+def params_argument(argv: list[str]) -> tuple[str | None, list[str]]:
+    """A stage's command line -> (the file after `--params`, or None) and the key=value overrides around it."""
+    if "--params" not in argv:
+        return None, list(argv)
+    i = argv.index("--params")
+    if i + 1 == len(argv):
+        raise UserError("--params needs a file: --params params.yaml")
+    return argv[i + 1], argv[:i] + argv[i + 2 :]
+
+
 def run_stage(stage: Callable[[DictConfig], object], config_name: str = "config") -> None:
     """Entry point body: `--params FILE` reads a composed file, otherwise Hydra composes conf/."""
-    argv = sys.argv[1:]
-    if "--params" in argv:
-        i = argv.index("--params")
-        cfg, given = load_params(argv[i + 1], argv[:i] + argv[i + 2 :])
+    params, overrides = params_argument(sys.argv[1:])
+    if params is not None:
+        cfg, given = load_params(params, overrides)
         _call(stage, cfg, given)
         return
 

@@ -27,6 +27,11 @@ def make_pad_mask(lengths, max_len=None):
     return torch.arange(max_len, device=lengths.device)[None, :] >= lengths[:, None]
 
 
+def known_all(mask):
+    # bool(mask.all()), and False where values are unknown (meta tensors: FLOP counting without data)
+    return mask.device.type != "meta" and bool(mask.all())
+
+
 def chunk_attention_mask(T, chunk_size, left_chunks=-1, device=None):
     # (T, T), True where query frame i may attend key frame j. Frame i in chunk c = i // chunk_size sees
     # every frame of chunks max(0, c - left_chunks) .. c: full look-ahead inside its own chunk, none beyond.
@@ -130,12 +135,12 @@ class MultiHeadAttention(nn.Module):
         # scores, two masked fills, softmax and dropout as separate passes (measured: benchmarks/README.md).
         # A fully masked row (a padded query that sees only padding) comes out as zeros, not NaN.
         mask = mask.unsqueeze(1)  # (B, 1, 1|Tq, Tk) broadcast over heads
-        if bias is not None:
-            mask = bias.masked_fill(~mask, float("-inf"))
         p = self.dropout.p if self.training else 0.0
         if p > 0.0 and q.device.type == "cpu":
-            x = attention_with_dropout(q, k, v, mask, p)
+            x = attention_with_dropout(q, k, v, mask, p, bias)
         else:
+            if bias is not None:
+                mask = bias.masked_fill(~mask, float("-inf"))
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, Tq, d)
         return self.out(rearrange(x, "b h t d -> b t (h d)"))
 
@@ -198,14 +203,25 @@ class MultiHeadAttention(nn.Module):
         return self.attend(self.split_heads(self.query(h)), k, v, everything)
 
 
-def attention_with_dropout(q, k, v, mask, p):
-    # q: (B, H, Tq, d), k/v: (B, H, Tk, d), mask: bool (B, 1, 1|Tq, Tk) True = may attend, or additive float
-    # (B|1, H, Tq, Tk) -> (B, H, Tq, d). With dropout_p > 0 torch's CPU scaled_dot_product_attention runs its unfused
-    # math path (scores, safe softmax, bernoulli_ dropout, product) anyway; this is the same path with the cheaper
-    # masks of models/dropout.py. _safe_softmax (the math path's own) turns a fully masked row into zeros, not NaN.
-    scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-2, -1))  # (B, H, Tq, Tk)
-    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.matmul(dropout(torch._safe_softmax(scores, -1), p), v)
+def attention_with_dropout(q, k, v, mask, p, bias=None):
+    # q: (B, H, Tq, d), k/v: (B, H, Tk, d), mask: bool (B, 1, 1|Tq, Tk) True = may attend, bias: additive float
+    # score terms (B|1, H, Tq, Tk) or None -> (B, H, Tq, d). With dropout_p > 0 torch's CPU
+    # scaled_dot_product_attention runs its unfused math path (scores, safe softmax, bernoulli_ dropout, product)
+    # anyway; this is the same maths with the cheaper masks of models/dropout.py, the bias summed inside the score
+    # product (baddbmm: no separate pass) and a plain softmax. A query row without a single key comes out as zeros,
+    # not NaN (what torch's _safe_softmax does), fixed only where one exists.
+    B, H, Tq, d = q.shape
+    Tk = k.size(2)
+    qs, kt = (q * d**-0.5).reshape(B * H, Tq, d), k.transpose(-2, -1).reshape(B * H, d, Tk)
+    if bias is None:
+        scores = torch.bmm(qs, kt)
+    else:
+        scores = torch.baddbmm(bias.expand(B, H, Tq, Tk).reshape(B * H, Tq, Tk), qs, kt)
+    probs = torch.softmax(scores.view(B, H, Tq, Tk).masked_fill_(~mask, float("-inf")), -1)  # in place: ours
+    alive = mask.any(-1, keepdim=True)  # (B, 1, 1|Tq, 1): False for rows the mask leaves empty
+    if not known_all(alive):
+        probs = probs.masked_fill(~alive, 0.0)
+    return torch.matmul(dropout(probs, p), v)
 
 
 def rel_shift(x):
@@ -222,6 +238,16 @@ def rel_band(x, L):
     B, H, c, P = x.shape
     s = x.stride()
     return x.as_strided((B, H, c, L), (s[0], s[1], s[2] - s[3], s[3]), x.storage_offset() + s[3] * (c - 1))
+
+
+def rel_band_heads(x, B, T):
+    # x: (H, B*T, 2T-1) position scores, head-major -> (B, H, T, T) with [b, h, i, j] = x[h, b*T + i] at relative
+    # position i - j: rel_shift's band as a strided view, batch and head dimensions swapped by strides only.
+    x = x.contiguous()
+    H, _, P = x.shape
+    s = x.stride()
+    band = x.as_strided((H, B, T, T), (s[0], T * s[1], s[1] - s[2], s[2]), x.storage_offset() + s[2] * (T - 1))
+    return band.transpose(0, 1)
 
 
 def rel_shift_query_major(x):
@@ -250,13 +276,18 @@ class RelPositionMultiHeadAttention(MultiHeadAttention):
         # query/key/value: (B, T, D) (self-attention only), pos_emb: (1, 2T-1, D); channels-first: (1, D, 1, 2T-1)
         if self.channels_first:
             return self.forward_heads(query, mask, pos_emb)
-        q = rearrange(self.query(query), "b t (h d) -> b t h d", h=self.n_heads)
+        B, T, _ = query.shape
+        H, d = self.n_heads, self.d_head
+        q = rearrange(self.query(query), "b t (h d) -> b t h d", h=H)
         k, v = self.split_heads(self.key(key)), self.split_heads(self.value(value))  # (B, H, T, d)
-        p = self.split_heads(self.linear_pos(pos_emb))  # (1, H, 2T-1, d)
-        q_u, q_v = self.biased_queries(q)
-        # content term q_u.k inside the fused kernel, position term q_v.p as its additive bias
-        position = rel_shift(q_v @ p.transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, H, T, 2T-1) -> (B, H, T, T)
-        return self.attend(q_u, k, v, mask, bias=position)
+        # Position term, its 1/sqrt(d) on the queries rather than on (T, T) scores: every query of a head in one
+        # product, (H, B*T, d) @ (H, d, 2T-1) (a view of q_v; the embeddings are shared by the batch, so no
+        # per-utterance copy of them), then the band of relative positions i - j as a strided view (rel_band_heads).
+        q_v = rearrange((q + self.pos_bias_v) * d**-0.5, "b t h d -> h (b t) d")
+        p = rearrange(self.linear_pos(pos_emb), "1 p (h d) -> h d p", h=H)  # (H, d, 2T-1)
+        position = rel_band_heads(torch.bmm(q_v, p), B, T)  # (H, B*T, 2T-1) -> (B, H, T, T)
+        # content term q_u.k inside the fused kernel (or attention_with_dropout's product), position term as its bias
+        return self.attend((q + self.pos_bias_u).transpose(1, 2), k, v, mask, bias=position)
 
     def biased_queries(self, q):
         # q: (B, T, H, d) -> q + u, q + v: (B, H, T, d)

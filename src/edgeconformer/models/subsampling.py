@@ -10,6 +10,10 @@ Two variants with identical geometry (3x3 kernels, stride 2, no padding):
 
 No padding is used along time, so output frame t only sees input frames 4t .. 4t+6 (factor 4) and the
 outputs inside the valid length never read padded input frames: batching does not change them.
+
+The convolutions run channels-last (NHWC): oneDNN's native layout. With (B, 1, T, F) input and NCHW kernels every
+call reorders to it and back; measured on 2 threads (small: 16 x 6 s, forward + backward) the front end took
+261 ms NCHW and 190 ms channels-last, a third of a training step before.
 """
 
 import torch
@@ -34,17 +38,20 @@ class Conv2dSubsampling(nn.Module):
         self.n_convs = {4: 2, 8: 3}[factor]
         self.dws = dws
 
-        layers = [nn.Conv2d(1, channels, KERNEL, STRIDE), nn.ReLU()]
+        # ReLU in place: it saves its output for backward either way, and skips a (B, C, T/2, F/2) allocation
+        layers = [nn.Conv2d(1, channels, KERNEL, STRIDE), nn.ReLU(inplace=True)]
         for _ in range(self.n_convs - 1):
             if dws:
                 layers += [
                     nn.Conv2d(channels, channels, KERNEL, STRIDE, groups=channels),  # depthwise
                     nn.Conv2d(channels, channels, 1),  # pointwise
-                    nn.ReLU(),
+                    nn.ReLU(inplace=True),
                 ]
             else:
-                layers += [nn.Conv2d(channels, channels, KERNEL, STRIDE), nn.ReLU()]
-        self.conv = nn.Sequential(*layers)
+                layers += [nn.Conv2d(channels, channels, KERNEL, STRIDE), nn.ReLU(inplace=True)]
+        # Kernels stored channels-last: load_state_dict copies into them and keeps the layout (values, names and
+        # shapes are those of NCHW kernels, so checkpoints are unchanged).
+        self.conv = nn.Sequential(*layers).to(memory_format=torch.channels_last)
 
         freq = idim
         for _ in range(self.n_convs):
@@ -62,6 +69,6 @@ class Conv2dSubsampling(nn.Module):
 
     def forward(self, x, lengths):
         # x: (B, T, F) features, lengths: (B,) valid frames
-        x = self.conv(x.unsqueeze(1))  # (B, C, T', F')
+        x = self.conv(x.unsqueeze(1).contiguous(memory_format=torch.channels_last))  # (B, C, T', F'), NHWC in memory
         x = self.out(rearrange(x, "b c t f -> b t (c f)"))  # (B, T', odim)
         return x, self.subsample_lengths(lengths)

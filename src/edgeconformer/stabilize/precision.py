@@ -24,8 +24,9 @@
   (convolutions: im2col + a scalar GEMM). Measured on one thread at T' = 249, half kernel vs float32 with the
   casts: 1x1 conv2d 144 -> 576 15.6 vs 0.66 ms, depthwise (1, 15) conv2d 1.6 vs 0.16 ms, the subsampling's 3x3
   conv2d 139 vs 5 ms, einsum 1.7-3.4 vs 0.13-0.2 ms, matmul/bmm 6.8 vs 0.4 ms; one 10 s utterance through the
-  stabilized ANE graph 0.72 -> 0.11 s (native accumulation), 0.98 -> 0.40 s (FP16 accumulation, now mostly
-  the LayerNorms' sequential FP16 algorithm). Not switched: sum, mean, layer_norm, softmax, log_softmax (no faster
+  stabilized ANE graph 0.72 -> 0.11 s (native accumulation), 0.98 -> 0.40 s (FP16 accumulation, then mostly
+  the LayerNorms' sequential FP16 sums: since computed by numpy's add.accumulate in float16, prenorm.py, a
+  further x4.5 on the stabilize ablation's arms). Not switched: sum, mean, layer_norm, softmax, log_softmax (no faster
   in float32 with the casts, x0.4-0.9); linear (x6-9, but its half kernel rounds twice for a non-contiguous
   batched input, product then bias, and no simulated graph calls it); SDPA (x2.1, its half kernel's internal
   roundings not measured, not called either). bfloat16 simulation keeps the native kernels.

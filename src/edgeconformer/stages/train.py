@@ -310,6 +310,8 @@ def parallel_runs(setting, runs: int, accelerator: str, run_threads: int) -> int
         return min(n, max(runs, 1))
     if accelerator not in ("cpu", "auto") or runs <= 1:
         return 1
+    if accelerator == "auto" and torch.cuda.is_available():  # Lightning's auto picks the GPU: one device
+        return 1
     return max(1, min(runs, len(os.sched_getaffinity(0)) // max(1, run_threads)))
 
 
