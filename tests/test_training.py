@@ -51,6 +51,28 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
     assert any(not torch.equal(one_epoch[k], a[k]) for k in a)  # training moved the weights
 
 
+def test_mixed_precision_trains_with_gradient_clipping(data_dir, tmp_path):
+    # the fused AdamW (an optimizer that unscales itself) is refused by Lightning's AMP plugin when gradients are
+    # clipped: under a mixed precision the optimizer is the unfused one, in full precision the fused one
+    from edgeconformer.stages.train import train
+
+    out = train(
+        tiny_cfg(
+            data_dir,
+            tmp_path / "bf16",
+            "train.max_epochs=1",
+            "train.test_after_fit=false",
+            "train.grad_clip=1.0",
+            "trainer.precision=bf16-mixed",
+        )
+    )
+    assert out["steps"] > 0
+    from edgeconformer.models.lightning import ASRModule
+
+    module = ASRModule.load_from_checkpoint(tmp_path / "bf16" / "last.ckpt", map_location="cpu")
+    assert module.make_optimizer().defaults["fused"]  # outside a trainer: full precision
+
+
 def test_resume_refuses_a_changed_config(data_dir, tmp_path):
     from edgeconformer.errors import UserError
     from edgeconformer.stages.train import train
