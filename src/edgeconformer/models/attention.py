@@ -240,16 +240,6 @@ def rel_band(x, L):
     return x.as_strided((B, H, c, L), (s[0], s[1], s[2] - s[3], s[3]), x.storage_offset() + s[3] * (c - 1))
 
 
-def rel_band_heads(x, B, T):
-    # x: (H, B*T, 2T-1) position scores, head-major -> (B, H, T, T) with [b, h, i, j] = x[h, b*T + i] at relative
-    # position i - j: rel_shift's band as a strided view, batch and head dimensions swapped by strides only.
-    x = x.contiguous()
-    H, _, P = x.shape
-    s = x.stride()
-    band = x.as_strided((H, B, T, T), (s[0], T * s[1], s[1] - s[2], s[2]), x.storage_offset() + s[2] * (T - 1))
-    return band.transpose(0, 1)
-
-
 def rel_shift_query_major(x):
     # x: (B, T, 1, 2T-1), column c = relative position (T-1) - c  ->  (B, T, 1, T) with [i, j] = position i - j.
     # The channels-first form (Core ML has no as_strided): with every row padded to 2T entries, element
@@ -282,10 +272,10 @@ class RelPositionMultiHeadAttention(MultiHeadAttention):
         k, v = self.split_heads(self.key(key)), self.split_heads(self.value(value))  # (B, H, T, d)
         # Position term, its 1/sqrt(d) on the queries rather than on (T, T) scores: every query of a head in one
         # product, (H, B*T, d) @ (H, d, 2T-1) (a view of q_v; the embeddings are shared by the batch, so no
-        # per-utterance copy of them), then the band of relative positions i - j as a strided view (rel_band_heads).
+        # per-utterance copy of them), then the band of relative positions i - j as a strided view (rel_band).
         q_v = rearrange((q + self.pos_bias_v) * d**-0.5, "b t h d -> h (b t) d")
         p = rearrange(self.linear_pos(pos_emb), "1 p (h d) -> h d p", h=H)  # (H, d, 2T-1)
-        position = rel_band_heads(torch.bmm(q_v, p), B, T)  # (H, B*T, 2T-1) -> (B, H, T, T)
+        position = rel_band(torch.bmm(q_v, p).view(H, B, T, 2 * T - 1), T).transpose(0, 1)  # (B, H, T, T)
         # content term q_u.k inside the fused kernel (or attention_with_dropout's product), position term as its bias
         return self.attend((q + self.pos_bias_u).transpose(1, 2), k, v, mask, bias=position)
 
