@@ -10,6 +10,7 @@ from edgeconformer.models.attention import (
     RelPositionMultiHeadAttention,
     chunk_attention_mask,
     make_pad_mask,
+    position_scores,
     rel_shift,
 )
 from edgeconformer.models.conformer import ConformerEncoder
@@ -99,6 +100,52 @@ def test_rel_shift_indexes_relative_positions():
     for i in range(T):
         for j in range(T):
             torch.testing.assert_close(shifted[:, :, i, j], x[:, :, i, (T - 1) - (i - j)], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (1, 9), (3, 7), (2, 13), (5, 40)])
+@pytest.mark.parametrize("max_blocks", [1, 2, 3, 4, 16])
+def test_position_scores_in_row_blocks_equal_the_full_band(B, T, max_blocks):
+    # Every blocking reads the same (query, position) pairs as rel_shift of the whole (2T-1)-column product:
+    # values and both gradients agree (to rounding: the products' inner sums are split differently).
+    torch.manual_seed(0)
+    H, d = 2, 4
+    q = torch.randn(B, T, H, d, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(H, d, 2 * T - 1, dtype=torch.float64, requires_grad=True)
+    reference = rel_shift(torch.einsum("bthd,hdp->bhtp", q, p))  # (B, H, T, T)
+    blocked = position_scores(q, p, max_blocks=max_blocks, min_rows=1)
+    assert blocked.shape == (B, H, T, T)
+    torch.testing.assert_close(blocked, reference, atol=1e-12, rtol=0)
+    w = torch.randn(B, H, T, T, dtype=torch.float64)
+    expected = torch.autograd.grad((reference * w).sum(), (q, p))
+    got = torch.autograd.grad((blocked * w).sum(), (q, p))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=0)
+
+
+def test_position_scores_block_only_products_with_enough_rows():
+    # A batch-1 utterance keeps one product (fewer, larger calls are faster there); a training batch is blocked.
+    q = torch.randn(1, 149, 4, 36)
+    p = torch.randn(4, 36, 297)
+    calls = []
+    with _count_bmm(calls):
+        position_scores(q, p)
+    assert len(calls) == 1
+    calls.clear()
+    with _count_bmm(calls):
+        position_scores(q.expand(16, -1, -1, -1), p)
+    assert len(calls) == 4 and all(c < 297 for c in calls)
+
+
+class _count_bmm(torch.overrides.TorchFunctionMode):
+    # records the column count of every torch.bmm
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.bmm:
+            self.calls.append(args[1].size(-1))
+        return func(*args, **(kwargs or {}))
 
 
 def test_rel_positional_encoding_is_translation_invariant():

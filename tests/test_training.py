@@ -243,16 +243,22 @@ def test_features_on_the_fly_train_like_precomputed_ones(data_dir, tmp_path):
 
 def test_parallel_runs_setting(monkeypatch):
     from edgeconformer.errors import UserError
+    from edgeconformer.stages import train as stage
     from edgeconformer.stages.train import parallel_runs
 
     cores = len(os.sched_getaffinity(0))
-    assert parallel_runs("auto", 7, "cpu", 1) == min(7, cores)
-    assert parallel_runs("auto", 7, "cpu", cores) == 1
+    monkeypatch.setattr(stage, "physical_memory", lambda: 64 * 2**30)
+    assert parallel_runs("auto", 7, "cpu", 1) == min(7, 2 * cores)  # two one-thread runs per core
+    assert parallel_runs("auto", 7, "cpu", cores) == 2
+    assert parallel_runs("auto", 7, "cpu", 2 * cores) == 1
     assert parallel_runs("auto", 1, "cpu", 1) == 1
+    monkeypatch.setattr(stage, "physical_memory", lambda: 5 * 2**30)  # room for one 3 GiB run
+    assert parallel_runs("auto", 7, "cpu", 1) == 1
     assert parallel_runs("auto", 7, "gpu", 8) == 1  # one device: one run at a time
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert parallel_runs("auto", 7, "auto", 1) == 1  # Lightning's auto would put every run on the one GPU
-    assert parallel_runs("auto", 7, "cpu", 1) == min(7, cores)
+    monkeypatch.setattr(stage, "physical_memory", lambda: 64 * 2**30)
+    assert parallel_runs("auto", 7, "cpu", 1) == min(7, 2 * cores)
     assert parallel_runs(3, 2, "cpu", 1) == 2 and parallel_runs("4", 7, "cpu", 1) == 4
     with pytest.raises(UserError, match="parallel_runs=0"):
         parallel_runs(0, 7, "cpu", 1)

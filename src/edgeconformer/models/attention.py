@@ -213,11 +213,15 @@ def attention_with_dropout(q, k, v, mask, p, bias=None):
     B, H, Tq, d = q.shape
     Tk = k.size(2)
     qs, kt = (q * d**-0.5).reshape(B * H, Tq, d), k.transpose(-2, -1).reshape(B * H, d, Tk)
+    # Masked fills out of place: in place on a view of the product, autograd's backward rebuilds the base through
+    # CopySlices (a zero fill and four more (B, H, Tq, Tk) copies). The bias is copied for baddbmm anyway (it is a
+    # strided band), so the mask goes into that copy: -inf + a finite score is -inf.
     if bias is None:
-        scores = torch.bmm(qs, kt)
+        scores = torch.bmm(qs, kt).view(B, H, Tq, Tk).masked_fill(~mask, float("-inf"))
     else:
-        scores = torch.baddbmm(bias.expand(B, H, Tq, Tk).reshape(B * H, Tq, Tk), qs, kt)
-    probs = torch.softmax(scores.view(B, H, Tq, Tk).masked_fill_(~mask, float("-inf")), -1)  # in place: ours
+        bias = bias.masked_fill(~mask, float("-inf")).expand(B, H, Tq, Tk).reshape(B * H, Tq, Tk)
+        scores = torch.baddbmm(bias, qs, kt).view(B, H, Tq, Tk)
+    probs = torch.softmax(scores, -1)
     alive = mask.any(-1, keepdim=True)  # (B, 1, 1|Tq, 1): False for rows the mask leaves empty
     if not known_all(alive):
         probs = probs.masked_fill(~alive, 0.0)
@@ -238,6 +242,26 @@ def rel_band(x, L):
     B, H, c, P = x.shape
     s = x.stride()
     return x.as_strided((B, H, c, L), (s[0], s[1], s[2] - s[3], s[3]), x.storage_offset() + s[3] * (c - 1))
+
+
+def position_scores(q_v, p, max_blocks=4, min_rows=256):
+    # q_v: (B, T, H, d) position queries, p: (H, d, 2T-1) projected embeddings, column k = relative position T-1-k
+    # -> (B, H, T, T) with [i, j] = q_v[i] . p[i - j]. The embeddings are shared by the batch, so each head's queries
+    # of every utterance go into one product, (H, B*c, d) @ (H, d, c+T-1), and the band of positions i - j is a
+    # strided view (rel_band). Query rows a .. b-1 read only positions b-1 .. a-(T-1), so in up to `max_blocks` row
+    # blocks (of at least `min_rows` product rows each) the products skip part of the 2T-1 columns: 4 blocks compute
+    # (T + T/4) / (2T - 1), ~63%, of them and their backward scatters into as much less. Measured on 2 threads for
+    # (16, 149) forward + backward: the three products 8.0 -> 3.7 ms; at batch 1 one product stays fastest.
+    B, T, H, d = q_v.shape
+    blocks = max(1, min(max_blocks, B * T // min_rows, T))
+    size = -(-T // blocks)
+    bands = []
+    for a in range(0, T, size):
+        b = min(a + size, T)
+        rows = rearrange(q_v[:, a:b], "b t h d -> h (b t) d")  # (H, B*c, d)
+        scores = torch.bmm(rows, p[:, :, T - b : 2 * T - 1 - a])  # (H, B*c, T+c-1): positions b-1 .. a-(T-1)
+        bands.append(rel_band(scores.view(H, B, b - a, T + b - a - 1), T))  # (H, B, c, T)
+    return (bands[0] if len(bands) == 1 else torch.cat(bands, dim=2)).transpose(0, 1)
 
 
 def rel_shift_query_major(x):
@@ -270,12 +294,9 @@ class RelPositionMultiHeadAttention(MultiHeadAttention):
         H, d = self.n_heads, self.d_head
         q = rearrange(self.query(query), "b t (h d) -> b t h d", h=H)
         k, v = self.split_heads(self.key(key)), self.split_heads(self.value(value))  # (B, H, T, d)
-        # Position term, its 1/sqrt(d) on the queries rather than on (T, T) scores: every query of a head in one
-        # product, (H, B*T, d) @ (H, d, 2T-1) (a view of q_v; the embeddings are shared by the batch, so no
-        # per-utterance copy of them), then the band of relative positions i - j as a strided view (rel_band).
-        q_v = rearrange((q + self.pos_bias_v) * d**-0.5, "b t h d -> h (b t) d")
+        # Position term, its 1/sqrt(d) on the queries rather than on (T, T) scores (position_scores).
         p = rearrange(self.linear_pos(pos_emb), "1 p (h d) -> h d p", h=H)  # (H, d, 2T-1)
-        position = rel_band(torch.bmm(q_v, p).view(H, B, T, 2 * T - 1), T).transpose(0, 1)  # (B, H, T, T)
+        position = position_scores((q + self.pos_bias_v) * d**-0.5, p)  # (B, H, T, T)
         # content term q_u.k inside the fused kernel (or attention_with_dropout's product), position term as its bias
         return self.attend((q + self.pos_bias_u).transpose(1, 2), k, v, mask, bias=position)
 
