@@ -127,16 +127,16 @@ def test_position_scores_block_only_products_with_enough_rows():
     q = torch.randn(1, 149, 4, 36)
     p = torch.randn(4, 36, 297)
     calls = []
-    with _count_bmm(calls):
+    with BmmColumns(calls):
         position_scores(q, p)
     assert len(calls) == 1
     calls.clear()
-    with _count_bmm(calls):
+    with BmmColumns(calls):
         position_scores(q.expand(16, -1, -1, -1), p)
     assert len(calls) == 4 and all(c < 297 for c in calls)
 
 
-class _count_bmm(torch.overrides.TorchFunctionMode):
+class BmmColumns(torch.overrides.TorchFunctionMode):
     # records the column count of every torch.bmm
     def __init__(self, calls):
         super().__init__()
