@@ -290,7 +290,6 @@ class RelPositionMultiHeadAttention(MultiHeadAttention):
         # query/key/value: (B, T, D) (self-attention only), pos_emb: (1, 2T-1, D); channels-first: (1, D, 1, 2T-1)
         if self.channels_first:
             return self.forward_heads(query, mask, pos_emb)
-        B, T, _ = query.shape
         H, d = self.n_heads, self.d_head
         q = rearrange(self.query(query), "b t (h d) -> b t h d", h=H)
         k, v = self.split_heads(self.key(key)), self.split_heads(self.value(value))  # (B, H, T, d)
