@@ -20,6 +20,8 @@ with warnings.catch_warnings():
     import coremltools as ct
     from coremltools.converters.mil.mil import types
 
+from test_milsim import same_as_reference
+
 from edgeconformer import __version__
 from edgeconformer.data.features import GlobalCMVN, LogMelFilterbank
 from edgeconformer.data.tokenizer import Tokenizer, train_tokenizer
@@ -135,6 +137,15 @@ def test_fp16_program_is_close_and_keeps_greedy_paths(exported, sub):
             # Identical greedy CTC paths on these fixed inputs. (Over 24 inputs, one frame flipped: a near-tie of
             # two classes 6e-4 apart in FP32, below one fp16 ulp.)
             np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_value_inference_on_values_equals_the_builders(exported):
+    op_types = set()
+    for case in CASES:
+        inputs = [features(T, seed) for T in lengths_of(case) for seed in (0, 1)]
+        op_types |= same_as_reference(exported[case]["path"], inputs)
+    # The ops of the exported encoder graph with its pre-normalizer (test_milsim: the LUT softmax's masks)
+    assert {"gather", "reduce_mean", "reduce_max", "reshape", "rsqrt", "cast", "pad", "split", "conv"} <= op_types
 
 
 def test_metadata_round_trips(exported, tokenizer):
@@ -458,3 +469,4 @@ def test_practical_model_exports_and_runs(tokenizer, tmp_path, precision):
         assert err < (1e-4 if precision == "fp32" else FP16_TOL)
         if precision == "fp16":
             np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
+    same_as_reference(path, [features(T) for T in LENGTHS])

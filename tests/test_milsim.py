@@ -80,6 +80,21 @@ def features(T, seed=0):
     return torch.randn(1, T, 80, generator=g) * 3.0 - 4.0  # raw log-mel range
 
 
+def same_as_reference(path, inputs: list[torch.Tensor]) -> set[str]:
+    """Runs the program at `path` on `inputs` (feats) both ways MIL-sim can run coremltools' value_inference (on a
+    stand-in op holding the values, and through the Builder) and asserts bit-identical outputs and that the
+    stand-in served every op; -> the op types of the program."""
+    program = load_program(path)
+    fast, reference = MILExecutor(program), MILExecutor(program, reference=True)
+    for x in inputs:
+        got, want = fast.run({"feats": x.numpy()})["log_probs"], reference.run({"feats": x.numpy()})["log_probs"]
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    assert not fast.reference_calls, f"ops that needed the Builder: {dict(fast.reference_calls)}"
+    assert not reference.reference_calls  # counts only what the fast way could not do
+    return {op.op_type for op in fast.ops}
+
+
 @pytest.mark.parametrize("T", [48, 80])
 def test_fp32_program_matches_pytorch(stand_in, programs, T):
     x = features(T)
@@ -256,3 +271,4 @@ def test_lut_softmax_graph_runs_like_pytorch(tmp_path):
     out = MILExecutor(load_program(path)).run({"feats": x.numpy()})["log_probs"]
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
     assert "gather" in report["ops"]  # the table lookup
+    assert {"select", "gather"} <= same_as_reference(path, [x, features(64, seed=3)])  # masks and lookups
