@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 
 import torch
@@ -66,16 +68,18 @@ def ane_options(s: DictConfig) -> dict:
 
 
 @torch.no_grad()
-def check_equivalence(module, ane, utterances, atol: float) -> dict:
-    """Original encoder (CMVN, padding-free batch 1) vs the ANE graph in FP32 on every utterance."""
+def check_equivalence(module, ane, utterances, atol: float) -> tuple[dict, dict[int, torch.Tensor]]:
+    """Original encoder (CMVN, padding-free batch 1) vs the ANE graph in FP32 on every utterance; -> (the result,
+    the original model's CTC log-probs (1, T', V) by id() of each utterance's feats: the "fp32" precision mode)."""
 
-    worst, mismatches = 0.0, []
+    worst, mismatches, original = 0.0, [], {}
     for u in utterances:
         lengths = torch.tensor([u.feats.size(1)])
         enc, _ = module.model.encode(module.cmvn(u.feats, lengths), lengths)  # (1, T', D)
         enc_ane = ane.encode(u.feats)[:, :, 0, :].transpose(1, 2)  # (1, D, 1, T') -> (1, T', D)
         worst = max(worst, float((enc - enc_ane).abs().max()))
-        ref = greedy_text(module.model.ctc_log_probs(enc)[0], module.tokenizer)
+        original[id(u.feats)] = module.model.ctc_log_probs(enc).float()
+        ref = greedy_text(original[id(u.feats)][0], module.tokenizer)
         hyp = greedy_text(ane(u.feats)[0], module.tokenizer)
         if ref != hyp:
             mismatches.append({"id": u.id, "original": ref, "ane": hyp})
@@ -91,7 +95,7 @@ def check_equivalence(module, ane, utterances, atol: float) -> dict:
             f"{atol:.0e}), {len(mismatches)} greedy transcripts differ (first: {mismatches[:1]}); this is a "
             "conversion bug: report it with the model config"
         )
-    return result
+    return result, original
 
 
 def choose_stress_gain(setting, ane_audit: dict, fp16_max: float = 65504.0) -> float:
@@ -200,52 +204,69 @@ def run_steps(cfg: DictConfig, paths, module, utts, options: dict, timer: StepTi
     s = cfg.stabilize
     sim = dict(accumulate=s.accumulate)
     # 1. The graph itself, before any change of numerics (the Performer's shifts change none: exact rewrites, and
-    # the exported graph's own).
+    # the exported graph's own). The original model's log-probs on the way are the "fp32" precision mode.
     ane32 = ANEConformer.from_asr(module.model, module.cmvn, performer_shift=options["performer_shift"]).eval()
-    r = {"equivalence": check_equivalence(module, ane32, utts, float(s.equivalence_atol))}
+    r = {}
+    r["equivalence"], original = check_equivalence(module, ane32, utts, float(s.equivalence_atol))
     timer.lap("load_and_equivalence")
 
-    # 2. Precision modes on the test split.
-    models = {mode: precision_model(module.model, mode, module.cmvn, **options, **sim) for mode in MODES}
-    r["modes"] = transcribe_modes(models, utts, module.tokenizer)
-    timer.lap("precision_modes")
+    # The FP16 transcripts of step 2 (the FP16 precision modes) and step 6 (the ablation's arms) are single-thread
+    # simulations and most of the stage's work: they start now in `workers` processes, and this process does steps
+    # 3-5 meanwhile. Their numbers do not depend on where they run (run_fp16 uses one thread anywhere).
+    graphs, arms = fp16_graphs(s, options, paths.variant)
+    workers = int(cfg.trainer.num_threads)
+    with fp16_workers(workers) as pool:
+        transcripts = start_fp16(pool, module, utts, graphs, workers)
 
-    # 3. Range audits: the trained model as is, and both FP16 graphs (the models of step 2).
-    feats = [u.feats for u in utts[: s.audit_utterances or None]]
-    r["audits"], r["audit_utterances"] = range_audits(module, ane32, models, feats, s.format), len(feats)
-    r["audit_path"] = write_audit(r["audits"], paths.report_dir / "fp16_audit.json")
-    plot_audit(r["audits"], paths.report_dir / "fp16_audit.png")
-    timer.lap("audits")
+        # 3. Range audits: the trained model as is, its ANE graph in FP32, and both FP16 graphs of step 2.
+        fp16 = {
+            mode: precision_model(module.model, mode, module.cmvn, **options, **sim) for mode in graphs if mode in MODES
+        }
+        feats = [u.feats for u in utts[: s.audit_utterances or None]]
+        r["audits"], r["audit_utterances"] = range_audits(module, ane32, fp16, feats, s.format), len(feats)
+        r["audit_path"] = write_audit(r["audits"], paths.report_dir / "fp16_audit.json")
+        plot_audit(r["audits"], paths.report_dir / "fp16_audit.png")
+        timer.lap("audits")
 
-    # 4. Stress case: same FP32 function, residual stream `stress_gain` times larger.
-    r["gain"] = choose_stress_gain(s.stress_gain, r["audits"]["ane_fp32"])
-    stressed = scale_activations(module.model, r["gain"])
-    stress_models = {mode: precision_model(stressed, mode, module.cmvn, **options, **sim) for mode in MODES}
-    r["stress_utterances"] = len(utts[: int(s.stress_utterances)])
-    r["stress"] = transcribe_modes(stress_models, utts[: int(s.stress_utterances)], module.tokenizer)
-    timer.lap("stress")
+        # 4. Stress case: same FP32 function, residual stream `stress_gain` times larger.
+        r["gain"] = choose_stress_gain(s.stress_gain, r["audits"]["ane_fp32"])
+        stressed = scale_activations(module.model, r["gain"])
+        stress_models = {mode: precision_model(stressed, mode, module.cmvn, **options, **sim) for mode in MODES}
+        r["stress_utterances"] = len(utts[: int(s.stress_utterances)])
+        r["stress"] = transcribe_modes(stress_models, utts[: int(s.stress_utterances)], module.tokenizer)
+        timer.lap("stress")
 
-    # 5. LUT softmax error vs float64 for the configured table sizes.
-    r["lut"] = error_table(
-        table_sizes=tuple(s.softmax.error_table_sizes), ranges=(float(s.softmax.range),), interps=(s.softmax.interp,)
-    )
-    timer.lap("lut_error_table")
-
-    # 6. Stabilization ablation under FP16 accumulation.
-    r["ablation"], r["softmax_k"] = {}, None
-    ab = s.get("ablation") or {}
-    if ab.get("enabled", False) and (ab.get("variants") is None or paths.variant in ab.variants):
-        arms = run_arms(
-            module,
-            utts,
-            {name: dict(options, **arm) for name, arm in ablation_arms(options).items()},
-            s.ablation.accumulate,
-            workers=int(cfg.trainer.num_threads),
+        # 5. LUT softmax error vs float64 for the configured table sizes.
+        r["lut"] = error_table(
+            table_sizes=tuple(s.softmax.error_table_sizes),
+            ranges=(float(s.softmax.range),),
+            interps=(s.softmax.interp,),
         )
-        r["ablation"] = transcribe_modes(arms, utts, module.tokenizer)
-        r["softmax_k"] = softmax_k_distribution(module, utts, options)
-        timer.lap("ablation")
+        # 6 (its FP32 part): how many squarings the trained model's attention rows need.
+        r["softmax_k"] = softmax_k_distribution(module, utts, options) if arms else None
+        timer.lap("lut_error_table_and_softmax_k")
+        replayed = transcripts()
+    timer.lap("fp16_transcripts_wait")
+
+    # 2. Precision modes on the test split.
+    r["modes"] = transcribe_modes(
+        {"fp32": Replayed.fp32(original)} | {m: replayed[m] for m in fp16}, utts, module.tokenizer
+    )
+    # 6. Stabilization ablation under FP16 accumulation.
+    r["ablation"] = transcribe_modes({arm: replayed[arm] for arm in arms}, utts, module.tokenizer) if arms else {}
+    timer.lap("scoring")
     return r
+
+
+def fp16_graphs(s: DictConfig, options: dict, variant: str) -> tuple[dict, dict]:
+    """The FP16 graphs to transcribe, {name: (mode, options, accumulate)}: the FP16 precision modes, and the
+    ablation's arms where stabilize.ablation asks for them (-> also the arms, {} without)."""
+    graphs = {mode: (mode, options, s.accumulate) for mode in MODES if mode != "fp32"}
+    ab = s.get("ablation") or {}
+    ablate = ab.get("enabled", False) and (ab.get("variants") is None or variant in ab.variants)
+    arms = ablation_arms(options) if ablate else {}
+    graphs |= {name: ("fp16", dict(options, **arm), s.ablation.accumulate) for name, arm in arms.items()}
+    return graphs, arms
 
 
 def range_audits(module, ane32, models: dict, feats: list[torch.Tensor], fmt: str) -> dict:
@@ -309,24 +330,29 @@ def stabilize_summary(
     }
 
 
-def _arm_outputs(job) -> tuple[list[torch.Tensor], dict]:
-    """In a worker process: one arm's CTC log-probs (FP16 simulated, one thread) for a share of the utterances."""
+def _fp16_outputs(job) -> tuple[list[torch.Tensor], dict]:
+    """One FP16 graph's CTC log-probs (simulated, one thread) for a share of the utterances, and its counts."""
 
-    asr, cmvn, options, accumulate, feats = job
-    torch.set_num_threads(1)
-    model = precision_model(asr, "fp16", cmvn, **options, accumulate=accumulate)
+    trained, mode, options, accumulate, feats = job
+    asr, cmvn = pickle.loads(trained)
+    model = precision_model(asr, mode, cmvn, **options, accumulate=accumulate)
     return [model(f) for f in feats], model.summary()
 
 
 class Replayed:
-    """A precision mode whose log-probs were computed elsewhere (run_arms), served for the same input tensors, so
-    transcribe_modes scores it like a model it runs itself."""
+    """A precision mode whose log-probs were computed elsewhere (start_fp16, check_equivalence), served for the
+    same input tensors, so transcribe_modes scores it like a model it runs itself."""
 
-    def __init__(self, outputs: dict[int, torch.Tensor], summaries: list[dict]):
+    def __init__(self, mode: str, outputs: dict[int, torch.Tensor], summaries: list[dict]):
         self.outputs = outputs
-        self.report = {"mode": "fp16", "calls": sum(r["calls"] for r in summaries)}
+        self.report = {"mode": mode, "calls": sum(r["calls"] for r in summaries)}
         for key in SIMULATION_COUNTS:
-            self.report[key] = dict(sum((Counter(r[key]) for r in summaries), Counter()))
+            self.report[key] = dict(sum((Counter(r.get(key, {})) for r in summaries), Counter()))
+
+    @classmethod
+    def fp32(cls, outputs: dict[int, torch.Tensor]) -> Replayed:
+        """The "fp32" mode from the original model's log-probs (no simulation: empty counts)."""
+        return cls("fp32", outputs, [{"calls": len(outputs)}])
 
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
         return self.outputs[id(feats)]
@@ -335,30 +361,52 @@ class Replayed:
         return self.report
 
 
-def run_arms(module, utterances, arms: dict[str, dict], accumulate: str, workers: int) -> dict[str, Replayed]:
-    """{arm: options of the FP16 graph} -> {arm: Replayed}. The FP16 simulation runs on one thread (a CPU half
-    kernel stalls on two, precision.one_thread) and costs ~0.02-0.04 s per audio second with FP16 accumulation,
-    so the arms x utterance shares run in `workers` spawned processes side by side, one core each."""
+@contextmanager
+def fp16_workers(workers: int):
+    """A pool of `workers` spawned processes for start_fp16 (None for one worker: it runs here); on the way out
+    it waits for its jobs, or on an error cancels those not started."""
+    if workers <= 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def start_fp16(pool, module, utterances, graphs: dict[str, tuple[str, dict, str]], workers: int):
+    """Starts {name: (mode, options of the FP16 graph, accumulate)} on `utterances` in `pool` (each graph's
+    utterances in `workers` shares, one process and core each); -> a function that waits for them and returns
+    {name: Replayed}. Without a pool the work runs when that function is called. The FP16 simulation runs on one
+    thread (a CPU half kernel stalls on two, precision.one_thread) and costs ~0.02-0.04 s per audio second with
+    FP16 accumulation."""
 
     shares = [utterances[i::workers] for i in range(max(1, workers))]
+    # The trained model as it is now: the pool pickles jobs later, in a thread of its own, while this process may
+    # attach hooks to the model (the audits) or change it.
+    trained = pickle.dumps((module.model, module.cmvn))
     jobs = [
-        (module.model, module.cmvn, options, accumulate, [u.feats for u in share])
-        for options in arms.values()
+        (trained, mode, options, accumulate, [u.feats for u in share])
+        for mode, options, accumulate in graphs.values()
         for share in shares
     ]
-    if workers <= 1:
-        results = [_arm_outputs(job) for job in jobs]
-    else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            results = list(pool.map(_arm_outputs, jobs))
-    out = {}
-    for i, name in enumerate(arms):
-        outputs, summaries = {}, []
-        for share, (log_probs, summary) in zip(shares, results[i * len(shares) : (i + 1) * len(shares)]):
-            outputs.update({id(u.feats): lp for u, lp in zip(share, log_probs)})
-            summaries.append(summary)
-        out[name] = Replayed(outputs, summaries)
-    return out
+    futures = [pool.submit(_fp16_outputs, job) for job in jobs] if pool is not None else None
+
+    def collect() -> dict[str, Replayed]:
+        results = [f.result() for f in futures] if futures is not None else [_fp16_outputs(job) for job in jobs]
+        out = {}
+        for i, (name, (mode, _, _)) in enumerate(graphs.items()):
+            outputs, summaries = {}, []
+            for share, (log_probs, summary) in zip(shares, results[i * len(shares) : (i + 1) * len(shares)]):
+                outputs.update({id(u.feats): lp for u, lp in zip(share, log_probs)})
+                summaries.append(summary)
+            out[name] = Replayed(mode, outputs, summaries)
+        return out
+
+    return collect
 
 
 def ablation_arms(options: dict) -> dict:
