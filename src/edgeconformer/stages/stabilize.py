@@ -22,6 +22,10 @@ No retraining. Steps, each recorded in the run's reports/runs/<variant>/s<seed>/
    Performer's feature shift is the configured one in every arm, so the arms differ in exactly these two parts.
    Transcripts go to precision_modes.json with the other modes (paired comparisons in the compare stage).
 models/<variant>/s<seed>/stabilized.pt holds the stabilized graph's weights and the options to rebuild it.
+
+The FP16 transcripts of steps 2 and 6 (single-thread simulations, most of the work) run in `trainer.num_threads`
+worker processes from right after step 1, while this process does steps 3-5 (run_steps; docs/stabilization.md
+section 7); where they run changes no number.
 """
 
 from __future__ import annotations
