@@ -264,6 +264,54 @@ def test_parallel_runs_setting(monkeypatch):
         parallel_runs(0, 7, "cpu", 1)
 
 
+def test_runs_start_longest_first_and_each_distinct_config_is_timed_once():
+    from omegaconf import OmegaConf
+
+    from edgeconformer.stages.train import longest_first
+
+    def cfg(d_model, seed, epochs=7):
+        return OmegaConf.create(
+            {"seed": seed, "model": {"d": d_model}, "train": {"max_epochs": epochs}, "trainer": {"num_threads": 1}}
+        )
+
+    configs = {
+        "vanilla-s1": cfg(144, 1),
+        "vanilla-s2": cfg(144, 2),
+        "dws-s1": cfg(96, 1),
+        "practical-s1": cfg(176, 1),
+        "long-s1": cfg(96, 1, epochs=30),
+    }
+    timed = []
+
+    def cost(c):
+        timed.append(c.seed)
+        return c.model.d * c.train.max_epochs
+
+    order, costs = longest_first(list(configs), configs, cost)
+    assert order == ["long-s1", "practical-s1", "vanilla-s1", "vanilla-s2", "dws-s1"]  # ties keep their order
+    assert costs["vanilla-s1"] == costs["vanilla-s2"] == 144 * 7
+    assert len(timed) == 4  # vanilla's seeds share one timing
+
+
+def test_step_cost_times_the_run_and_leaves_the_process_as_it_was(data_dir, tmp_path, monkeypatch):
+    from edgeconformer.stages import train as stage
+
+    c = tiny_cfg(data_dir, tmp_path, "trainer.num_threads=1")
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    assert 0 < stage.step_cost(c) < float("inf")
+    assert torch.get_num_threads() == threads and torch.equal(torch.random.get_rng_state(), rng)
+
+    seen = {}
+
+    def timer(model, batch, steps):
+        seen["batch_seconds"] = batch[0].shape[0] * batch[0].shape[1] / 100  # (B, T, F) at 100 frames/s
+        return lambda precision: {"32-true": 0.5}[precision]
+
+    monkeypatch.setattr(stage, "step_timer", timer)
+    cost = stage.step_cost(c)
+    assert cost == pytest.approx(0.5 / seen["batch_seconds"] * int(c.train.max_epochs))  # per audio s, x epochs
+
+
 def test_train_runs_side_by_side_equal_each_run_trained_alone(data_dir, tmp_path, monkeypatch):
     """The chain's pool (two runs at once, one thread each, spawned processes) gives each run exactly the
     checkpoint that run gets trained alone on one thread; train@<run> then publishes it into models/<dir>/."""

@@ -16,8 +16,10 @@ only about two-thirds busy (per-op overhead, serial random-number generation, Py
 by side process x1.36 the audio per second of one two-thread run (measured on a 2-vCPU EPYC). `auto` runs two per core
 (RUNS_PER_CORE), so that runs of unequal length do not leave a core idle at the end. `dvc exp run
 --queue` with workers or Hydra's joblib launcher would parallelise too, but not under plain `dvc repro`; one stage
-with a process pool does, and keeps DVC's cache and `dvc status` exact. Its outputs sit in their own folder
-because a DVC output directory may not contain the outputs of other stages (stabilized.pt, model.mlpackage).
+with a process pool does, and keeps DVC's cache and `dvc status` exact. Runs that wait for a worker start longest
+first (longest_first: one timed step per distinct config), so that no long run starts last and ends alone. The
+pool's outputs sit in their own folder because a DVC output directory may not contain the outputs of other stages
+(stabilized.pt, model.mlpackage).
 
 Determinism: a run's numbers depend on its config and its thread count (`trainer.run_threads`: summation order of
 the CPU kernels), never on `parallel_runs` or on which runs share the machine. `python pipelines/train.py
@@ -344,10 +346,50 @@ def run_overrides(run: dict, cfg: DictConfig) -> list[str]:
     ]
 
 
-def train_one(params: str, overrides: list[str]) -> dict:
-    """One run in a pool worker: the params file + the run's overrides, as `pipelines/train.py` composes them."""
+def run_config(params: str, overrides: list[str]) -> DictConfig:
+    """A run's config: the params file + the run's overrides, as `pipelines/train.py` composes them."""
     cfg, given = load_params(params, overrides)
-    return train(check(apply_variant(cfg, given)))
+    return check(apply_variant(cfg, given))
+
+
+def train_one(params: str, overrides: list[str]) -> dict:
+    """One run in a pool worker."""
+    return train(run_config(params, overrides))
+
+
+FRAME_SHIFT_S = 0.01  # hardware.synthetic_batch's frames
+
+
+def step_cost(cfg: DictConfig) -> float:
+    """A run's training time, up to a factor every run shares (the same data): the seconds of one training step
+    of its model on a synthetic batch of about its train.max_batch_seconds (hardware.synthetic_batch: 8 s
+    utterances), on trainer.num_threads threads, per second of batch audio, times its epochs."""
+    t = cfg.train
+    vocab = Tokenizer(Path(cfg.data.out_dir) / "tokenizer" / "tokenizer.model").vocab_size
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):  # the model's initialisation draws from the global generator
+        module = ASRModule(container(cfg.model), container(t), vocab, seed=int(cfg.seed), decode=container(t.decode))
+        batch = synthetic_batch(cfg.model.n_mels, module.model.vocab_size, float(t.max_batch_seconds))
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+        try:
+            seconds = step_timer(module.model, batch, steps=1)("32-true")
+        finally:
+            torch.set_num_threads(threads)
+    audio_seconds = float(batch[1].sum()) * FRAME_SHIFT_S  # the batch's lengths (frames)
+    return seconds / audio_seconds * int(t.max_epochs)
+
+
+def longest_first(names: list[str], configs: dict[str, DictConfig], cost=step_cost) -> tuple[list[str], dict]:
+    """The runs in the order the pool starts them: the longest first (cost: step_cost, timed once per distinct
+    model and training config: seeds of a variant share it), ties in the given order; -> (order, {name: cost})."""
+    timed, costs = {}, {}
+    for name in names:
+        c = configs[name]
+        key = json.dumps([container(c.model), container(c.train), container(c.trainer)], sort_keys=True)
+        if key not in timed:
+            timed[key] = cost(c)
+        costs[name] = timed[key]
+    return sorted(names, key=lambda n: -costs[n]), costs
 
 
 def train_runs(cfg: DictConfig, params: str, extra: list[str] = ()) -> dict:
@@ -358,8 +400,13 @@ def train_runs(cfg: DictConfig, params: str, extra: list[str] = ()) -> dict:
     workers = parallel_runs(cfg.trainer.parallel_runs, len(runs), cfg.trainer.accelerator, cfg.trainer.run_threads)
     print(f"training {len(runs)} runs, {workers} at a time, {cfg.trainer.run_threads} thread(s) each")
     started, results = time.perf_counter(), {}
+    overrides = {name: [*extra, *run_overrides(r, cfg)] for name, r in runs.items()}
+    order, costs = list(runs), None
+    if 1 < workers < len(runs):  # the order matters only when runs wait for a free worker
+        order, costs = longest_first(order, {n: run_config(params, overrides[n]) for n in runs})
+        print("longest first (estimated step cost): " + ", ".join(f"{n} {costs[n]:.3g}" for n in order))
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        jobs = {pool.submit(train_one, params, [*extra, *run_overrides(r, cfg)]): name for name, r in runs.items()}
+        jobs = {pool.submit(train_one, params, overrides[name]): name for name in order}
         for job in as_completed(jobs):
             name = jobs[job]
             try:
@@ -372,6 +419,8 @@ def train_runs(cfg: DictConfig, params: str, extra: list[str] = ()) -> dict:
         "runs": {name: results[name] for name in runs},
         "parallel_runs": workers,
         "run_threads": int(cfg.trainer.run_threads),
+        "order": order,
+        "estimated_costs": costs,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     write_json_atomic(TRAINED / "runs.json", summary)
