@@ -287,10 +287,25 @@ def test_runs_start_longest_first_and_each_distinct_config_is_timed_once():
         timed.append(c.seed)
         return c.model.d * c.train.max_epochs
 
-    order, costs = longest_first(list(configs), configs, cost)
+    order, costs = longest_first(list(configs), configs.__getitem__, cost)
     assert order == ["long-s1", "practical-s1", "vanilla-s1", "vanilla-s2", "dws-s1"]  # ties keep their order
     assert costs["vanilla-s1"] == costs["vanilla-s2"] == 144 * 7
     assert len(timed) == 4  # vanilla's seeds share one timing
+
+    # A run whose config cannot be composed, or whose model cannot be timed, is not lost: it starts first, where
+    # its worker fails with the error (listed with the run) while the others train.
+    def broken(name):
+        if name == "bad-s1":
+            raise ValueError("unknown variant")
+        return configs[name]
+
+    def fragile(c):
+        if c.model.d == 96:
+            raise RuntimeError("shape mismatch")
+        return cost(c)
+
+    order, costs = longest_first(["vanilla-s1", "bad-s1", "dws-s1"], broken, fragile)
+    assert order == ["bad-s1", "dws-s1", "vanilla-s1"] and costs["bad-s1"] == costs["dws-s1"] == float("inf")
 
 
 def test_step_cost_times_the_run_and_leaves_the_process_as_it_was(data_dir, tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import time
@@ -357,7 +358,7 @@ def train_one(params: str, overrides: list[str]) -> dict:
     return train(run_config(params, overrides))
 
 
-FRAME_SHIFT_S = 0.01  # hardware.synthetic_batch's frames
+FRAME_SHIFT_S = 0.01  # frames of step_cost's synthetic batch
 
 
 def step_cost(cfg: DictConfig) -> float:
@@ -369,7 +370,9 @@ def step_cost(cfg: DictConfig) -> float:
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):  # the model's initialisation draws from the global generator
         module = ASRModule(container(cfg.model), container(t), vocab, seed=int(cfg.seed), decode=container(t.decode))
-        batch = synthetic_batch(cfg.model.n_mels, module.model.vocab_size, float(t.max_batch_seconds))
+        batch = synthetic_batch(
+            cfg.model.n_mels, module.model.vocab_size, float(t.max_batch_seconds), frame_shift_s=FRAME_SHIFT_S
+        )
         torch.set_num_threads(int(cfg.trainer.num_threads))
         try:
             seconds = step_timer(module.model, batch, steps=1)("32-true")
@@ -379,16 +382,22 @@ def step_cost(cfg: DictConfig) -> float:
     return seconds / audio_seconds * int(t.max_epochs)
 
 
-def longest_first(names: list[str], configs: dict[str, DictConfig], cost=step_cost) -> tuple[list[str], dict]:
-    """The runs in the order the pool starts them: the longest first (cost: step_cost, timed once per distinct
-    model and training config: seeds of a variant share it), ties in the given order; -> (order, {name: cost})."""
+def longest_first(names: list[str], config, cost=step_cost) -> tuple[list[str], dict]:
+    """The runs in the order the pool starts them: the longest first (cost: step_cost of config(name), timed once
+    per distinct model and training config: seeds of a variant share it), ties in the given order; -> (order,
+    {name: cost}). A run whose config or timing fails costs inf: it starts first, and its worker fails with the
+    error, listed with the run like any other failure while the other runs train."""
     timed, costs = {}, {}
     for name in names:
-        c = configs[name]
-        key = json.dumps([container(c.model), container(c.train), container(c.trainer)], sort_keys=True)
-        if key not in timed:
-            timed[key] = cost(c)
-        costs[name] = timed[key]
+        try:
+            c = config(name)
+            key = json.dumps([container(c.model), container(c.train), container(c.trainer)], sort_keys=True)
+            if key not in timed:
+                timed[key] = cost(c)
+            costs[name] = timed[key]
+        except Exception as e:  # noqa: BLE001 - the run's own worker reports it
+            print(f"{name}: no cost estimate ({type(e).__name__}: {e}); it starts first")
+            costs[name] = math.inf
     return sorted(names, key=lambda n: -costs[n]), costs
 
 
@@ -403,7 +412,7 @@ def train_runs(cfg: DictConfig, params: str, extra: list[str] = ()) -> dict:
     overrides = {name: [*extra, *run_overrides(r, cfg)] for name, r in runs.items()}
     order, costs = list(runs), None
     if 1 < workers < len(runs):  # the order matters only when runs wait for a free worker
-        order, costs = longest_first(order, {n: run_config(params, overrides[n]) for n in runs})
+        order, costs = longest_first(order, lambda name: run_config(params, overrides[name]))
         print("longest first (estimated step cost): " + ", ".join(f"{n} {costs[n]:.3g}" for n in order))
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         jobs = {pool.submit(train_one, params, overrides[name]): name for name in order}
