@@ -176,10 +176,10 @@ def step_flops(model, feats, lengths) -> int:
     return counter.get_total_flops()
 
 
-def gemm_peak(n: int = 1024, reps: int = 5) -> float:
-    """FLOP/s of the best of `reps` fp32 (n x n) @ (n x n) products on the current threads: the machine's matrix
-    product peak as this process sees it, measured beside the models it is compared with."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_peak(n: int = 1024, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of the best of `reps` (n x n) @ (n x n) products (fp32 unless `dtype`) on the current threads: the
+    machine's matrix product peak as this process sees it, measured beside the models it is compared with."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     best = min(timed(lambda: a @ b) for _ in range(reps))
     return 2 * n**3 / best

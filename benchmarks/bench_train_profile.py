@@ -237,6 +237,17 @@ def op_group(name: str) -> str:
 def setup(variant: str, threads: int, overrides: list[str]):
     torch.set_num_threads(threads)
     cfg = apply_variant(compose([f"variant={variant}", *overrides]))
+    module = build_module(cfg)
+    train_set = train_split(cfg, module)
+    module.cmvn.set_stats(*cmvn_stats(train_set.feats))
+    dev_set = FeatureDataset(
+        load_split(cfg.data, cfg.data.dev_split), module.tokenizer, module.fbank, cfg.data.dev_split
+    )
+    return cfg, module, train_set, dev_set, train_sampler(cfg, train_set)
+
+
+def build_module(cfg) -> ASRModule:
+    """The run's ASRModule as the train stage builds it (seeded by the run's seed), with the corpus's tokenizer."""
     tok_path = Path(cfg.data.out_dir) / "tokenizer" / "tokenizer.model"
     if not tok_path.exists():
         raise SystemExit(f"{tok_path}: not found; run `dvc repro tokenize` first (the profile uses the real corpus)")
@@ -251,14 +262,20 @@ def setup(variant: str, threads: int, overrides: list[str]):
         decode=OmegaConf.to_container(t.decode, resolve=True),
     )
     module.tokenizer = tokenizer
-    rows = [r for s in cfg.data.train_splits for r in load_split(cfg.data, s, t)]
-    train_set = FeatureDataset(rows, tokenizer, module.fbank, "train")
-    module.cmvn.set_stats(*cmvn_stats(train_set.feats))
-    dev_set = FeatureDataset(load_split(cfg.data, cfg.data.dev_split), tokenizer, module.fbank, cfg.data.dev_split)
-    sampler = DurationBucketSampler(
+    return module
+
+
+def train_split(cfg, module: ASRModule) -> FeatureDataset:
+    """The training split's features, as the run's data module computes them (its filters and filterbank)."""
+    rows = [r for s in cfg.data.train_splits for r in load_split(cfg.data, s, cfg.train)]
+    return FeatureDataset(rows, module.tokenizer, module.fbank, "train")
+
+
+def train_sampler(cfg, train_set: FeatureDataset) -> DurationBucketSampler:
+    t = cfg.train
+    return DurationBucketSampler(
         train_set.durations, t.max_batch_seconds, max_batch_size=t.max_batch_size, shuffle=True, seed=int(cfg.seed)
     )
-    return cfg, module, train_set, dev_set, sampler
 
 
 def padded_fraction(dataset, sampler) -> dict:

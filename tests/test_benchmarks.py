@@ -4,6 +4,8 @@ import importlib.util
 import json
 import math
 
+import pytest
+
 from conftest import REPO, TINY_MODEL
 
 
@@ -135,3 +137,60 @@ def test_bench_precision_tiny(capsys):
     # auto never picks bf16 without the instructions, nor where it is not the faster one
     if not result["cpu"]["bf16_instructions"] or result["ratio_fp32_over_bf16"] < 1:
         assert result["auto"] == "32-true"
+
+
+def test_bench_chain_bound_counts_every_run_and_scales_exactly(data_dir, tmp_path, capsys, one_torch_thread):
+    """The chain's training bound: every run of the params file, counted on its real batches; with every batch
+    sampled and one epoch the scaled work is exactly the sum of the per-batch counts; the bound is work / peak."""
+    from omegaconf import OmegaConf
+
+    from conftest import TINY_DATA
+    from edgeconformer.config import compose
+    from edgeconformer.data.datamodule import collate_features
+
+    bench = load_bench("bench_chain_bound")
+    params = tmp_path / "params.yaml"
+    base = compose(
+        [
+            *TINY_DATA,
+            f"data.root={data_dir / 'raw'}",
+            f"data.out_dir={data_dir / 'prepared'}",
+            *TINY_MODEL,
+            "train.max_epochs=1",
+            "variants=[vanilla,dws]",
+            "compared=[vanilla,dws]",
+            "seeds=[1,2]",
+        ]
+    )
+    OmegaConf.save(base, params, resolve=True)
+    runs_json = tmp_path / "runs.json"
+    runs_json.write_text(json.dumps({"wall_seconds": 100.0}))
+    out = tmp_path / "bound.json"
+    r = bench.main(["--params", str(params), "--every", "1", "--runs-json", str(runs_json), "--json", str(out)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(out.read_text())
+    assert set(r["runs"]) == {"vanilla-s1", "vanilla-s2", "dws-s1", "dws-s2"}
+
+    # one run recounted by hand: every batch of its only epoch, the same config as the stage composes
+    from edgeconformer.stages.train import run_config, run_overrides
+
+    profile = load_bench("bench_train_profile")
+    rcfg = run_config(str(params), run_overrides(dict(base.runs)["dws-s2"], base))
+    module = profile.build_module(rcfg)
+    train_set = profile.train_split(rcfg, module)
+    sampler = profile.train_sampler(rcfg, train_set)
+    sampler.set_epoch(0)
+    exact = sum(bench.count_flops(module, collate_features([train_set[i] for i in b])) for b in sampler)
+    run = r["runs"]["dws-s2"]
+    assert run["steps"] == run["batches_per_epoch"] == run["sampled_batches"] == len(sampler)
+    assert math.isclose(run["tflop"], exact / 1e12, rel_tol=1e-9)
+    assert r["runs"]["dws-s1"]["tflop"] < r["runs"]["vanilla-s1"]["tflop"]  # the DWS front end is the cheaper one
+
+    p = r["peak"]
+    assert positive(p["one_thread_gflops"]) and p["fp32_gflops"] >= max(p["all_threads_gflops"], p["one_thread_gflops"])
+    assert math.isclose(r["total_tflop"], sum(x["tflop"] for x in r["runs"].values()))
+    assert math.isclose(r["bound_s"], r["total_tflop"] * 1e3 / p["fp32_gflops"])
+    assert math.isclose(r["measured"]["peak_fraction"], r["total_tflop"] * 1e3 / 100.0 / p["fp32_gflops"])
+
+    runs_json.write_text("{}")
+    with pytest.raises(SystemExit, match="wall_seconds"):
+        bench.main(["--params", str(params), "--runs-json", str(runs_json)])
