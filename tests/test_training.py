@@ -54,23 +54,26 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
 def test_mixed_precision_trains_with_gradient_clipping(data_dir, tmp_path):
     # the fused AdamW (an optimizer that unscales itself) is refused by Lightning's AMP plugin when gradients are
     # clipped: under a mixed precision the optimizer is the unfused one, in full precision the fused one
+    from edgeconformer.config import apply_variant
     from edgeconformer.stages.train import train
 
-    out = train(
-        tiny_cfg(
-            data_dir,
-            tmp_path / "bf16",
-            "train.max_epochs=1",
-            "train.test_after_fit=false",
-            "train.grad_clip=1.0",
-            "trainer.precision=bf16-mixed",
-        )
+    cfg = tiny_cfg(
+        data_dir,
+        tmp_path / "bf16",
+        "variant=vanilla_bf16",  # the variant that trains vanilla in bf16-mixed (conf/variant_overrides)
+        "train.max_epochs=1",
+        "train.test_after_fit=false",
+        "train.grad_clip=1.0",
     )
-    assert out["steps"] > 0
+    out = train(apply_variant(cfg))
+    assert out["steps"] > 0 and out["precision"]["chosen"] == "bf16-mixed"
     from edgeconformer.models.lightning import ASRModule
 
     module = ASRModule.load_from_checkpoint(tmp_path / "bf16" / "last.ckpt", map_location="cpu")
     assert module.make_optimizer().defaults["fused"]  # outside a trainer: full precision
+    # FP32 master weights: what stabilization, FP16 and export start from is an FP32 checkpoint
+    state = _weights(tmp_path / "bf16" / "best.ckpt")
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
 
 def test_resume_refuses_a_changed_config(data_dir, tmp_path):

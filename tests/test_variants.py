@@ -111,3 +111,14 @@ def test_single_change_ablations_differ_from_the_streaming_baseline_in_one_place
     assert {k: v for k, v in model.items() if k not in ("encoder", "name")} == {
         k: v for k, v in base.items() if k not in ("encoder", "name")
     }
+
+
+@pytest.mark.parametrize("base", ["vanilla", "dws"])
+def test_bf16_variants_are_their_base_in_bf16_mixed(base):
+    # the paired bf16 - fp32 comparison needs the two sides to differ in the precision alone
+    fp32, bf16 = params_mode(f"variant={base}"), params_mode(f"variant={base}_bf16")
+    assert OmegaConf.to_container(bf16.model) == OmegaConf.to_container(fp32.model) and bf16.train == fp32.train
+    assert bf16.trainer.precision == "bf16-mixed" and fp32.trainer.precision == "32-true"
+    cfg = compose([f"variants=[{base},{base}_bf16]", f"compared=[{base},{base}_bf16]"])
+    runs = OmegaConf.to_container(cfg.runs, resolve=True)
+    assert sorted(runs) == sorted(f"{v}-s{s}" for v in (base, f"{base}_bf16") for s in (1, 2, 3))
