@@ -194,3 +194,32 @@ def test_bench_chain_bound_counts_every_run_and_scales_exactly(data_dir, tmp_pat
     runs_json.write_text("{}")
     with pytest.raises(SystemExit, match="wall_seconds"):
         bench.main(["--params", str(params), "--runs-json", str(runs_json)])
+
+
+def test_bench_gpu_measures_the_same_step_in_each_precision(capsys, one_torch_thread, tmp_path):
+    # The GPU benchmark's measurement, run on the CPU with a tiny model: schema and invariants, no timing claims.
+    bench = load_bench("bench_gpu")
+    out = tmp_path / "gpu.json"
+    args = ["--device", "cpu", "--steps", "3", "--warmup", "1", "--batch-seconds", "4", "--utterance-seconds", "2"]
+    args += ["--vocab", "16", "--peak-n", "128", "--precision", "32-true,bf16-mixed", "--json", str(out)]
+    report = bench.main([*TINY_MODEL, *args])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(out.read_text())
+    assert report["model"] == "conformer_m" and [r["precision"] for r in report["results"]] == ["32-true", "bf16-mixed"]
+    fp32, bf16 = report["results"]
+    assert fp32["gflop_per_step"] == bf16["gflop_per_step"] > 0  # the same work, counted the same in both
+    for r in report["results"]:
+        assert r["batch"] == [2, 200, 80] and r["step_s"] == sorted(r["step_s_all"])[1]  # the median of three
+        assert math.isclose(r["audio_seconds_per_second"], 4.0 / r["step_s"])
+        assert math.isclose(r["fraction_of_measured_peak"], r["achieved_tflops"] / r["measured_peak_tflops"])
+        assert r["mfu"] is None and r["max_memory_gb"] is None  # no datasheet peak for a CPU, no CUDA memory
+    report = bench.main([*TINY_MODEL, *args[:-4], "--peak-tflops", "2.0"])
+    assert math.isclose(report["results"][0]["mfu"], report["results"][0]["achieved_tflops"] / 2.0)
+
+
+def test_bench_gpu_knows_the_cards_by_name():
+    bench = load_bench("bench_gpu")
+    assert bench.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16-mixed") == 989.4
+    assert bench.datasheet_peak("NVIDIA H100 PCIe", "bf16-mixed") == 756.5
+    assert bench.datasheet_peak("NVIDIA H200 NVL", "32-true") == 417.5
+    assert bench.datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16-mixed") == 312.0
+    assert bench.datasheet_peak("Some Other GPU", "bf16-mixed") is None
