@@ -178,6 +178,34 @@ def test_report_opens_with_the_headline_and_generates_the_doc_blocks(chain_root)
         stale_blocks(root, gen)
 
 
+def test_bf16_against_fp32_is_a_paired_comparison_over_the_same_seeds(tmp_path):
+    # `variants=[vanilla,vanilla_bf16] compared=[vanilla,vanilla_bf16]` (docs/training.md, "Precision"): the bf16
+    # variant against its fp32 base, seed by seed on the same utterances, and a report that names both.
+    from edgeconformer.report import build_report
+
+    rng = np.random.default_rng(2)
+    evals = {}
+    for seed in (1, 2, 3):
+        evals[("vanilla", seed)] = write_run(tmp_path, "vanilla", seed, 0.30, rng)
+        evals[("vanilla_bf16", seed)] = write_run(tmp_path, "vanilla_bf16", seed, 0.30, rng)
+    names = ["vanilla", "vanilla_bf16"]
+    cfg = OmegaConf.create(
+        {
+            "runs": runs_table(names, names, [1, 2, 3], [1]),
+            "compared": names,
+            "compare": {"resamples": 2000, "confidence": 0.95, "seed": 0},
+        }
+    )
+    compare(cfg, tmp_path)
+    by = {(c["a"], c["b"]): c for c in json.loads((tmp_path / "metrics" / "comparisons.json").read_text())}
+    c = by[("vanilla_bf16/fp32", "vanilla/fp32")]
+    expect = np.mean([evals[("vanilla_bf16", s)]["wer_fp32"] - evals[("vanilla", s)]["wer_fp32"] for s in (1, 2, 3)])
+    assert c["diff"] == pytest.approx(expect) and c["n_seeds"] == 3 and c["seeds"] == [[1, 2, 3], [1, 2, 3]]
+    assert c["ci95"][0] <= c["diff"] <= c["ci95"][1] and ("vanilla_bf16/fp16", "vanilla/fp16") in by
+    out = build_report(tmp_path / "metrics", tmp_path / "reports", tmp_path / "reports" / "summary.md")
+    assert "| vanilla_bf16 | 3 |" in out["summary"].read_text()
+
+
 def test_compare_names_the_missing_run_and_the_stage_to_run(chain_root):
     root, cfg, _ = chain_root
     (chain_run("dws", 2, root).utterances).unlink()
