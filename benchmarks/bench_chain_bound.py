@@ -76,6 +76,8 @@ def run_work(cfg, module, train_set, every: int) -> dict:
     steps = int(cfg.train.max_steps) if int(cfg.train.max_steps) > 0 else int(cfg.train.max_epochs) * per_epoch
     sampler.set_epoch(0)
     sample = list(iter(sampler))[::every]
+    if not sample:
+        raise SystemExit(f"{cfg.data.out_dir}: the training split has no batches; run `dvc repro tokenize` first")
     module.train()
     flops, frames = [], []
     for idx in sample:
