@@ -121,23 +121,25 @@ def chain_work(params: str, overrides: list[str], every: int) -> dict:
 
 
 def peaks(cores: int) -> dict:
-    """fp32 (and, with bf16 instructions, bf16) matrix-product peaks in GFLOP/s: one thread times the cores (the
-    stage's one-thread runs side by side), and all threads in one process."""
-    torch.set_num_threads(1)
-    one = gemm_peak() / 1e9
-    torch.set_num_threads(cores)
-    every = gemm_peak() / 1e9
+    """fp32 (and, with bf16 instructions, bf16) matrix-product peaks in GFLOP/s: the faster of one thread's times the
+    cores (the stage's one-thread runs side by side) and all threads in one process."""
+
+    def one_and_all(dtype):
+        torch.set_num_threads(1)
+        one = gemm_peak(dtype=dtype) / 1e9
+        torch.set_num_threads(cores)
+        return one, gemm_peak(dtype=dtype) / 1e9
+
+    one, every = one_and_all(torch.float32)
     out = {
         "cores": cores,
         "one_thread_gflops": one,
         "all_threads_gflops": every,
         "fp32_gflops": max(one * cores, every),
     }
-    if cpu_bf16():  # the same two ways in bf16 (without the instructions it is emulated, slower than fp32)
-        torch.set_num_threads(1)
-        one16 = gemm_peak(dtype=torch.bfloat16) / 1e9
-        torch.set_num_threads(cores)
-        out["bf16_gflops"] = max(one16 * cores, gemm_peak(dtype=torch.bfloat16) / 1e9)
+    if cpu_bf16():  # without the instructions bf16 is emulated, slower than fp32: no bound from it
+        one16, every16 = one_and_all(torch.bfloat16)
+        out["bf16_gflops"] = max(one16 * cores, every16)
     return out
 
 

@@ -176,12 +176,20 @@ def step_flops(model, feats, lengths) -> int:
     return counter.get_total_flops()
 
 
-def gemm_peak(n: int = 1024, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of the best of `reps` (n x n) @ (n x n) products (fp32 unless `dtype`) on the current threads: the
-    machine's matrix product peak as this process sees it, measured beside the models it is compared with."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = min(timed(lambda: a @ b) for _ in range(reps))
+def gemm_peak(n: int = 1024, reps: int = 5, dtype: torch.dtype = torch.float32, device="cpu") -> float:
+    """FLOP/s of the best of `reps` (n x n) @ (n x n) products (fp32 unless `dtype`) on the current threads or
+    `device`: the machine's matrix product peak as this process sees it, measured beside the models it is compared
+    with. On a GPU each product is timed to its end (synchronised)."""
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    cuda = torch.device(device).type == "cuda"
+
+    def product():
+        a @ b
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    product()  # warm-up
+    best = min(timed(product) for _ in range(reps))
     return 2 * n**3 / best
 
 

@@ -20,15 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgeconformer.config import compose
-from edgeconformer.hardware import synthetic_batch
-from edgeconformer.models.lightning import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, when loaded by path (tests)
+
+from bench_encoder import gemm_peak  # noqa: E402
+
+from edgeconformer.config import compose  # noqa: E402
+from edgeconformer.hardware import synthetic_batch  # noqa: E402
+from edgeconformer.models.lightning import build_model  # noqa: E402
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets: (name fragment, bf16, tf32). The
 # first fragment found in torch.cuda.get_device_name() wins, so the more specific names come first.
@@ -59,21 +65,6 @@ def dtype_of(precision: str) -> torch.dtype:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def matmul_peak(device: torch.device, precision: str, n: int) -> float:
-    """FLOP/s of the best of five (n x n) @ (n x n) products in the precision's dtype on `device`."""
-    a = torch.randn(n, n, device=device, dtype=dtype_of(precision))
-    b = torch.randn(n, n, device=device, dtype=dtype_of(precision))
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def step_fn(model, opt, batch, precision: str, device: torch.device, clip: float):
@@ -126,7 +117,7 @@ def measure(cfg, args, precision: str, device: torch.device) -> dict:
     sheet = args.peak_tflops or (
         datasheet_peak(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else None
     )
-    measured = matmul_peak(device, precision, args.peak_n)
+    measured = gemm_peak(args.peak_n, dtype=dtype_of(precision), device=device)
     return {
         "precision": precision,
         "step_s": step_s,
