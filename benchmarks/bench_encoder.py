@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from torchaudio.models import Conformer
 
+from edgeconformer.evaluate.rtf import machine_info
 from edgeconformer.models.conformer import ConformerEncoder
 
 MODELS = ("torchaudio", "ours_abs", "ours_rel")
@@ -289,31 +289,10 @@ def bench_size(size: str, cfg: dict, args) -> dict:
     return result
 
 
-def machine() -> dict:
-    u = platform.uname()
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "processor": cpu,
-        "system": u.system,
-        "release": u.release,
-        "machine": u.machine,
-        "node": u.node,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-
-
 def format_report(report: dict) -> str:
     lines = [
         f"torch {report['torch']}, torchaudio {report['torchaudio']}, {report['threads']} thread(s), "
-        f"median of {report['reps']} reps after {report['warmup']} warm-up, {report['machine']['processor']}"
+        f"median of {report['reps']} reps after {report['warmup']} warm-up, {report['machine']['cpu_model']}"
     ]
     for r in report["results"]:
         c, tr, inf = r["config"], r["train"], r["infer"]
@@ -373,7 +352,7 @@ def main(argv=None) -> dict:
             "threads": args.threads,
             "reps": args.reps,
             "warmup": args.warmup,
-            "machine": machine(),
+            "machine": machine_info(args.threads),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "loadavg_start": list(os.getloadavg()),
             "results": [],

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ from omegaconf import OmegaConf
 
 from edgeconformer.config import compose
 from edgeconformer.evaluate.flops import count_flops, count_params, counted_flops
+from edgeconformer.evaluate.rtf import machine_info
 from edgeconformer.models.lightning import build_model
 
 MODELS = ("baseline", "practical")
@@ -223,32 +223,12 @@ def first_only(model, feats, lengths) -> float:
         return time.perf_counter() - t0
 
 
-def machine() -> dict:
-    u = platform.uname()
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "processor": cpu,
-        "system": u.system,
-        "release": u.release,
-        "machine": u.machine,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-
-
 def format_report(report: dict) -> str:
     r = report["result"]
     c = r["config"]
     lines = [
         f"torch {report['torch']}, {report['threads']} thread(s), median of {report['reps']} reps after "
-        f"{report['warmup']} warm-up, {report['machine']['processor']}",
+        f"{report['warmup']} warm-up, {report['machine']['cpu_model']}",
         f"{c['seconds']:g} s utterance, batch 1, streamed in chunks of {c['chunk_size']} encoder frames "
         f"({c['chunk_ms']} ms, {c['calls']} calls)",
         f"{'model':<10} {'params':>10} {'GFLOPs/s':>9} {'1st pass':>9} {'call ms':>8} {'(best)':>7} "
@@ -302,7 +282,7 @@ def main(argv=None) -> dict:
             "reps": args.reps,
             "warmup": args.warmup,
             "quick": args.quick,
-            "machine": machine(),
+            "machine": machine_info(args.threads),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "loadavg_start": list(os.getloadavg()),
         }

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,8 @@ from edgeconformer.data.datamodule import FeatureDataset, collate_features, load
 from edgeconformer.data.dataset import DurationBucketSampler
 from edgeconformer.data.features import cmvn_stats
 from edgeconformer.data.tokenizer import Tokenizer
+from edgeconformer.evaluate.rtf import machine_info
+from edgeconformer.hardware import describe_cpu
 from edgeconformer.models.lightning import ASRModule
 
 # Op name (without the "aten::" prefix; backward nodes by the forward op they differentiate) -> group.
@@ -437,20 +438,6 @@ def validation_cost(module, dev_set, val_max_batch_seconds: float) -> dict:
     }
 
 
-def machine() -> dict:
-    flags = ""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-    }
-
-
 def format_report(r: dict) -> str:
     p = r["profile"]
     lines = [
@@ -516,7 +503,7 @@ def main(argv=None) -> dict:
         "threads": args.threads,
         "warmup": args.warmup,
         "torch": torch.__version__,
-        "machine": machine(),
+        "machine": {**machine_info(args.threads), **describe_cpu()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "padding": padded_fraction(train_set, sampler),
     }

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from conftest import REPO, TINY_MODEL
+from edgeconformer.metrics import MACHINE_KEYS
 
 
 def load_bench(name: str = "bench_encoder"):
@@ -65,6 +66,8 @@ def test_bench_encoder_tiny(tmp_path, capsys):
     for key in ("torch", "torchaudio", "threads", "reps", "warmup", "machine", "date", "results"):
         assert key in report
     assert report["threads"] == 1 and report["reps"] == 1
+    # the same machine facts as every evaluation timing, with the threads this benchmark ran on
+    assert set(MACHINE_KEYS) <= set(report["machine"]) and report["machine"]["torch_threads"] == 1
     (r,) = report["results"]
     assert r["size"] == "tiny"
     models = ("torchaudio", "ours_abs", "ours_rel")
@@ -118,6 +121,7 @@ def test_bench_train_profile_tiny(data_dir, tmp_path, capsys):
     assert p["op_groups_s"]["matmul"] > 0 and p["top_ops"]
     assert 0 <= report["padding"]["padded_fraction"] < 1 and report["padding"]["batches"] >= 3
     assert positive(report["lightning"]["ratio_fit/plain"]) and positive(report["validation"]["seconds"])
+    assert set(MACHINE_KEYS) <= set(report["machine"]) and "bf16_instructions" in report["machine"]
 
 
 def test_op_groups_cover_the_kinds_of_work():
