@@ -29,6 +29,13 @@ python=${PYTHON:-python3}
 stamp=".venv/.installed-$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest()[:16])')"
 if [[ ! -f "$stamp" ]]; then
   echo "setup: installing the package and its dependencies into .venv (a few minutes the first time)"
+  # On Linux x86_64, PyPI's torch 2.9.1 brings its CUDA libraries: the environment takes about 7.5 GB, and pip
+  # unpacks wheels beside it. Say so before pip fails half-way with "No space left on device".
+  free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [[ "$free_kb" =~ ^[0-9]+$ ]] && ((free_kb < 9 * 1024 * 1024)); then
+    echo "setup: warning: $((free_kb / 1024)) MB free in $(pwd); a first install needs about 9 GB." \
+      "Free some space (or remove an old .venv) if pip stops with 'No space left on device'." >&2
+  fi
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
   rm -f .venv/.installed-*
