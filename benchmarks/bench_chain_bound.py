@@ -38,6 +38,7 @@ from bench_encoder import gemm_peak  # noqa: E402
 from bench_train_profile import build_module, train_sampler, train_split  # noqa: E402
 
 from edgeconformer.data.datamodule import collate_features  # noqa: E402
+from edgeconformer.files import write_text_atomic  # noqa: E402
 from edgeconformer.hardware import cpu_bf16  # noqa: E402
 from edgeconformer.stages.train import run_config, run_overrides  # noqa: E402
 
@@ -208,8 +209,7 @@ def main(argv=None) -> dict:
     line = json.dumps(r, default=float)
     print(line)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(line + "\n")
+        write_text_atomic(args.json, line + "\n")
     return r
 
 

@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchaudio.models import Conformer
 
 from edgeconformer.evaluate.rtf import machine_info
+from edgeconformer.files import write_text_atomic
 from edgeconformer.models.conformer import ConformerEncoder
 
 MODELS = ("torchaudio", "ours_abs", "ours_rel")
@@ -371,8 +372,7 @@ def main(argv=None) -> dict:
     )
     line = json.dumps(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(line + "\n")
+        write_text_atomic(args.json, line + "\n")
     print(line)
     return report
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from bench_encoder import gemm_peak  # noqa: E402
 
 from edgeconformer.config import compose  # noqa: E402
+from edgeconformer.files import write_text_atomic  # noqa: E402
 from edgeconformer.hardware import synthetic_batch  # noqa: E402
 from edgeconformer.models.lightning import build_model  # noqa: E402
 
@@ -191,8 +192,7 @@ def main(argv=None) -> dict:
     line = json.dumps(report)
     print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+        write_text_atomic(args.json, line + "\n")
     return report
 
 

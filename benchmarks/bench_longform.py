@@ -397,7 +397,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     report["load_average_end"] = os.getloadavg()
     print(json.dumps(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        from edgeconformer.files import write_json_atomic
+
+        write_json_atomic(args.json, report)
     return report
 
 

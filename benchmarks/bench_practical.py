@@ -43,6 +43,7 @@ from omegaconf import OmegaConf
 from edgeconformer.config import compose
 from edgeconformer.evaluate.flops import count_flops, count_params, counted_flops
 from edgeconformer.evaluate.rtf import machine_info
+from edgeconformer.files import write_text_atomic
 from edgeconformer.models.lightning import build_model
 
 MODELS = ("baseline", "practical")
@@ -299,10 +300,7 @@ def main(argv=None) -> dict:
     )
     line = json.dumps(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(line + "\n")
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, line + "\n")
     print(line)
     return report
 

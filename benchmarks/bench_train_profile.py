@@ -38,6 +38,7 @@ from edgeconformer.data.dataset import DurationBucketSampler
 from edgeconformer.data.features import cmvn_stats
 from edgeconformer.data.tokenizer import Tokenizer
 from edgeconformer.evaluate.rtf import machine_info
+from edgeconformer.files import write_text_atomic
 from edgeconformer.hardware import describe_cpu
 from edgeconformer.models.lightning import ASRModule
 
@@ -521,8 +522,7 @@ def main(argv=None) -> dict:
     line = json.dumps(report, default=float)
     print(line)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(line + "\n")
+        write_text_atomic(args.json, line + "\n")
     return report
 
 
